@@ -62,4 +62,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.batch_size = 32
   config.eval_batch_size = 64
+
+  # Training (mer_jax/train.py). Batch sizes are global: split over every device of every process.
+  config.train_split = "train"
+  config.eval_split = "validation"
+  config.num_train_steps = 3000
+  config.stop_after_steps = 0  # > 0: stop (with a checkpoint) at this step; a later run resumes
+  config.learning_rate = 1e-3  # peak of linear warmup + cosine decay
+  config.warmup_steps = 200
+  config.end_learning_rate_fraction = 0.01
+  config.weight_decay = 1e-4  # AdamW, not applied to biases and norm scales
+  config.grad_clip_norm = 1.0  # global norm; 0 = no clipping
+  config.label_smoothing = 0.0
+  config.task_weights = ml_collections.ConfigDict({"emotion": 1.0, "sentiment": 0.5})  # missing: 1.0
+  config.class_weights = "none"  # 'none' or 'balanced' (n / (C * n_c) from the train split's labels)
+  config.modality_dropout = 0.1  # per example: P(video marked missing) = P(audio marked missing)
+  config.log_every_steps = 50
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3  # the latest N, plus the best by best_metric
+  config.best_metric = "emotion/weighted_f1"  # <task>/<accuracy|weighted_f1|macro_f1> on eval_split
   return config

@@ -1,0 +1,88 @@
+"""Straight-through hard Top-K: exact K-hot forward, surrogate gradient backward, composes with jit/vmap/grad."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mer_jax import topk
+
+
+def random_scores(batch=3, frames=12, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, frames)), jnp.float32)
+
+
+def test_forward_is_exactly_k_hot_on_the_top_scores_in_time_order():
+  scores = random_scores()
+  selection = topk.straight_through_topk(scores, 4, 1.0)
+  assert selection.shape == (3, 4, 12)
+  assert set(np.unique(np.asarray(selection))) <= {0.0, 1.0}
+  np.testing.assert_array_equal(selection.sum(-1), 1.0)  # one frame per slot
+  chosen = np.asarray(selection.sum(1))
+  assert np.all(chosen.sum(-1) == 4) and chosen.max() == 1.0  # K distinct frames
+  top4 = np.sort(np.argsort(-np.asarray(scores), axis=-1)[:, :4], axis=-1)
+  np.testing.assert_array_equal(np.argmax(np.asarray(selection), -1), top4)
+  np.testing.assert_array_equal(topk.hard_topk_indices(scores, 4), top4)
+
+
+def test_gradient_is_nonzero_and_equals_the_soft_surrogate_gradient():
+  scores = random_scores()
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4, 12)), jnp.float32)
+  hard_grad = jax.grad(lambda s: jnp.sum(topk.straight_through_topk(s, 4, 0.5) * weights))(scores)
+  soft_grad = jax.grad(lambda s: jnp.sum(topk.soft_selection_surrogate(s, 4, 0.5) * weights))(scores)
+  assert float(jnp.abs(hard_grad).max()) > 1e-3
+  np.testing.assert_allclose(hard_grad, soft_grad, rtol=1e-6, atol=1e-7)
+
+
+def test_jit_vmap_grad_compose():
+  scores = random_scores(batch=2)
+  frames = jnp.asarray(np.random.default_rng(2).integers(0, 255, (2, 12, 8, 8, 1)), jnp.float32)
+
+  def loss(s, f):
+    return jnp.sum(topk.gather_frames(topk.straight_through_topk(s, 3, 1.0), f) ** 2)
+
+  eager = jax.grad(loss)(scores, frames)
+  jitted = jax.jit(jax.grad(loss))(scores, frames)
+  # vmap over an extra leading axis of independent problems.
+  vmapped = jax.vmap(jax.grad(loss))(scores[None], frames[None])[0]
+  np.testing.assert_allclose(eager, jitted, rtol=1e-4)
+  np.testing.assert_allclose(eager, vmapped, rtol=1e-4)
+  assert float(jnp.abs(eager).sum()) > 0
+
+
+def test_unchosen_frames_cannot_change_the_gathered_output():
+  scores = random_scores(batch=2)
+  rng = np.random.default_rng(3)
+  frames = jnp.asarray(rng.integers(0, 255, (2, 12, 8, 8, 1)), jnp.uint8)
+  selection = topk.straight_through_topk(scores, 4, 1.0)
+  gathered = topk.gather_frames(selection, frames)
+  chosen = np.asarray(selection.sum(1)) > 0
+  changed = np.where(chosen[:, :, None, None, None], np.asarray(frames), rng.integers(0, 255, frames.shape))
+  gathered_changed = topk.gather_frames(selection, jnp.asarray(changed, jnp.uint8))
+  np.testing.assert_array_equal(gathered, gathered_changed)
+  # And the gathered frames are exactly the chosen ones, in time order.
+  indices = np.asarray(topk.hard_topk_indices(scores, 4))
+  np.testing.assert_array_equal(gathered, np.take_along_axis(np.asarray(frames, np.float32),
+                                                             indices[:, :, None, None, None], axis=1))
+
+
+def test_text_guided_selector_follows_the_text():
+  """Two texts, same frames: the scorer's choice depends on the text vector."""
+  selector = topk.TopKFrameSelector(k=2, scorer_channels=(4, 8, 8), scorer_query_dim=8, scorer_downscale=1)
+  rng = np.random.default_rng(4)
+  frames = jnp.asarray(rng.integers(0, 255, (1, 6, 16, 16, 1)), jnp.uint8)
+  text_a = jnp.asarray(rng.normal(size=(1, 16)), jnp.float32)
+  variables = selector.init(jax.random.key(0), frames, text_a, jnp.ones((1,), bool))
+  _, scores_a, _ = selector.apply(variables, frames, text_a, jnp.ones((1,), bool))
+  _, scores_b, _ = selector.apply(variables, frames, -text_a, jnp.ones((1,), bool))
+  assert not np.allclose(scores_a, scores_b)
+  _, scores_none, indices_none = selector.apply(variables, frames, text_a, jnp.zeros((1,), bool))
+  np.testing.assert_array_equal(scores_none, 0.0)
+  np.testing.assert_array_equal(indices_none, [[0, 1]])
+
+
+def test_k_out_of_range_is_a_clear_error():
+  selector = topk.TopKFrameSelector(k=7)
+  frames = jnp.zeros((1, 6, 16, 16, 1), jnp.uint8)
+  with pytest.raises(ValueError, match="top_k=7"):
+    selector.init(jax.random.key(0), frames, jnp.zeros((1, 8)), jnp.ones((1,), bool))
