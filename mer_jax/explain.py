@@ -1,0 +1,123 @@
+"""Explaining one prediction: which frames the text picked, how the modalities were weighed, what was predicted.
+
+`show_prediction_sample(...)` writes a PNG (the T frames in order with their text-guided scores, the K chosen
+outlined, the transcript, gate and reliabilities, predicted probabilities vs the label) and a JSON of the same
+numbers, so a person can look and a program can check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+CHOSEN_COLOUR = "#d62728"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  shifted = logits - np.max(logits, axis=-1, keepdims=True)
+  exp = np.exp(shifted)
+  return exp / np.sum(exp, axis=-1, keepdims=True)
+
+
+def explanation_record(example_id: str, text: str, frames: np.ndarray, logits: Mapping[str, np.ndarray],
+                       explanation: Mapping[str, np.ndarray], class_names: Mapping[str, Sequence[str]],
+                       labels: Mapping[str, int] | None = None, frame_times: Sequence[float] | None = None) -> dict:
+  """The JSON-able explanation of one example (arrays without the batch axis)."""
+  scores = np.asarray(explanation["frame_scores"], np.float64)
+  chosen = [int(i) for i in np.asarray(explanation["selected_indices"])]
+  gate = np.asarray(explanation["gate"], np.float64)
+  record = {
+      "id": example_id,
+      "text": text,
+      "num_frames": int(frames.shape[0]),
+      "frame_scores": [round(float(s), 5) for s in scores],
+      "selected_indices": chosen,
+      "frame_times": None if frame_times is None else [round(float(t), 3) for t in frame_times],
+      "gate_mean": round(float(gate.mean()), 5),
+      "gate_quartiles": [round(float(q), 5) for q in np.quantile(gate, [0.25, 0.5, 0.75])],
+      "reliability_video": round(float(explanation["reliability_video"]), 5),
+      "reliability_audio": round(float(explanation["reliability_audio"]), 5),
+      "tasks": {},
+  }
+  if "attention" in explanation:
+    # Share of attention (averaged over heads and valid text tokens) on [fused, frames..., audio...].
+    attention = np.asarray(explanation["attention"], np.float64)
+    valid = attention.sum(-1).mean(0) > 0
+    record["attention_share"] = [round(float(a), 5) for a in attention.mean(0)[valid].mean(0)]
+  for task, task_logits in logits.items():
+    probabilities = softmax(np.asarray(task_logits, np.float64))
+    names = list(class_names[task])
+    entry = {
+        "probabilities": {name: round(float(p), 5) for name, p in zip(names, probabilities)},
+        "predicted": names[int(np.argmax(probabilities))],
+    }
+    if labels is not None and task in labels and int(labels[task]) >= 0:
+      entry["label"] = names[int(labels[task])]
+      entry["correct"] = entry["label"] == entry["predicted"]
+    record["tasks"][task] = entry
+  return record
+
+
+def show_prediction_sample(example_id: str, text: str, frames: np.ndarray, logits: Mapping[str, np.ndarray],
+                           explanation: Mapping[str, np.ndarray], class_names: Mapping[str, Sequence[str]],
+                           out_png: str, labels: Mapping[str, int] | None = None,
+                           frame_times: Sequence[float] | None = None, out_json: str | None = None) -> dict:
+  """Writes the PNG (and JSON, default next to it) for one example; returns the JSON record.
+
+  frames: (T, H, W, 1) uint8; logits: task -> (classes,); explanation: the model's explanation for this example
+  (frame_scores (T,), selected_indices (K,), gate (D,), reliability_video (), reliability_audio (), attention).
+  """
+  record = explanation_record(example_id, text, frames, logits, explanation, class_names, labels, frame_times)
+  num_frames = frames.shape[0]
+  chosen = set(record["selected_indices"])
+  tasks = list(logits)
+  figure = plt.figure(figsize=(max(12, 1.3 * num_frames), 6.2), constrained_layout=True)
+  grid = figure.add_gridspec(3, max(num_frames, 4), height_ratios=[1.2, 0.25, 1.3])
+  for index in range(num_frames):
+    axis = figure.add_subplot(grid[0, index])
+    axis.imshow(frames[index, :, :, 0], cmap="gray", vmin=0, vmax=255)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    when = "" if frame_times is None else f"\n{float(frame_times[index]):.2f}s"
+    axis.set_title(f"{record['frame_scores'][index]:+.2f}{when}", fontsize=8,
+                   color=CHOSEN_COLOUR if index in chosen else "black")
+    for spine in axis.spines.values():
+      spine.set_edgecolor(CHOSEN_COLOUR if index in chosen else "#bbbbbb")
+      spine.set_linewidth(3.5 if index in chosen else 0.5)
+  text_axis = figure.add_subplot(grid[1, :])
+  text_axis.axis("off")
+  shown_text = text if len(text) < 160 else text[:157] + "..."
+  text_axis.text(0.0, 0.5, f"{example_id}: \"{shown_text}\"   (frames outlined in red: the K chosen; "
+                 "numbers: text-guided scores)", fontsize=9, va="center", wrap=True)
+  columns = len(tasks) + 1
+  span = max(num_frames, 4) // columns
+  modality_axis = figure.add_subplot(grid[2, 0:span])
+  values = [record["reliability_video"], record["reliability_audio"], record["gate_mean"]]
+  modality_axis.bar(["r_video", "r_audio", "gate (video share)"], values, color=["#1f77b4", "#ff7f0e", "#7f7f7f"])
+  modality_axis.set_ylim(0, 1)
+  modality_axis.set_title("reliabilities and mean gate", fontsize=9)
+  modality_axis.tick_params(labelsize=7)
+  for position, task in enumerate(tasks, start=1):
+    axis = figure.add_subplot(grid[2, position * span:(position + 1) * span])
+    entry = record["tasks"][task]
+    names = list(entry["probabilities"])
+    colours = ["#2ca02c" if name == entry.get("label") else "#9467bd" for name in names]
+    axis.barh(names, list(entry["probabilities"].values()), color=colours)
+    axis.set_xlim(0, 1)
+    label = entry.get("label", "none")
+    axis.set_title(f"{task}: predicted {entry['predicted']}, label {label}", fontsize=9)
+    axis.tick_params(labelsize=7)
+  os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+  figure.savefig(out_png, dpi=90)
+  plt.close(figure)
+  out_json = out_json or os.path.splitext(out_png)[0] + ".json"
+  with open(out_json, "w") as f:
+    json.dump(record, f, indent=2)
+  return record
