@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Training (mer_jax/train.py). Batch sizes are global: split over every device of every process.
   config.train_split = "train"
-  config.eval_split = "validation"
+  config.eval_split = "dev"
   config.num_train_steps = 3000
   config.stop_after_steps = 0  # > 0: stop (with a checkpoint) at this step; a later run resumes
   config.learning_rate = 1e-3  # peak of linear warmup + cosine decay

@@ -1,0 +1,38 @@
+"""The demo: the edge model on the generated demo corpus; one command on a fresh machine.
+
+  python launch.py --config configs/demo.py --workdir runs/demo
+
+The first run generates the demo corpus (data/make_demo_corpus.py: 2000 train, 300 dev, 300 test clips
+in MELD's on-disk format) into $MER_JAX_CACHE/demo_corpus and prepares it (data/prepare.py, builder
+config 'demo') into $MER_JAX_CACHE/tfds; MER_JAX_CACHE defaults to ~/.cache/mer_jax. Later runs, and
+runs in other workdirs, reuse both. A quick check that everything is wired:
+
+  python launch.py --config configs/demo.py --workdir /tmp/demo_smoke --config.num_train_steps=20
+"""
+
+import os
+
+import ml_collections
+
+from configs import default
+
+
+def cache_dir() -> str:
+  """Where generated and prepared data live: $MER_JAX_CACHE, else ~/.cache/mer_jax."""
+  return os.path.abspath(os.path.expanduser(os.environ.get("MER_JAX_CACHE", "~/.cache/mer_jax")))
+
+
+def get_config():
+  config = default.get_config()
+  config.data.builder_config = "demo"
+  config.data.source_dir = os.path.join(cache_dir(), "demo_corpus")
+  config.data.data_dir = os.path.join(cache_dir(), "tfds")
+  config.data.prepare = "demo"  # launch.py: generate + prepare when the prepared data is missing
+  config.data.demo_corpus = ml_collections.ConfigDict(dict(num_train=2000, num_dev=300, num_test=300, seed=0))
+  # ~10 epochs of 62 steps: minutes on a 2-core CPU, a clear learning curve.
+  config.num_train_steps = 600
+  config.warmup_steps = 50
+  config.log_every_steps = 10
+  config.eval_every_steps = 100
+  config.checkpoint_every_steps = 100
+  return config

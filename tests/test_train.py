@@ -1,0 +1,328 @@
+"""Training (mer_jax/train.py, launch.py) on a tiny demo corpus that the module makes once.
+
+The corpus is generated and prepared through launch.py's config-driven path (config.data.prepare =
+'demo'), with the tiny config's shapes (4 frames of 32 px). In-process runs share one compiled train
+and eval step (train.compiled_steps caches them per step config), so only the first run compiles.
+The 8-device and 2-process tests run in subprocesses; they pass --xla_backend_optimization_level=0,
+which cuts compile time on CPU (both sides of each comparison use the same flags).
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import launch
+from configs import tiny
+from mer_jax import checkpoint
+from mer_jax import input_pipeline
+from mer_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 10
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+  config = tiny.get_config()
+  config.data.builder_config = "demo_tiny"
+  config.data.data_dir = data_dir
+  config.batch_size = 8  # a global batch that 8 devices can split (test_eight_devices_same_loss_as_one)
+  config.num_train_steps = STEPS
+  config.warmup_steps = 2
+  config.log_every_steps = 1
+  config.eval_every_steps = 100
+  config.checkpoint_every_steps = 100
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """Generated + prepared once via launch.prepare_data_if_missing: 12 train, 6 dev, 2 test clips."""
+  root = tmp_path_factory.mktemp("tiny_corpus")
+  config = tiny_config(str(root / "tfds"))
+  config.data.prepare = "demo"
+  config.data.source_dir = str(root / "corpus")
+  config.data.prepare_workers = 1
+  config.data.demo_corpus = ml_collections.ConfigDict(
+      dict(num_train=12, num_dev=6, num_test=2, seed=0, resolution=(64, 64), workers=1))
+  launch.prepare_data_if_missing(config, str(root / "work"))
+  assert os.path.exists(os.path.join(root, "corpus", "train_sent_emo.csv"))
+  return str(root / "tfds")
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_dir, tmp_path_factory):
+  """10 uninterrupted steps, evaluated at the end."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  return workdir, train.train_and_evaluate(tiny_config(data_dir), workdir)
+
+
+def _checkpoint_steps(workdir):
+  folder = os.path.join(workdir, "checkpoints")
+  return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+
+
+def _assert_trees_close(a, b, atol):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol), a, b)
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def test_task_loss_ignores_unlabeled_and_padding_rows():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 4)).astype(np.float32)
+  labels = np.array([0, 3, -1, 2, 1, 1])
+  mask = np.array([True, True, True, True, True, False])
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  keep = (labels >= 0) & mask
+  ce = -log_p[np.arange(6), np.maximum(labels, 0)]
+  loss, per_row = train.task_loss(logits, labels, mask)
+  assert float(loss) == pytest.approx(ce[keep].mean(), rel=1e-6)
+  np.testing.assert_allclose(per_row, np.where(keep, ce, 0.0), rtol=1e-6)
+  weights = np.array([1.0, 2.0, 3.0, 0.5])
+  loss, _ = train.task_loss(logits, labels, mask, class_weights=tuple(weights))
+  w = weights[np.maximum(labels, 0)] * keep
+  assert float(loss) == pytest.approx((w * ce).sum() / w.sum(), rel=1e-6)
+  smoothed = (1 - 0.1) * ce + 0.1 * -log_p.mean(-1)
+  loss, _ = train.task_loss(logits, labels, mask, label_smoothing=0.1)
+  assert float(loss) == pytest.approx(smoothed[keep].mean(), rel=1e-5)
+  loss, _ = train.task_loss(logits, -np.ones(6, int), mask)
+  assert float(loss) == 0.0  # no labelled row: no signal, no NaN
+
+
+def test_modality_dropout_never_drops_both():
+  n = 20000
+  has_video = np.arange(n) % 7 != 0
+  has_audio = np.arange(n) % 5 != 0
+  batch = {"has_video": has_video, "has_audio": has_audio}
+  out = train.modality_dropout(batch, jax.random.key(0), 0.2)
+  video, audio = np.asarray(out["has_video"]), np.asarray(out["has_audio"])
+  assert not np.any(video & ~has_video) and not np.any(audio & ~has_audio)  # never adds a modality
+  assert np.all((video | audio)[has_video | has_audio])  # an example keeps at least one modality
+  both = has_video & has_audio
+  assert np.mean(~video[both]) == pytest.approx(0.2, abs=0.02)
+  assert np.mean(~audio[both]) == pytest.approx(0.2, abs=0.02)
+  assert train.modality_dropout(batch, jax.random.key(0), 0.0) is batch
+
+
+def test_learning_rate_warmup_then_cosine():
+  options = train.step_options(tiny_config("", learning_rate=1e-3, warmup_steps=10, num_train_steps=110))
+  schedule = train.learning_rate_schedule(options)
+  assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1e-3)
+  assert float(schedule(60)) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5), rel=1e-4)
+  assert float(schedule(110)) == pytest.approx(1e-5, rel=1e-4)
+
+
+def test_config_differences_name_the_fields():
+  config = tiny.get_config()
+  saved = checkpoint.model_config_dict(config)
+  config.model.width = 48
+  config.model.dropout_rate = 0.3  # resumable: not reported
+  config.model.audio.channels = (16, 32)
+  differences = checkpoint.config_differences(saved, checkpoint.model_config_dict(config))
+  assert len(differences) == 2
+  assert any("config.model.width: checkpoint 32, now 48" in d for d in differences)
+  assert any("config.model.audio.channels" in d for d in differences)
+
+
+def test_balanced_class_weights(data_dir):
+  config = tiny_config(data_dir, class_weights="balanced")
+  counts = train.label_counts(config, data_dir, "train")
+  assert counts["emotion"].sum() == 12 and counts["sentiment"].sum() == 12
+  weights = train.class_weights_for(config, data_dir)
+  for task, task_counts in counts.items():
+    present = task_counts > 0
+    want = task_counts.sum() / (len(task_counts) * task_counts[present])
+    np.testing.assert_allclose(np.asarray(weights[task])[present], want)
+
+
+# ----------------------------------------------------------------------------- the real loop
+
+
+def test_two_steps_write_checkpoint_and_eval_json(data_dir, tmp_path):
+  workdir = str(tmp_path)
+  result = train.train_and_evaluate(tiny_config(data_dir, stop_after_steps=2, eval_every_steps=2), workdir)
+  assert result["step"] == 2 and len(result["losses"]) == 2 and np.all(np.isfinite(result["losses"]))
+  assert _checkpoint_steps(workdir) == [2]
+  with open(os.path.join(workdir, "checkpoints", "model_config.json")) as f:
+    assert json.load(f)["width"] == 32
+  with open(os.path.join(workdir, "eval", "step_2.json")) as f:
+    record = json.load(f)
+  emotion = record["tasks"]["emotion"]
+  assert record["step"] == 2 and record["split"] == "dev" and record["best_metric"] == "emotion/weighted_f1"
+  assert emotion["num_examples"] == 6 and 0.0 <= emotion["weighted_f1"] <= 1.0
+  assert np.array(emotion["confusion_matrix"]).shape == (7, 7) and np.sum(emotion["confusion_matrix"]) == 6
+  assert set(emotion["per_class"]) == {"neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"}
+  assert record["value"] == emotion["weighted_f1"]
+  with open(os.path.join(workdir, "eval", "best.json")) as f:
+    assert json.load(f)["step"] == 2
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+
+
+def test_resume_matches_uninterrupted_run(data_dir, straight_run, tmp_path):
+  straight_dir, straight = straight_run
+  assert straight["step"] == STEPS and len(straight["losses"]) == STEPS
+  workdir = str(tmp_path)
+  first = train.train_and_evaluate(tiny_config(data_dir, stop_after_steps=5), workdir)
+  assert first["step"] == 5 and 5 in _checkpoint_steps(workdir)
+  second = train.train_and_evaluate(tiny_config(data_dir), workdir)  # resumes at 5
+  assert second["step"] == STEPS
+  np.testing.assert_allclose(first["losses"] + second["losses"], straight["losses"], rtol=0, atol=1e-6)
+  _assert_trees_close(second["state"].params, straight["state"].params, atol=1e-6)
+  _assert_trees_close(second["state"].batch_stats, straight["state"].batch_stats, atol=1e-6)
+  again = train.train_and_evaluate(tiny_config(data_dir), workdir)  # finished: nothing to do
+  assert again["step"] == STEPS and again["losses"] == []
+
+
+def test_same_seed_same_first_losses(data_dir, straight_run, tmp_path):
+  _, straight = straight_run
+  result = train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+  assert result["losses"] == straight["losses"]  # bit for bit
+  assert len(set(result["losses"])) > 1
+
+
+def test_incompatible_config_fails_naming_the_field(data_dir, straight_run):
+  straight_dir, _ = straight_run
+  config = tiny_config(data_dir)
+  config.model.width = 48
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"config\.model\.width: checkpoint 32, now 48"):
+    train.train_and_evaluate(config, straight_dir)
+
+
+def test_nan_stops_training_naming_the_step(data_dir, tmp_path, monkeypatch):
+  make_dataset = input_pipeline.make_dataset
+
+  def poisoned(config, split, *, train, **kwargs):  # NaN audio in the 3rd train batch
+    ds = make_dataset(config, split, train=train, **kwargs)
+    if not train:
+      return ds
+    def poison(index, batch):
+      nan = tf.fill(tf.shape(batch["audio"]), float("nan"))
+      return {**batch, "audio": tf.where(tf.equal(index, 2), nan, batch["audio"])}
+    return ds.enumerate().map(poison)
+
+  monkeypatch.setattr(input_pipeline, "make_dataset", poisoned)
+  workdir = str(tmp_path)
+  with pytest.raises(train.NonFiniteLossError, match=r"at step 3 .*last good checkpoint is step 2"):
+    train.train_and_evaluate(tiny_config(data_dir, checkpoint_every_steps=2), workdir)
+  assert _checkpoint_steps(workdir) == [2]
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path, monkeypatch):
+  global_batch, calls = train.global_batch, []
+
+  def terminate_on_third(batch, mesh):
+    calls.append(1)
+    if len(calls) == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return global_batch(batch, mesh)
+
+  monkeypatch.setattr(train, "global_batch", terminate_on_third)
+  handler = signal.getsignal(signal.SIGTERM)
+  workdir = str(tmp_path)
+  result = train.train_and_evaluate(tiny_config(data_dir), workdir)
+  assert result["preempted"] and result["step"] == 3
+  assert _checkpoint_steps(workdir) == [3]
+  assert signal.getsignal(signal.SIGTERM) is handler
+
+
+# ----------------------------------------------------------------------------- several devices / processes
+
+
+def _env(**extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+  env.update(extra)
+  return env
+
+
+def _two_steps(config, data_dir, mesh):
+  """Losses, last grad norm, |params| sum of 2 train steps on the first 2 train batches, on `mesh`."""
+  batches = input_pipeline.as_numpy(input_pipeline.make_dataset(config, "train", train=True, data_dir=data_dir))
+  batches = [next(batches) for _ in range(2)]
+  options = train.step_options(config)
+  state = train.create_train_state(options, mesh, 0)
+  train_fn, _ = train.compiled_steps(options, mesh)
+  rng = train.replicated_key(1, mesh)
+  losses = []
+  for batch in batches:
+    global_batch = train.global_batch(batch, mesh)
+    state, metrics, status = train_fn(state, global_batch, rng)
+    losses.append(float(status["loss"]))
+  return {"losses": losses, "grad_norm": float(metrics.compute()["grad_norm"]),
+          "param_sum": float(sum(np.abs(np.asarray(x)).sum() for x in jax.tree.leaves(state.params))),
+          "shards": len(global_batch["frames"].addressable_shards)}
+
+
+EIGHT_DEVICES = """
+import json, sys
+import jax
+from tests import test_train
+assert jax.device_count() == 8
+config = test_train.tiny_config(sys.argv[1])
+print("RESULT " + json.dumps(test_train._two_steps(config, sys.argv[1], test_train.train.make_mesh())))
+"""
+
+
+@pytest.mark.slow
+def test_eight_devices_same_loss_as_one(data_dir):
+  """The same global batch of 8 on 8 host devices (a subprocess) and on 1 device (here, where the
+  in-process tests already compiled the 1-device step)."""
+  env = _env(XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+  proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, data_dir], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  eight = json.loads(proc.stdout.split("RESULT ", 1)[1])
+  one = _two_steps(tiny_config(data_dir), data_dir, train.make_mesh())
+  assert one["shards"] == 1 and eight["shards"] == 8
+  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)  # step 2 checks the update too
+  assert eight["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+  assert eight["param_sum"] == pytest.approx(one["param_sum"], rel=1e-5)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_agree(data_dir, tmp_path):
+  """launch.py as 2 processes (jax.distributed on localhost, gloo CPU collectives), 3 steps."""
+  address = f"localhost:{_free_port()}"
+  args = [sys.executable, os.path.join(REPO, "launch.py"), "--config", os.path.join(REPO, "configs", "tiny.py"),
+          f"--workdir={tmp_path / 'work'}", "--config.data.builder_config=demo_tiny",
+          f"--config.data.data_dir={data_dir}", "--config.num_train_steps=3", "--config.log_every_steps=1",
+          "--config.eval_every_steps=3", f"--coordinator_address={address}", "--num_processes=2"]
+  procs = [subprocess.Popen(args + [f"--process_id={i}"], env=_env(XLA_FLAGS=FAST_COMPILE), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+  logs = []
+  try:
+    for proc in procs:
+      logs.append(proc.communicate(timeout=900)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  summaries = []
+  for proc, log in zip(procs, logs):
+    assert proc.returncode == 0, log[-3000:]
+    assert "process 1 of 2" in log or "process 0 of 2" in log
+    summaries.append(json.loads(re.search(r"Run summary: (\{.*\})", log).group(1)))
+  assert summaries[0]["step"] == summaries[1]["step"] == 3
+  assert len(summaries[0]["losses"]) == 3 and np.all(np.isfinite(summaries[0]["losses"]))
+  assert summaries[0]["losses"] == summaries[1]["losses"]
+  assert summaries[0]["best"] == summaries[1]["best"]  # eval over both processes' shards of dev
+  assert _checkpoint_steps(str(tmp_path / "work")) == [3]
+  assert os.path.exists(tmp_path / "work" / "eval" / "step_3.json")
