@@ -148,12 +148,26 @@ def augment(frames: tf.Tensor, waveform: tf.Tensor, has_video: tf.Tensor, seed: 
 
 
 def _check_frames(frames: tf.Tensor, data_config: Any) -> None:
+    """Prepared frames must have config.data.num_frames frames of at least config.data.frame_size pixels."""
     want = (int(data_config.num_frames), int(data_config.frame_size), int(data_config.frame_size), 1)
     have = tuple(frames.shape)
-    if len(have) != 4 or any(h is not None and h != w for h, w in zip(have, want)):
+    if (len(have) != 4 or (have[0] is not None and have[0] != want[0]) or have[3] != 1
+            or any(h is not None and h < want[1] for h in have[1:3])):
         raise ValueError(f"Prepared frames have shape {have} but config.data asks for {want} "
-                         "(num_frames, frame_size). Prepare the data again with these settings "
-                         "(python -m data.prepare) or set config.data to match the prepared data.")
+                         "(num_frames, frame_size; smaller frames are resized from larger prepared ones). "
+                         "Prepare the data again with these settings (python -m data.prepare) or set "
+                         "config.data to match the prepared data.")
+
+
+def resize_frames(frames: tf.Tensor, frame_size: int) -> tf.Tensor:
+    """(T, S, S, 1) uint8 -> (T, frame_size, frame_size, 1) uint8 (area averaging), a no-op at the same size.
+
+    Lets data prepared once at 112 px train a model on smaller frames (e.g. the 2-core demo at 64 px).
+    """
+    if frames.shape[1] == frame_size and frames.shape[2] == frame_size:
+        return frames
+    resized = tf.image.resize(tf.cast(frames, tf.float32), (frame_size, frame_size), method="area")
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
 def make_example_fn(config: Any, token_table: TokenTable, *, train: bool,
@@ -167,6 +181,7 @@ def make_example_fn(config: Any, token_table: TokenTable, *, train: bool,
     def example_fn(index, ex):
         frames = ex["frames"]
         _check_frames(frames, data)
+        frames = resize_frames(frames, int(data.frame_size))
         frames = tf.ensure_shape(frames, (data.num_frames, data.frame_size, data.frame_size, 1))
         has_video = tf.cast(ex["has_video"], tf.bool)
         waveform = features.pcm16_to_float(ex["audio"])

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -58,6 +59,43 @@ def activation_fn(name: str):
   return {"relu": nn.relu, "hardswish": nn.hard_swish}[name]
 
 
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  """(N, H, W, C) x (k, k, 1, C) -> (N, Ho, Wo, C) as a sum of k*k shifted, strided slices times weights.
+
+  The same math as a grouped conv with one group per channel. XLA's CPU backend runs grouped convs (and
+  their gradients above all) through a slow generic path; this form is elementwise work it fuses into a
+  few loops, which made the train step several times faster on CPU. GPUs/TPUs handle both forms well.
+  """
+  kernel_size = kernel.shape[0]
+  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  batch, height, width, channels = x.shape
+  out_height = (height - kernel_size) // stride + 1
+  out_width = (width - kernel_size) // stride + 1
+  out = None
+  for row in range(kernel_size):
+    for col in range(kernel_size):
+      window = jax.lax.slice(
+          x, (0, row, col, 0),
+          (batch, row + stride * (out_height - 1) + 1, col + stride * (out_width - 1) + 1, channels),
+          (1, stride, stride, 1))
+      term = window * kernel[row, col, 0]
+      out = term if out is None else out + term
+  return out
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise kxk conv without bias; its `kernel` (k, k, 1, C) is laid out exactly as nn.Conv's."""
+  kernel_size: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.kernel_size, self.kernel_size, 1, channels))
+    return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, (self.kernel_size - 1) // 2)
+
+
 class ConvBatchNorm(nn.Module):
   """Conv (no bias) -> BatchNorm -> optional activation; `groups == channels` makes it depthwise."""
   features: int
@@ -70,9 +108,12 @@ class ConvBatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     pad = (self.kernel - 1) // 2
-    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                padding=((pad, pad), (pad, pad)), feature_group_count=self.groups, use_bias=False,
-                dtype=self.dtype, name="conv")(x)
+    if self.groups > 1 and self.groups == self.features == x.shape[-1]:
+      x = DepthwiseConv(self.kernel, self.stride, dtype=self.dtype, name="conv")(x)
+    else:
+      x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
+                  padding=((pad, pad), (pad, pad)), feature_group_count=self.groups, use_bias=False,
+                  dtype=self.dtype, name="conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=BATCHNORM_MOMENTUM,
                      epsilon=BATCHNORM_EPSILON, dtype=self.dtype, name="bn")(x)
     if self.activation is not None:

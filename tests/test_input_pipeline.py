@@ -331,3 +331,17 @@ def test_demo_corpus_prepare_one_epoch(tmp_path):
             lit = [f.max() > 0 for b in batches for f, v, m in
                    zip(b["frames"], b["has_video"], b["example_mask"]) if v and m]
             assert sum(lit) >= len(lit) - 1 and (train or sum(lit) > 0)
+
+
+def test_smaller_frame_size_is_resized_from_prepared_frames(prepared):
+    data_dir, examples = prepared
+    small = S // 2
+    config = make_config(frame_size=small)
+    batch = next(ip.as_numpy(ip.make_dataset(config, "validation", train=False, data_dir=data_dir)))
+    assert batch["frames"].shape[2:] == (small, small, 1) and batch["frames"].dtype == np.uint8
+    first = examples["validation"][batch["id"][0].decode()]["frames"].astype(np.float32)
+    # Area resize by 2 is the mean of each 2x2 block.
+    expected = first.reshape(T, small, 2, small, 2, 1).mean(axis=(2, 4))
+    np.testing.assert_allclose(batch["frames"][0], np.round(expected), atol=1.0)
+    with pytest.raises(ValueError, match="frame_size"):
+        ip.make_dataset(make_config(frame_size=S * 2), "train", train=True, data_dir=data_dir)

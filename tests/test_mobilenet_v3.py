@@ -1,5 +1,6 @@
 """MobileNetV3-Small: torchvision's table, exact parameter count, BatchNorm train/eval behaviour."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,3 +88,24 @@ def test_symmetric_padding_like_torch():
   # torch pads 1 on every side, so output (0, 0) covers input rows/cols -1..1 and sees the corner pixel.
   assert y.shape == (1, 2, 2, 1)
   assert float(y[0, 0, 0, 0]) > 0.9 and float(jnp.abs(y[0, 1, 1, 0])) < 1e-6
+
+
+def test_depthwise_conv_equals_grouped_conv_forward_and_backward():
+  """The shifted-slice depthwise conv (fast on XLA CPU) is the same math as a grouped nn.Conv."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2, 9, 9, 6)), jnp.float32)
+  for kernel_size, stride in ((3, 1), (3, 2), (5, 2), (5, 1)):
+    ours = mobilenet_v3.DepthwiseConv(kernel_size, stride)
+    variables = ours.init(jax.random.key(0), x)
+    pad = (kernel_size - 1) // 2
+    grouped = nn.Conv(6, (kernel_size, kernel_size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                      feature_group_count=6, use_bias=False)
+    assert variables["params"]["kernel"].shape == (kernel_size, kernel_size, 1, 6)
+
+    def loss(module, params, x):
+      return jnp.sum(jnp.sin(module.apply({"params": params}, x)))
+
+    np.testing.assert_allclose(ours.apply(variables, x), grouped.apply(variables, x), atol=1e-5)
+    for ours_grad, grouped_grad in zip(jax.grad(loss, argnums=(1, 2))(ours, variables["params"], x),
+                                       jax.grad(loss, argnums=(1, 2))(grouped, variables["params"], x)):
+      np.testing.assert_allclose(jax.tree.leaves(ours_grad), jax.tree.leaves(grouped_grad), atol=1e-4)
