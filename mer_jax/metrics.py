@@ -12,6 +12,7 @@ Note: clu metrics do not work with `from __future__ import annotations` (they re
 """
 
 import json
+import os
 from typing import Any, Sequence
 
 import flax
@@ -216,4 +217,4 @@ class EvalLog:
     self.eval_dir.mkdir(parents=True, exist_ok=True)
     temporary = self.eval_dir / (name + ".tmp")
     temporary.write_text(json.dumps(record, indent=1))
-    temporary.rename(self.eval_dir / name)  # never a half-written file
+    os.replace(temporary, self.eval_dir / name)  # atomic, overwrites: never a half-written file

@@ -1,6 +1,8 @@
 """Eval metrics (mer_jax/metrics.py): F1 against values worked out by hand (and sklearn's documented
 example), masking of unlabeled and padding rows, clu collections merged over batches."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -95,3 +97,13 @@ def test_train_collection_accuracy_ignores_unlabeled_and_padding():
   computed = collection.merge(collection).compute()
   assert float(computed["accuracy_emotion"]) == pytest.approx(0.5)  # rows 0 (right) and 1 (wrong)
   assert float(computed["loss"]) == pytest.approx(2.0) and float(computed["loss_emotion"]) == pytest.approx(1.5)
+
+
+def test_eval_log_keeps_the_best_and_overwrites_best_json(tmp_path):
+  log = metrics.EvalLog(str(tmp_path / "eval"), "emotion/weighted_f1")
+  for step, value in ((100, 0.4), (200, 0.7), (300, 0.6)):
+    log.add(step, "dev", {"emotion": {"weighted_f1": value}})
+  best = json.load(open(tmp_path / "eval" / "best.json"))
+  assert best["step"] == 200 and best["value"] == 0.7
+  assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
+      "best.json", "step_100.json", "step_200.json", "step_300.json"]
