@@ -33,3 +33,12 @@ def test_model_cost_meets_its_bars():
   # The scorer over all 12 frames plus everything else stays well below 12 backbone frames.
   assert results["flops_forward_k12"] > 12 * results["flops_backbone_one_frame"]
   assert results["latency_ms_cpu_batch1_edge"] > 0
+
+
+@pytest.mark.slow
+def test_data_throughput_quick_mode_runs():
+  results = run_benchmark("benchmarks.data_throughput", "--quick")
+  print(results)
+  readers = results["reader"]
+  assert readers and all(r["clips"] > 0 and r["clips_per_s"] > 0 for r in readers.values())
+  assert results["tfdata_examples_per_s"] > 0
