@@ -147,7 +147,11 @@ def main(argv):
   from mer_jax import checkpoint
   from mer_jax import train
   config = FLAGS.config
-  prepare_data_if_missing(config, FLAGS.workdir)
+  try:
+    prepare_data_if_missing(config, FLAGS.workdir)
+  except FileNotFoundError as e:  # no data and no way to make it: the message says what to do
+    logging.error("%s", e)
+    sys.exit(2)
   try:
     result = train.train_and_evaluate(config, FLAGS.workdir)
   except (train.NonFiniteLossError, checkpoint.IncompatibleCheckpointError) as e:

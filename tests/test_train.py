@@ -3,8 +3,9 @@
 The corpus is generated and prepared through launch.py's config-driven path (config.data.prepare =
 'demo'), with the tiny config's shapes (4 frames of 32 px). In-process runs share one compiled train
 and eval step (train.compiled_steps caches them per step config), so only the first run compiles.
-The 8-device and 2-process tests run in subprocesses; they pass --xla_backend_optimization_level=0,
-which cuts compile time on CPU (both sides of each comparison use the same flags).
+The 8-device and 2-process tests run in subprocesses with --xla_backend_optimization_level=0, which
+cuts compile time on CPU; the 1-device side of the 8-device comparison reuses this process's compiled
+step (default level: its tolerance covers the difference in instruction selection).
 """
 
 import json
@@ -146,6 +147,23 @@ def test_balanced_class_weights(data_dir):
     present = task_counts > 0
     want = task_counts.sum() / (len(task_counts) * task_counts[present])
     np.testing.assert_allclose(np.asarray(weights[task])[present], want)
+
+
+def test_meld_missing_says_how_to_get_it(tmp_path):
+  from configs import meld
+  with pytest.raises(FileNotFoundError, match=r"(?s)MELD\.Raw\.tar\.gz.*MELD_DIR.*configs/demo\.py"):
+    meld.check_meld_source("")
+  (tmp_path / "MELD.Raw").mkdir()
+  for name in ("train_sent_emo.csv", "dev_sent_emo.csv"):
+    (tmp_path / "MELD.Raw" / name).write_text("Utterance\n")
+  with pytest.raises(FileNotFoundError, match="missing: train_splits"):
+    meld.check_meld_source(str(tmp_path))
+  (tmp_path / "MELD.Raw" / "train_splits").mkdir()
+  meld.check_meld_source(str(tmp_path))  # one folder down, as the tarball unpacks
+  config = tiny.get_config()  # 4 frames of 32 px under the name of the 12 x 112 'demo' data
+  config.data.prepare = "demo"
+  with pytest.raises(ValueError, match="demo_4x32"):
+    launch._builder_config(config)
 
 
 # ----------------------------------------------------------------------------- the real loop
