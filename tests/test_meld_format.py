@@ -187,8 +187,8 @@ def test_text_normalize_repairs_meld_damage(use_ftfy, monkeypatch):
 
     if not use_ftfy:
         monkeypatch.setattr(text_normalize, "ftfy", None)
-    elif text_normalize.ftfy is None:
-        pytest.skip("ftfy is not installed")
+    else:
+        assert text_normalize.ftfy is not None, "ftfy is pinned in requirements.txt and must import"
     cases = {
         "He\x92s lost it.": "He’s lost it.",              # cp1252 control character
         "\x93Hi\x94 \x85": "“Hi” …",
