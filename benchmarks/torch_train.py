@@ -1,0 +1,99 @@
+"""The train step of mer_jax/train.py in PyTorch, on benchmarks/torch_reference.py's model.
+
+Benchmark-only (requirements-bench.txt): benchmarks/run.py races it against the JAX train step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.torch_reference import TorchEmotionModel
+
+def warmup_cosine(step: int, peak: float, warmup: int, decay_steps: int, end: float) -> float:
+  """optax.warmup_cosine_decay_schedule(0, peak, warmup, decay_steps, end) at `step`."""
+  if step < warmup:
+    return peak * step / max(warmup, 1)
+  progress = min(max(step - warmup, 0) / max(decay_steps - warmup, 1), 1.0)
+  return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class TorchTrainer:
+  """The train step of mer_jax/train.py in PyTorch, for `config` (a full config: model, data, training).
+
+  Same recipe: modality dropout, task-weighted masked cross-entropy (labels -1 and padding rows ignored),
+  global-norm clipping, AdamW without weight decay on biases and norm scales (ndim < 2), linear warmup +
+  cosine decay, BatchNorm statistics updated, and a step whose loss or gradient norm is not finite is
+  skipped. `channels_last` keeps the backbone in torch's faster CPU layout for convolutions.
+  """
+
+  def __init__(self, config: Any, *, channels_last: bool = True, seed: int = 0):
+    torch.manual_seed(seed)
+    self.config = config
+    self.model = TorchEmotionModel(config.model, config.data.num_mel_bins)
+    self.channels_last = channels_last
+    if channels_last:
+      self.model.backbone.use_channels_last()
+    params = list(self.model.parameters())
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    try:  # the fused CPU kernel (torch >= 2.4) is torch's fastest AdamW
+      self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, fused=True)
+    except (RuntimeError, TypeError):
+      self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
+    warmup = min(config.warmup_steps, max(config.num_train_steps - 1, 0))
+    decay = max(config.num_train_steps, warmup + 1)
+    end = config.learning_rate * config.get("end_learning_rate_fraction", 0.01)
+    self.schedule = lambda step: warmup_cosine(step, config.learning_rate, warmup, decay, end)
+    self.task_weights = {task: float((config.get("task_weights") or {}).get(task, 1.0))
+                         for task in config.model.tasks}
+    self.modality_dropout = float(config.get("modality_dropout", 0.0))
+    self.step_count = 0
+    self.generator = torch.Generator().manual_seed(seed)
+
+  def _modality_dropout(self, batch):
+    if self.modality_dropout <= 0:
+      return batch
+    u = torch.rand(batch["has_video"].shape, generator=self.generator)
+    has_video, has_audio = batch["has_video"].bool(), batch["has_audio"].bool()
+    drop_video = (u < self.modality_dropout) & has_audio
+    drop_audio = (u >= self.modality_dropout) & (u < 2 * self.modality_dropout) & has_video
+    return {**batch, "has_video": has_video & ~drop_video, "has_audio": has_audio & ~drop_audio}
+
+  def loss(self, logits, batch):
+    total, accuracy = torch.zeros(()), {}
+    for task, weight in self.task_weights.items():
+      labels = batch[f"labels/{task}"].long()
+      valid = (labels >= 0) & batch["example_mask"].bool()
+      per_row = F.cross_entropy(logits[task], labels.clamp_min(0), reduction="none")
+      weights = valid.float()
+      total = total + weight * (per_row * weights).sum() / weights.sum().clamp_min(1e-9)
+      accuracy[task] = ((logits[task].argmax(-1) == labels).float() * weights).sum() / weights.sum().clamp_min(1)
+    return total, accuracy
+
+  def step(self, batch: Mapping[str, torch.Tensor]) -> dict:
+    """One optimizer step on a batch of torch tensors -> {'loss', 'finite', 'accuracy/<task>'}."""
+    self.model.train()
+    batch = self._modality_dropout(batch)
+    for group in self.optimizer.param_groups:
+      group["lr"] = self.schedule(self.step_count)
+    logits, _ = self.model(batch)
+    loss, accuracy = self.loss(logits, batch)
+    self.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip_norm)
+    finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    if finite:  # as the JAX step: a non-finite step leaves the state unchanged
+      self.optimizer.step()
+    self.step_count += 1
+    return {"loss": loss.detach(), "finite": finite, **{f"accuracy/{t}": a for t, a in accuracy.items()}}
+
+  @torch.inference_mode()
+  def forward(self, batch: Mapping[str, torch.Tensor]):
+    """Eval-mode forward pass (no dropout, running BatchNorm statistics) -> (logits, explanation)."""
+    self.model.eval()
+    return self.model(batch)
