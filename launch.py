@@ -2,7 +2,7 @@
 
 Config fields can be overridden on the command line: `--config.num_train_steps=20 --config.batch_size=8`.
 Prepared data that is missing is made first when the config says how (`config.data.prepare`: 'demo'
-generates and prepares the demo corpus, 'meld' prepares MELD.Raw from config.data.source_dir / $MELD_DIR).
+generates and prepares the demo corpus, 'meld' prepares MELD.Raw, 'meld_text' MELD's CSVs alone, from config.data.source_dir / $MELD_DIR).
 
 Several processes (one per host, or several on one machine): on a TPU pod, under SLURM or Open MPI,
 or with $JAX_COORDINATOR_ADDRESS set, jax.distributed finds its settings itself; elsewhere pass
@@ -70,7 +70,7 @@ def _quiet_orbax() -> None:
 
 def _builder_config(config):
   """The builder config to prepare: the registered one named config.data.builder_config when its
-  frames match config.data; otherwise the `config.data.prepare` one ('demo' / 'meld') renamed, with
+  frames fit config.data (same count, at least as large); otherwise the `config.data.prepare` one ('demo' / 'meld') renamed, with
   config.data's frame count and size (e.g. a tiny corpus for tests). config.data.prepare_workers
   (optional) sets the clip-decoding processes."""
   from data import meld_format
@@ -80,10 +80,12 @@ def _builder_config(config):
   wanted = dict(num_frames=int(data.num_frames), frame_size=int(data.frame_size))
   if name in registered:
     builder_config = registered[name]
-    if any(getattr(builder_config, k) != v for k, v in wanted.items()):
+    # Larger prepared frames are fine: the input pipeline resizes them down to config.data.frame_size.
+    if (builder_config.num_frames != wanted["num_frames"]
+        or builder_config.frame_size < wanted["frame_size"]):
       raise ValueError(
           f"Builder config {name!r} prepares {builder_config.num_frames} frames of {builder_config.frame_size} px "
-          f"but config.data asks for {wanted['num_frames']} of {wanted['frame_size']}; set "
+          f"but config.data asks for {wanted['num_frames']} of {wanted['frame_size']} px; set "
           f"config.data.builder_config to a new name (e.g. '{name}_{wanted['num_frames']}x{wanted['frame_size']}') "
           "to prepare data with these settings.")
   else:
@@ -110,8 +112,12 @@ def _prepare(config, data_dir: str) -> None:
   elif kind == "meld":
     from configs import meld
     meld.check_meld_source(source)
+  elif kind == "meld_text":
+    from configs import meld_text
+    meld_text.check_meld_csvs(source)
   else:
-    raise ValueError(f"config.data.prepare={kind!r}; use 'demo', 'meld' or '' (data prepared beforehand).")
+    raise ValueError(f"config.data.prepare={kind!r}; use 'demo', 'meld', 'meld_text' or '' (data prepared "
+                     "beforehand).")
   logging.info("Preparing %s into %s; this happens once.", source, data_dir)
   _, report_path = prepare.prepare(source, data_dir, _builder_config(config))
   logging.info("Prepared (report: %s):\n%s", report_path, prepare.summary(report_path))

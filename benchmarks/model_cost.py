@@ -99,10 +99,11 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
   parser.add_argument("--runs", type=int, default=20, help="timed runs for the latency median")
+  parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "model_cost.json"), help="JSON path")
   args = parser.parse_args()
   results = measure(args.runs)
-  os.makedirs(RESULTS_DIR, exist_ok=True)
-  with open(os.path.join(RESULTS_DIR, "model_cost.json"), "w") as f:
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
     json.dump(results, f, indent=2)
   if args.json:
     print(json.dumps(results))

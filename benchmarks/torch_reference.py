@@ -160,7 +160,7 @@ class FrameScorer(nn.Module):
 
   def forward(self, frames, text_vector):
     batch, num_frames, height, width, _ = frames.shape
-    x = frames.reshape(batch * num_frames, 1, height, width).float() / 255.0
+    x = (frames.reshape(batch * num_frames, 1, height, width).float() - 127.5) / 64.0
     if self.downscale > 1:
       x = F.avg_pool2d(x, self.downscale)
     for index in range(self.num_convs):
@@ -169,6 +169,19 @@ class FrameScorer(nn.Module):
     query = self.query(text_vector)
     cell_scores = torch.einsum("btnq,bq->btn", keys, query) / math.sqrt(self.query_dim)
     return torch.logsumexp(cell_scores, dim=-1)
+
+
+class TextQueryPool(nn.Module):
+  """`topk.TextQueryPool`: attention pooling of the text token states with a learnt query."""
+
+  def __init__(self, features: int):
+    super().__init__()
+    self.token_logits = nn.Linear(features, 1)
+
+  def forward(self, states, mask):
+    logits = self.token_logits(states)[..., 0].masked_fill(~mask, -1e9)
+    weights = torch.softmax(logits, -1) * mask.any(-1, keepdim=True)
+    return torch.einsum("bl,bld->bd", weights, states)
 
 
 class TopKFrameSelector(nn.Module):
@@ -376,6 +389,10 @@ class TorchEmotionModel(nn.Module):
         query_dim=config.scorer.query_dim, downscale=config.scorer.downscale)
     self.backbone = MobileNetV3Small()
     self.frame_projection = nn.Linear(mobilenet_v3.LAST_CHANNELS, width)
+    if self.text_guided:
+      self.scorer_text = TextQueryPool(text_features)
+    self.frame_relevance = (nn.Linear(width, list(config.tasks.values())[0])
+                            if config.get("frame_relevance", False) else None)
     self.audio_encoder = AudioEncoder(num_mel_bins, width, tuple(config.audio.channels), config.audio.kernel,
                                       config.audio.num_segments)
     self.text_projection = nn.Linear(text_features, width)
@@ -392,7 +409,7 @@ class TorchEmotionModel(nn.Module):
     text_mask = batch["text_mask"].bool()
     text_states = self.text_encoder.compact(batch["text_ids"].long(), text_mask)
     text_pooled = masked_mean(text_states, text_mask[..., None], 1)
-    scorer_text = text_pooled if self.text_guided else torch.zeros_like(text_pooled)
+    scorer_text = self.scorer_text(text_states, text_mask) if self.text_guided else torch.zeros_like(text_pooled)
 
     frames = batch["frames"]
     size = frames.shape[0]
@@ -417,6 +434,9 @@ class TorchEmotionModel(nn.Module):
     logits = {task: getattr(self, f"head_{task}")(hidden) for task in self.tasks}
     explanation = {"frame_scores": frame_scores, "selected_indices": selected_indices, "gate": gate,
                    "reliability_video": r_v, "reliability_audio": r_a, "attention": attention}
+    if self.frame_relevance is not None:
+      explanation["frame_relevance_logits"] = self.frame_relevance(frame_tokens)
+      explanation["token_frames"] = selected_indices
     return logits, explanation
 
 

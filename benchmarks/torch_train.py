@@ -14,6 +14,23 @@ from torch import nn
 
 from benchmarks.torch_reference import TorchEmotionModel
 
+def frame_relevance_loss(relevance_logits, scores, token_frames, labels, valid):
+  """`mer_jax.train.frame_relevance_loss`: (head loss, scorer loss) of the chosen frames."""
+  valid = valid & (labels >= 0)
+  weights = valid.float()
+  count = weights.sum().clamp_min(1.0)
+  log_probs = F.log_softmax(relevance_logits, -1)
+  label_log_probs = log_probs.gather(-1, labels.clamp_min(0)[:, None, None].expand(-1, log_probs.shape[1], 1))[..., 0]
+  head = -(label_log_probs.mean(1) * weights).sum() / count
+  reward = label_log_probs.detach().exp()
+  baseline = (reward.mean(1) * weights).sum() / count
+  spread = (((reward - baseline) ** 2).mean(1) * weights).sum().div(count).sqrt()
+  target = torch.sigmoid(2.0 * (reward - baseline) / (spread + 1e-3))
+  chosen = scores.gather(1, token_frames.long())
+  bce = F.binary_cross_entropy_with_logits(chosen, target, reduction="none")
+  return head, (bce.mean(1) * weights).sum() / count
+
+
 def warmup_cosine(step: int, peak: float, warmup: int, decay_steps: int, end: float) -> float:
   """optax.warmup_cosine_decay_schedule(0, peak, warmup, decay_steps, end) at `step`."""
   if step < warmup:
@@ -26,6 +43,7 @@ class TorchTrainer:
   """The train step of mer_jax/train.py in PyTorch, for `config` (a full config: model, data, training).
 
   Same recipe: modality dropout, task-weighted masked cross-entropy (labels -1 and padding rows ignored),
+  the frame relevance loss,
   global-norm clipping, AdamW without weight decay on biases and norm scales (ndim < 2), linear warmup +
   cosine decay, BatchNorm statistics updated, and a step whose loss or gradient norm is not finite is
   skipped. `channels_last` keeps the backbone in torch's faster CPU layout for convolutions.
@@ -51,6 +69,7 @@ class TorchTrainer:
     self.schedule = lambda step: warmup_cosine(step, config.learning_rate, warmup, decay, end)
     self.task_weights = {task: float((config.get("task_weights") or {}).get(task, 1.0))
                          for task in config.model.tasks}
+    self.frame_relevance_weight = float(config.get("frame_relevance_weight", 0.0))
     self.modality_dropout = float(config.get("modality_dropout", 0.0))
     self.step_count = 0
     self.generator = torch.Generator().manual_seed(seed)
@@ -81,8 +100,14 @@ class TorchTrainer:
     batch = self._modality_dropout(batch)
     for group in self.optimizer.param_groups:
       group["lr"] = self.schedule(self.step_count)
-    logits, _ = self.model(batch)
+    logits, explanation = self.model(batch)
     loss, accuracy = self.loss(logits, batch)
+    if self.frame_relevance_weight > 0 and "frame_relevance_logits" in explanation:
+      primary = next(iter(self.task_weights))
+      head, scorer = frame_relevance_loss(
+          explanation["frame_relevance_logits"], explanation["frame_scores"], explanation["token_frames"],
+          batch[f"labels/{primary}"].long(), batch["example_mask"].bool() & batch["has_video"].bool())
+      loss = loss + self.frame_relevance_weight * (head + scorer)
     self.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip_norm)

@@ -17,9 +17,11 @@ def model_config(size: str = "edge") -> ml_collections.ConfigDict:
   model.size = size
   model.dtype = "float32"  # compute dtype; parameters stay float32. 'bfloat16' on GPU/TPU.
   model.width = 128 if size == "edge" else 256
+  model.modalities = ("video", "audio", "text")  # ('text',): text-only model (configs/meld_text.py)
   model.top_k = 4
   model.selection = "topk"  # 'soft' = ablation: softmax-weighted backbone over all T frames
   model.selection_temperature = 1.0
+  model.frame_relevance = True  # per-frame head on the scorer's features; trains the scorer (see topk.py)
   model.text_guided_selection = True  # False = ablation: scorer query does not see the text
   model.use_gate = True
   model.use_reliability = True
@@ -76,6 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   config.task_weights = ml_collections.ConfigDict({"emotion": 1.0, "sentiment": 0.5})  # missing: 1.0
   config.class_weights = "none"  # 'none' or 'balanced' (n / (C * n_c) from the train split's labels)
+  config.frame_relevance_weight = 1.0  # head + scorer loss of mer_jax.train.frame_relevance_loss; 0 = off
   config.modality_dropout = 0.1  # per example: P(video marked missing) = P(audio marked missing)
   config.log_every_steps = 50
   config.eval_every_steps = 500

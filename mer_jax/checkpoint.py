@@ -34,6 +34,37 @@ def absolute_path(path: str) -> str:
   return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
+CONFIG_FILE = "config.json"
+
+
+def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes the run's full config to WORKDIR/config.json, so export, predict, evaluate and report need only
+  the workdir. Returns the path."""
+  path = epath.Path(absolute_path(workdir)) / CONFIG_FILE
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  return str(path)
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with (WORKDIR/config.json, written by train_and_evaluate).
+
+  Lists become tuples again, as the config files write them.
+  """
+  path = epath.Path(absolute_path(workdir)) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir written by this version "
+                            "(python launch.py --config ... --workdir ...). Pass the config file explicitly.")
+
+  def tuples(node):
+    if isinstance(node, dict):
+      return {key: tuples(value) for key, value in node.items()}
+    if isinstance(node, list):
+      return tuple(tuples(value) for value in node)
+    return node
+  return ml_collections.ConfigDict(tuples(json.loads(path.read_text())))
+
+
 class IncompatibleCheckpointError(ValueError):
   """The checkpoint in the workdir was written with a model config that does not fit this one."""
 

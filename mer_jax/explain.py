@@ -1,5 +1,7 @@
 """Explaining one prediction: which frames the text picked, how the modalities were weighed, what was predicted.
 
+    python -m mer_jax.explain --workdir W --id dev/dia0_utt0 --out x.png [--split dev] [--json]
+
 `show_prediction_sample(...)` writes a PNG (the T frames in order with their text-guided scores, the K chosen
 outlined, the transcript, gate and reliabilities, predicted probabilities vs the label) and a JSON of the same
 numbers, so a person can look and a program can check.
@@ -121,3 +123,108 @@ def show_prediction_sample(example_id: str, text: str, frames: np.ndarray, logit
   with open(out_json, "w") as f:
     json.dump(record, f, indent=2)
   return record
+
+
+# ----------------------------------------------------------------------------- a trained run, one example
+
+
+def load_run(workdir: str, config_path: str | None = None, step: int | None = None):
+  """(config, variables, source, best) of a training workdir: its config (WORKDIR/config.json, or the
+  `config_path` file for runs written before config.json existed) and the best checkpoint (else latest)."""
+  from mer_jax import checkpoint as checkpoint_lib
+  from mer_jax import export
+  config = export.load_config(config_path) if config_path else checkpoint_lib.load_run_config(workdir)
+  config = export.export_config(config)  # float32 compute: explanations are read, not trained
+  variables, source, best = export.load_checkpoint(config, workdir, step)
+  return config, variables, source, best
+
+
+def predict_fn(config):
+  """Jitted (variables, batch) -> (logits, explanation) in eval mode; `batch` without host-only `id`."""
+  import jax
+  from mer_jax import model as model_lib
+  model = model_lib.EmotionModel(config.model)
+  return jax.jit(lambda variables, batch: model.apply(variables, batch, train=False))
+
+
+def run_data_dir(config, workdir: str) -> str:
+  from mer_jax import train
+  return train.resolve_data_dir(config, workdir)
+
+
+def find_example(config, data_dir: str, split: str, example_id: str) -> tuple[dict, dict]:
+  """(raw prepared example, model batch of 1 (the batch contract, with `id`)) for `example_id` of `split`.
+
+  Ids are scanned without decoding frames or audio; then only that example is read.
+  """
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  from mer_jax import input_pipeline
+  builder = input_pipeline.load_builder(config, data_dir)
+  if split not in builder.info.splits:
+    raise ValueError(f"Split {split!r} is not in the prepared data (it has {sorted(builder.info.splits)}).")
+  ids_ds = builder.as_dataset(split=split, shuffle_files=False,
+                              decoders=tfds.decode.PartialDecoding({"id": True}))
+  ids = [v.decode() for v in tfds.as_numpy(ids_ds.map(lambda ex: ex["id"]))]
+  if example_id not in ids:
+    raise KeyError(f"No example {example_id!r} in split {split!r} ({len(ids)} examples; ids look like "
+                   f"{ids[:3]}). Pass --split to match the id's prefix.")
+  position = ids.index(example_id)
+  raw_ds = builder.as_dataset(split=f"{split}[{position}:{position + 1}]", shuffle_files=False)
+  raw = next(iter(tfds.as_numpy(raw_ds)))
+  if raw["id"].decode() != example_id:  # a split slice that does not follow file order would land here
+    raise RuntimeError(f"Reading {split}[{position}] gave {raw['id']!r}, not {example_id!r}.")
+  table = input_pipeline.split_token_table(builder, split, config)
+  batch_ds = input_pipeline.dataset_from_examples(tf.data.Dataset.from_tensors(raw), config, train=False,
+                                                  batch_size=1, token_table=table)
+  return raw, next(input_pipeline.as_numpy(batch_ds))
+
+
+def explain_example(workdir: str, split: str, example_id: str, out_png: str, *, config_path: str | None = None,
+                    step: int | None = None, out_json: str | None = None) -> dict:
+  """Runs the trained model of `workdir` on one prepared example and writes its PNG + JSON explanation."""
+  import jax
+  from mer_jax import export
+  from mer_jax import input_pipeline
+  config, variables, source, best = load_run(workdir, config_path, step)
+  raw, batch = find_example(config, run_data_dir(config, workdir), split, example_id)
+  logits, explanation = predict_fn(config)(variables, input_pipeline.model_inputs(batch))
+  logits, explanation = jax.tree.map(lambda x: np.asarray(x)[0], (logits, explanation))
+  labels = {task: int(batch[f"labels/{task}"][0]) for task in config.model.tasks}
+  text = raw["text"].decode("utf-8")
+  record = show_prediction_sample(example_id, text, batch["frames"][0], logits, explanation,
+                                  export.class_names(config, best), out_png, labels=labels,
+                                  frame_times=raw["frame_times"].tolist(), out_json=out_json)
+  record["checkpoint"] = source
+  if out_json is None:
+    out_json = os.path.splitext(out_png)[0] + ".json"
+  with open(out_json, "w") as f:
+    json.dump(record, f, indent=2)
+  return record
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  import argparse
+  parser = argparse.ArgumentParser(prog="python -m mer_jax.explain",
+                                   description="PNG + JSON explanation of one prepared example.")
+  parser.add_argument("--workdir", required=True, help="training workdir (config.json, checkpoints/)")
+  parser.add_argument("--id", required=True, help="example id, e.g. dev/dia0_utt0")
+  parser.add_argument("--split", default=None, help="prepared split (default: the id's prefix)")
+  parser.add_argument("--out", required=True, help="PNG path; the JSON goes next to it")
+  parser.add_argument("--json", action="store_true", help="also print the JSON record")
+  parser.add_argument("--config", default=None, help="config file, for workdirs without config.json")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
+  args = parser.parse_args(argv)
+  split = args.split or args.id.split("/", 1)[0]
+  record = explain_example(args.workdir, split, args.id, args.out, config_path=args.config, step=args.step)
+  if args.json:
+    print(json.dumps(record, indent=2))
+  else:
+    print(f"Wrote {args.out} and {os.path.splitext(args.out)[0]}.json")
+  return record
+
+
+if __name__ == "__main__":
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
+  main()

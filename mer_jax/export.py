@@ -7,13 +7,15 @@ Routes (why: docs/DEPENDENCIES.md):
               Run back with the LiteRT interpreter (ai-edge-litert; TF's own when it is missing).
   SavedModel  jax2tf (native StableHLO in an XlaCallModule op), dynamic batch; run back with TF.
 
-The exported function takes the 7 model inputs of the batch contract (frames (B, T, H, W, 1) uint8, audio
-(B, F, M) float32, audio_mask (B, F) bool, text_ids (B, L) int32, text_mask (B, L) bool, has_video (B,) bool,
-has_audio (B,) bool) and returns `output_names(config)`: probs_<task> (B, C) softmax per task, frame_scores
-(B, T), selected_indices (B, K) int32, reliability_video (B,), reliability_audio (B,).
+The exported function takes the 7 model inputs of the batch contract (INPUT_NAMES) and returns
+`output_names(config)`: probs_<task> (B, C), frame_scores (B, T), selected_indices (B, K) int32,
+reliability_video / reliability_audio (B,), gate (B, D). metadata.json (export_metadata.py) says how a raw
+clip becomes those inputs (predict.py). Parity runs on N real examples of the eval split when its prepared
+data is found (else random inputs; parity.json says which); --accuracy-split SPLIT scores every export
+and JAX on a whole split (parity.json "accuracy").
 
   python -m mer_jax.export --workdir runs/demo --out export/demo [--config configs/demo.py]
-      [--formats onnx,tflite,savedmodel] [--quantize none,fp16,int8] [--step N]
+      [--formats onnx,tflite,savedmodel] [--quantize none,fp16,int8] [--step N] [--accuracy-split dev]
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mer_jax import labels as labels_lib
+from mer_jax import export_metadata
+from mer_jax import mobilenet_v3
 from mer_jax import model as model_lib
+from mer_jax import predict
 from mer_jax import topk
 
 INPUT_NAMES = ("frames", "audio", "audio_mask", "text_ids", "text_mask", "has_video", "has_audio")
@@ -47,8 +51,11 @@ FP32_TOLERANCE = 1e-4  # max |delta| of an fp32 export against JAX (probabilitie
 # TFLite dynamic-range quantizer leaves GATHER tables in fp32, and the edge model's 30522 x 128 token table
 # alone is 15.6 MB in fp32 (3.9 MB in int8).
 INT8_EMBEDDING_MIN_SIZE = 1 << 16
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "config.json")
+SIGNAL_NAMES = ("frame_scores", "selected_indices", "reliability_video", "reliability_audio", "gate")
+
+
+# Kept here too: explain.py, report.py, tests and benchmarks call them as export.*.
+class_names, make_examples = export_metadata.class_names, export_metadata.make_examples
 
 
 class ParityError(RuntimeError):
@@ -56,8 +63,7 @@ class ParityError(RuntimeError):
 
 
 def output_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  return tuple(f"probs_{task}" for task in config.model.tasks) + (
-      "frame_scores", "selected_indices", "reliability_video", "reliability_audio")
+  return tuple(f"probs_{task}" for task in config.model.tasks) + SIGNAL_NAMES
 
 
 def export_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -75,9 +81,8 @@ def sort_free_topk_indices(scores: jax.Array, k: int) -> jax.Array:
 
   Frame t is chosen when fewer than K frames beat it (a higher score, or an equal score at a lower index:
   lax.top_k's tie rule; unlike top_k it counts -0.0 and +0.0 as equal); chosen frames are numbered in
-  time order by a cumulative sum. TF 2.21's StableHLO
-  reader knows neither the composite jax lowers top_k to (SavedModel) nor HLO sort (TFLite); T is ~12, so
-  the T x T comparison costs nothing.
+  time order by a cumulative sum. TF 2.21's StableHLO reader knows neither the composite jax lowers
+  top_k to (SavedModel) nor HLO sort (TFLite); T is ~12, so the T x T comparison costs nothing.
   """
   num_frames = scores.shape[-1]
   positions = jnp.arange(num_frames)
@@ -89,24 +94,35 @@ def sort_free_topk_indices(scores: jax.Array, k: int) -> jax.Array:
   return jnp.sum(one_hot * positions, axis=-1).astype(jnp.int32)
 
 
+def grouped_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  """`mobilenet_v3.depthwise_conv` as one grouped conv: what edge runtimes have fast kernels for.
+
+  The shifted-slice form (fast for XLA CPU training) becomes ~50 Slice/Mul/Add nodes per layer in ONNX
+  and TFLite; as a grouped conv, ONNX Runtime ran the edge model 3.2x and TFLite 4x faster (2-core CPU).
+  """
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=x.shape[-1])
+
+
 @contextlib.contextmanager
-def export_friendly_topk():
-  """While tracing an export, `topk.straight_through_topk` is its forward value built without sort.
+def export_friendly_ops():
+  """While tracing an export: top-k without sort (its forward value), depthwise convs as grouped convs.
 
   Export needs no gradient, and a fresh plain function (not the custom_vjp, whose traced forward jax may
-  cache) guarantees the sort-free version is the one traced.
+  cache) guarantees the sort-free version is the one traced. Both compute the same values (test_export).
   """
-  original = topk.straight_through_topk
+  originals = topk.straight_through_topk, mobilenet_v3.depthwise_conv
 
   def forward_only(scores, k, temperature):
     del temperature
     return jax.nn.one_hot(sort_free_topk_indices(scores, k), scores.shape[-1], dtype=scores.dtype)
 
-  topk.straight_through_topk = forward_only
+  topk.straight_through_topk, mobilenet_v3.depthwise_conv = forward_only, grouped_depthwise_conv
   try:
     yield
   finally:
-    topk.straight_through_topk = original
+    topk.straight_through_topk, mobilenet_v3.depthwise_conv = originals
 
 
 def _int8_embedding_interceptor(next_fun, args, kwargs, context):
@@ -129,8 +145,7 @@ def _int8_embedding_interceptor(next_fun, args, kwargs, context):
 def _forward(model: nn.Module, tasks: Sequence[str], variables: Any, inputs: Sequence[jax.Array]):
   logits, explanation = model.apply(variables, dict(zip(INPUT_NAMES, inputs)), train=False)
   return tuple(jax.nn.softmax(logits[task], axis=-1) for task in tasks) + tuple(
-      explanation[name] for name in ("frame_scores", "selected_indices", "reliability_video",
-                                     "reliability_audio"))
+      explanation[name] for name in SIGNAL_NAMES)
 
 
 def serving_function(config: ml_collections.ConfigDict, variables: Any, *,
@@ -161,25 +176,6 @@ def jax_reference(config: ml_collections.ConfigDict, variables: Any, examples: d
   forward = _jitted_forward(ml_collections.FrozenConfigDict(config.model))
   outputs = forward(variables, *[examples[name] for name in INPUT_NAMES])
   return dict(zip(output_names(config), jax.device_get(outputs)))
-
-
-def make_examples(config: ml_collections.ConfigDict, num: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
-  """`num` random inputs of the batch contract; row 1 has no video and row 2 no audio (when num > 2)."""
-  rng = np.random.default_rng(seed)
-  spec = model_lib.input_spec(config, num)
-  frames = rng.integers(0, 256, spec["frames"].shape, dtype=np.uint8)
-  audio = rng.uniform(-14.0, 2.0, spec["audio"].shape).astype(np.float32)  # log-mel range
-  num_audio, length = spec["audio"].shape[1], spec["text_ids"].shape[1]
-  audio_mask = np.arange(num_audio)[None] < rng.integers(num_audio // 4, num_audio + 1, (num, 1))
-  text_mask = np.arange(length)[None] < rng.integers(2, length + 1, (num, 1))
-  vocab = int(config.model.text.compact.vocab_size) if config.model.text.kind == "compact" else 30522
-  text_ids = np.where(text_mask, rng.integers(1000, vocab, (num, length)), 0).astype(np.int32)
-  has_video, has_audio = np.ones(num, bool), np.ones(num, bool)
-  if num > 2:
-    has_video[1], has_audio[2] = False, False
-    frames[1], audio[2], audio_mask[2] = 0, 0.0, False
-  return dict(frames=frames, audio=audio * audio_mask[..., None], audio_mask=audio_mask, text_ids=text_ids,
-              text_mask=text_mask, has_video=has_video, has_audio=has_audio)
 
 
 # ----------------------------------------------------------------------------- writers and runners
@@ -219,7 +215,7 @@ def export_onnx(config, variables, path: str) -> None:
   def serve_onnx(*inputs):
     with _keyword_avg_pool():
       return serve(*inputs)
-  with export_friendly_topk():
+  with export_friendly_ops():
     proto = to_onnx(serve_onnx, _input_specs(config, batch), model_name="mer_jax",
                     input_names=list(INPUT_NAMES), output_names=list(output_names(config)))
   # jax2onnx's intermediate shape annotations can carry NHWC/NCHW mix-ups that onnxruntime only warns
@@ -229,11 +225,8 @@ def export_onnx(config, variables, path: str) -> None:
 
 
 def run_onnx(path: str, examples: dict) -> list[np.ndarray]:
-  import onnxruntime as ort
-  options = ort.SessionOptions()
-  options.log_severity_level = 3
-  session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-  return session.run(None, {name: examples[name] for name in INPUT_NAMES})
+  """Outputs in `output_names` order; the session predict.py uses."""
+  return predict.run_onnx_session(predict.onnx_session(path), examples)
 
 
 def export_tflite(config, variables, path: str, quantize: str = "none", batch_size: int = 1) -> None:
@@ -248,7 +241,7 @@ def export_tflite(config, variables, path: str, quantize: str = "none", batch_si
       converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantize == "fp16":
       converter.target_spec.supported_types = [tf.float16]
-    with export_friendly_topk():
+    with export_friendly_ops():
       flatbuffer = converter.convert()
   except Exception as error:  # TF hides the cause behind "Failed to convert the given Jax function to hlo."
     raise RuntimeError(
@@ -260,32 +253,9 @@ def export_tflite(config, variables, path: str, quantize: str = "none", batch_si
     f.write(flatbuffer)
 
 
-def _tflite_interpreter(path):
-  try:
-    from ai_edge_litert.interpreter import Interpreter
-    runtime = "ai-edge-litert"
-  except ImportError:  # TF's interpreter: deprecated, still in TF 2.21
-    from tensorflow.lite.python.interpreter import Interpreter
-    runtime = "tf.lite"
-  return Interpreter(model_path=path), runtime
-
-
 def run_tflite(path: str, examples: dict) -> list[np.ndarray]:
-  """Runs the fixed-batch model over `examples` in chunks (the last one padded with copies of row 0)."""
-  interpreter, _ = _tflite_interpreter(path)
-  interpreter.allocate_tensors()
-  inputs = {d["name"]: d for d in interpreter.get_input_details()}
-  batch = int(inputs["frames"]["shape"][0])
-  total = len(examples["frames"])
-  chunks = []
-  for start in range(0, total, batch):
-    rows = np.arange(start, start + batch)
-    rows = np.where(rows < total, rows, 0)
-    for name in INPUT_NAMES:
-      interpreter.set_tensor(inputs[name]["index"], np.ascontiguousarray(examples[name][rows]))
-    interpreter.invoke()
-    chunks.append([interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()])
-  return [np.concatenate(parts)[:total] for parts in zip(*chunks)]
+  """Runs the fixed-batch model over `examples` in chunks (predict.run_tflite_interpreter)."""
+  return predict.run_tflite_interpreter(predict.tflite_interpreter(path)[0], examples)
 
 
 def export_savedmodel(config, variables, path: str) -> None:
@@ -307,16 +277,23 @@ def export_savedmodel(config, variables, path: str) -> None:
   def serving_default(*inputs):
     return dict(zip(names, converted(module.weights, *inputs)))
   module.serving_default = serving_default
-  with export_friendly_topk():
+  with export_friendly_ops():
     concrete = serving_default.get_concrete_function()
   tf.saved_model.save(module, path, signatures={"serving_default": concrete})
 
 
-def run_savedmodel(path: str, examples: dict) -> dict[str, np.ndarray]:
-  import tensorflow as tf
-  signature = tf.saved_model.load(path).signatures["serving_default"]
-  outputs = signature(**{name: tf.constant(examples[name]) for name in INPUT_NAMES})
-  return {name: value.numpy() for name, value in outputs.items()}
+def loaded_runner(key: str, path: str, names: Sequence[str]) -> Callable[[dict], dict]:
+  """The export `key` at `path`, loaded once: fn(inputs) -> {output name: array}."""
+  if key == "savedmodel":
+    import tensorflow as tf
+    signature = tf.saved_model.load(path).signatures["serving_default"]
+    return lambda examples: {name: value.numpy() for name, value in signature(
+        **{name: tf.constant(examples[name]) for name in INPUT_NAMES}).items()}
+  if key == "onnx":
+    session = predict.onnx_session(path)
+    return lambda examples: dict(zip(names, predict.run_onnx_session(session, examples)))
+  interpreter = predict.tflite_interpreter(path)[0]
+  return lambda examples: dict(zip(names, predict.run_tflite_interpreter(interpreter, examples)))
 
 
 # ----------------------------------------------------------------------------- parity
@@ -356,11 +333,15 @@ def _versions() -> dict[str, str]:
 def export_model(config: ml_collections.ConfigDict, variables: Any, out_dir: str,
                  formats: Sequence[str] = FORMATS, quantize: Sequence[str] = ("none",),
                  examples: dict | None = None, *, tflite_batch_size: int = 1,
-                 classes: dict[str, Sequence[str]] | None = None, source: dict | None = None) -> dict:
+                 classes: dict[str, Sequence[str]] | None = None, source: dict | None = None,
+                 examples_source: str | None = None, clip_config: tuple[dict, str] | None = None,
+                 accuracy_data: tuple[str, list] | None = None) -> dict:
   """Writes the exports, metadata.json and parity.json into `out_dir`; returns the parity dict.
 
   `quantize` applies to TFLite (model.tflite, model_fp16.tflite, model_int8.tflite); ONNX and SavedModel
-  are fp32. Raises ParityError when an fp32 export misses the bar (written to parity.json first).
+  are fp32. `examples_source` says in parity.json where `examples` came from. `accuracy_data`: (split,
+  batches of the batch contract) on which every export and JAX are scored (parity.json "accuracy").
+  Raises ParityError when an fp32 export misses the bar (written to parity.json first).
   """
   unknown = sorted(set(formats) - set(FORMATS)) + sorted(set(quantize) - set(QUANTIZATIONS))
   if unknown:
@@ -368,44 +349,49 @@ def export_model(config: ml_collections.ConfigDict, variables: Any, out_dir: str
                      f"quantize from {QUANTIZATIONS}.")
   os.makedirs(out_dir, exist_ok=True)
   variables = jax.device_get(variables)
-  examples = examples if examples is not None else make_examples(config)
+  if examples is None:
+    examples, examples_source = make_examples(config), "random inputs (make_examples)"
   reference = jax_reference(config, variables, examples)
   names = output_names(config)
-  jobs = []  # (key, file name, writer, runner, fp32)
+  jobs = []  # (key, file name, writer, fp32)
   if "onnx" in formats:
-    jobs.append(("onnx", "model.onnx", export_onnx, run_onnx, True))
+    jobs.append(("onnx", "model.onnx", export_onnx, True))
   if "tflite" in formats:
     for q in quantize:
       file_name = "model.tflite" if q == "none" else f"model_{q}.tflite"
       writer = lambda c, v, p, q=q: export_tflite(c, v, p, q, tflite_batch_size)
-      jobs.append(("tflite" if q == "none" else f"tflite_{q}", file_name, writer, run_tflite, q == "none"))
+      jobs.append(("tflite" if q == "none" else f"tflite_{q}", file_name, writer, q == "none"))
   if "savedmodel" in formats:
-    jobs.append(("savedmodel", "saved_model", export_savedmodel, run_savedmodel, True))
+    jobs.append(("savedmodel", "saved_model", export_savedmodel, True))
 
-  parity = {"examples": int(len(examples["frames"])), "tolerance_fp32": FP32_TOLERANCE,
-            "versions": _versions(), "formats": {}}
-  failures = []
-  for key, file_name, writer, runner, fp32 in jobs:
+  parity = {"examples": int(len(examples["frames"])),
+            "examples_source": examples_source or "given by the caller",
+            "tolerance_fp32": FP32_TOLERANCE, "versions": _versions(), "formats": {}}
+  failures, runners = [], {}
+  for key, file_name, writer, fp32 in jobs:
     path = os.path.join(out_dir, file_name)
     if os.path.isdir(path):
       shutil.rmtree(path)
     started = time.perf_counter()
     writer(config, variables, path)
     exported = time.perf_counter()
-    got = runner(path, examples)
-    got = got if isinstance(got, dict) else dict(zip(names, got))
+    runners[key] = loaded_runner(key, path, names)
+    got = runners[key](examples)
     report = compare(config, reference, got)
     report.update(file=file_name, bytes=_size(path), fp32=fp32, export_seconds=round(exported - started, 1),
                   run_seconds=round(time.perf_counter() - exported, 1))
     if key.startswith("tflite"):
-      report["runtime"] = _tflite_interpreter(path)[1]
+      report["runtime"] = predict.tflite_interpreter(path)[1]
     parity["formats"][key] = report
     if fp32 and not report["passed_fp32_bar"]:
       failures.append(f"{key}: max |delta| {report['max_abs_delta']:.3g}, classes "
                       f"{report['class_agreement']}, frames {report['selected_indices_agreement']}")
+  if accuracy_data is not None:
+    parity["accuracy"] = export_metadata.accuracy_report(config, variables, runners, *accuracy_data)
   with open(os.path.join(out_dir, "parity.json"), "w") as f:
     json.dump(parity, f, indent=2)
-  write_metadata(config, variables, out_dir, parity, tflite_batch_size, classes, source)
+  export_metadata.write_metadata(config, variables, out_dir, parity, tflite_batch_size, classes, source,
+                                 clip_config)
   if failures:
     raise ParityError("Export does not reproduce the JAX model (bar: max |delta| <= "
                       f"{FP32_TOLERANCE}, identical classes): " + "; ".join(failures)
@@ -414,75 +400,7 @@ def export_model(config: ml_collections.ConfigDict, variables: Any, out_dir: str
 
 
 def _size(path: str) -> int:
-  if os.path.isfile(path):
-    return os.path.getsize(path)
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
-# ----------------------------------------------------------------------------- metadata
-
-
-def class_names(config: ml_collections.ConfigDict, best: dict | None = None) -> dict[str, list[str]]:
-  """Per task: the names in eval/best.json, else config.data.classes, else mer_jax/labels.py."""
-  names = {}
-  for task, count in config.model.tasks.items():
-    candidates = [((best or {}).get("tasks", {}).get(task) or {}).get("class_names"),
-                  (config.data.get("classes") or {}).get(task), labels_lib.TASK_CLASSES.get(task)]
-    found = next((list(c) for c in candidates if c and len(c) == count), None)
-    if found is None:
-      raise ValueError(f"No list of {count} class names for task {task!r}; set config.data.classes = "
-                       f"{{{task!r}: (...)}} or add it to mer_jax/labels.py.")
-    names[task] = found
-  return names
-
-
-def write_metadata(config, variables, out_dir, parity, tflite_batch_size=1, classes=None, source=None):
-  """metadata.json (inputs, outputs, labels, preprocessing, batch policy) and tokenizer/ in `out_dir`."""
-  from mer_jax import features
-  from mer_jax import minilm
-  data = config.data
-  spec = model_lib.input_spec(config, 1)
-  tokenizer_dir = os.path.join(out_dir, "tokenizer")
-  os.makedirs(tokenizer_dir, exist_ok=True)
-  for name in TOKENIZER_FILES:  # the files AutoTokenizer reads; not the MiniLM weights
-    if (minilm.model_dir() / name).is_file():
-      shutil.copy(minilm.model_dir() / name, tokenizer_dir)
-  mel = features._mel_params(config)  # the exact parameters the input pipeline uses
-  metadata = {
-      "format_version": 1,
-      "inputs": [{"name": n, "shape": ["batch"] + list(spec[n].shape[1:]),
-                  "dtype": str(np.dtype(spec[n].dtype))} for n in INPUT_NAMES],
-      "outputs": [{"name": n, "meaning": m} for n, m in zip(output_names(config), _output_meanings(config))],
-      "labels": dict(classes) if classes else class_names(config),
-      "preprocessing": {
-          "num_frames": int(data.num_frames), "frame_size": int(data.frame_size), "frame_channels": 1,
-          "frame_times": "t_i = (i + 0.5) * duration / T, grey uint8, face crop (Haar) else centre crop",
-          "sample_rate": mel["sample_rate"], "max_audio_seconds": mel["max_seconds"],
-          "audio_frames": int(spec["audio"].shape[1]),
-          "log_mel": {**{k: mel[k] for k in ("num_mel_bins", "frame_length", "frame_step", "fft_length",
-                                             "lower_hz", "upper_hz")}, "log_offset": features.LOG_OFFSET,
-                      "function": "mer_jax.features.audio_features"},
-          "max_text_length": int(data.max_text_length), "tokenizer": "tokenizer/",
-          "text": "[CLS] utterance [SEP] (+ context [SEP]), padded with id 0; text_mask marks real tokens",
-      },
-      "batch_size": {"onnx": "dynamic", "savedmodel": "dynamic", "tflite": int(tflite_batch_size),
-                     "tflite_note": "TFLite goes through XLA HLO, which has static shapes: feed exactly "
-                                    "this many rows (pad and drop the extra outputs)."},
-      "files": {key: report["file"] for key, report in parity["formats"].items()},
-      "model": {"config": json.loads(export_config(config).model.to_json()),
-                "parameters": model_lib.count_parameters(variables["params"])},
-      "source": source or {"checkpoint": None},
-  }
-  with open(os.path.join(out_dir, "metadata.json"), "w") as f:
-    json.dump(metadata, f, indent=2)
-  return metadata
-
-
-def _output_meanings(config) -> list[str]:
-  return [f"(batch, {n}) float32 softmax over labels[{t!r}]" for t, n in config.model.tasks.items()] + [
-      f"(batch, {config.data.num_frames}) float32 text-guided score of each frame",
-      f"(batch, {config.model.top_k}) int32 chosen frames, in time order",
-      "(batch,) float32 in [0, 1]", "(batch,) float32 in [0, 1]"]
+  return os.path.getsize(path) if os.path.isfile(path) else sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
 # ----------------------------------------------------------------------------- checkpoints and CLI
@@ -537,21 +455,36 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(prog="python -m mer_jax.export", description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="training workdir (checkpoints/, eval/best.json)")
   parser.add_argument("--out", required=True, help="export folder")
-  parser.add_argument("--config", default="configs/default.py", help="the config the run was trained with")
+  parser.add_argument("--config", default=None,
+                      help="the config the run was trained with (default: WORKDIR/config.json)")
   parser.add_argument("--formats", default=",".join(FORMATS))
   parser.add_argument("--quantize", default="none,fp16,int8", help="TFLite variants")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
   parser.add_argument("--tflite-batch-size", type=int, default=1)
-  parser.add_argument("--examples", type=int, default=8, help="random examples for the parity check")
+  parser.add_argument("--examples", type=int, default=8, help="eval examples for the parity check")
+  parser.add_argument("--accuracy-split", default=None,
+                      help="score every export and JAX on this whole prepared split (e.g. dev)")
   args = parser.parse_args(argv)
-  config = export_config(load_config(args.config))
+  from mer_jax import checkpoint as checkpoint_lib
+  from mer_jax import train
+  config = export_config(load_config(args.config) if args.config else checkpoint_lib.load_run_config(args.workdir))
   variables, source, best = load_checkpoint(config, args.workdir, args.step)
+  data_dir = train.resolve_data_dir(config, args.workdir)
+  examples, examples_source = export_metadata.parity_examples(config, data_dir, args.examples)
+  accuracy_data = args.accuracy_split and (
+      args.accuracy_split, export_metadata.split_batches(config, data_dir, args.accuracy_split))
   parity = export_model(config, variables, args.out, args.formats.split(","), args.quantize.split(","),
-                        make_examples(config, args.examples), tflite_batch_size=args.tflite_batch_size,
-                        classes=class_names(config, best), source=source)
+                        examples, tflite_batch_size=args.tflite_batch_size,
+                        classes=export_metadata.class_names(config, best), source=source,
+                        examples_source=examples_source, accuracy_data=accuracy_data or None,
+                        clip_config=export_metadata.clip_read_config(config, data_dir))
   for key, report in parity["formats"].items():
     print(f"{key:12s} {report['file']:20s} {report['bytes'] / 1e6:8.2f} MB  max|delta| "
           f"{report['max_abs_delta']:.2e}  classes {report['class_agreement']}")
+  for key, entry in parity.get("accuracy", {}).get("formats", {}).items():
+    print(f"{key:12s} on {parity['accuracy']['split']}: " + ", ".join(
+        f"{task} acc {e['accuracy']:.4f} ({e['accuracy_change']:+.4f} vs JAX), wF1 {e['weighted_f1']:.4f} "
+        f"({e['weighted_f1_change']:+.4f})" for task, e in entry.items()))
   print(f"Wrote {args.out}/ (metadata.json, parity.json, tokenizer/).")
   return parity
 

@@ -15,7 +15,6 @@ import functools
 import math
 from typing import Any, Callable, Iterator, Sequence
 
-import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -269,6 +268,7 @@ def dataset_from_examples(examples: tf.data.Dataset, config: Any, *, train: bool
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple:
+    import jax  # here, not at the top: prediction on an ONNX/TFLite file resizes frames without JAX
     index = jax.process_index() if process_index is None else int(process_index)
     count = jax.process_count() if process_count is None else int(process_count)
     if not 0 <= index < count:

@@ -30,6 +30,7 @@ from mer_jax import topk
 PIXEL_MEAN = 127.5
 PIXEL_SCALE = 64.0
 
+MODALITIES = ("video", "audio", "text")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -56,7 +57,15 @@ class EmotionModel(nn.Module):
     text_states, text_pooled = text_encoder.TextEncoder(
         config.text.kind, dict(config.text.compact), dtype=dtype, name="text_encoder")(
             batch["text_ids"], text_mask, train=train)
-    scorer_text = text_pooled if config.text_guided_selection else jnp.zeros_like(text_pooled)
+    modalities = tuple(config.get("modalities", MODALITIES))
+    if modalities == ("text",):
+      return self._text_only(text_states, text_pooled, text_mask, batch["frames"].shape[:2], train=train)
+    if modalities != MODALITIES:
+      raise ValueError(f"config.model.modalities={modalities!r}; use {MODALITIES!r} or ('text',).")
+    if config.text_guided_selection:
+      scorer_text = topk.TextQueryPool(dtype=dtype, name="scorer_text")(text_states, text_mask)
+    else:  # ablation: the scorer's query never sees the text
+      scorer_text = jnp.zeros_like(text_pooled)
 
     # Video: text-guided choice of K frames, backbone on those only.
     frames = batch["frames"]
@@ -68,11 +77,12 @@ class EmotionModel(nn.Module):
     frame_projection = nn.Dense(width, dtype=dtype, name="frame_projection")
     if config.selection == "topk":
       selected, frame_scores, selected_indices = selector(frames, scorer_text, has_video)
-      chosen = selected.shape[1]
+      chosen, token_frames = selected.shape[1], selected_indices
     elif config.selection == "soft":
       # Ablation: no hard choice, every frame goes through the backbone, weighted by softmax(scores).
       _, frame_scores, selected_indices = selector(frames, scorer_text, has_video)
       selected, chosen = frames.astype(dtype), num_frames
+      token_frames = jnp.broadcast_to(jnp.arange(num_frames, dtype=jnp.int32), (size, num_frames))
     else:
       raise ValueError(f"Unknown config.model.selection {config.selection!r}; use 'topk' or 'soft'.")
     images = (selected.reshape((size * chosen,) + selected.shape[2:]) - PIXEL_MEAN) / PIXEL_SCALE
@@ -82,6 +92,13 @@ class EmotionModel(nn.Module):
       video_vector = jnp.einsum("bt,btd->bd", weights, frame_tokens)
     else:
       video_vector = jnp.mean(frame_tokens, axis=1)
+    relevance_logits = None
+    if config.get("frame_relevance", False):
+      # Per-frame logits of the primary task (the first) from each backbone frame token: what each chosen
+      # frame says on its own. Training (train.frame_relevance_loss) uses them to teach the scorer which
+      # of its chosen frames agree with the clip's label; inference ignores them.
+      primary_classes = list(config.tasks.values())[0]
+      relevance_logits = nn.Dense(primary_classes, dtype=dtype, name="frame_relevance")(frame_tokens)
 
     # Audio.
     audio_vector, audio_tokens, audio_token_mask = audio_encoder.AudioEncoder(
@@ -112,10 +129,7 @@ class EmotionModel(nn.Module):
 
     # Heads.
     hidden = jnp.concatenate([fused, attended_pooled.astype(dtype)], axis=-1)
-    hidden = nn.gelu(nn.Dense(width, dtype=dtype, name="head_hidden")(hidden))
-    hidden = nn.Dropout(config.dropout_rate, deterministic=not train)(hidden)
-    logits = {task: nn.Dense(classes, dtype=dtype, name=f"head_{task}")(hidden).astype(jnp.float32)
-              for task, classes in config.tasks.items()}
+    logits = self._heads(hidden, train=train)
     explanation = {
         "frame_scores": frame_scores.astype(jnp.float32),
         "selected_indices": selected_indices,
@@ -123,6 +137,42 @@ class EmotionModel(nn.Module):
         "reliability_video": reliability_video,
         "reliability_audio": reliability_audio,
         "attention": attention,
+    }
+    if relevance_logits is not None:
+      explanation["frame_relevance_logits"] = relevance_logits.astype(jnp.float32)  # (B, K, C), primary task
+      explanation["token_frames"] = token_frames  # (B, K) frame index of each backbone token
+    return logits, explanation
+
+
+  def _heads(self, hidden: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    """(B, 2D) -> logits per task (B, classes) float32, through one shared hidden layer."""
+    config, dtype = self.config, compute_dtype(self.config.dtype)
+    hidden = nn.gelu(nn.Dense(config.width, dtype=dtype, name="head_hidden")(hidden))
+    hidden = nn.Dropout(config.dropout_rate, deterministic=not train)(hidden)
+    return {task: nn.Dense(classes, dtype=dtype, name=f"head_{task}")(hidden).astype(jnp.float32)
+            for task, classes in config.tasks.items()}
+
+  def _text_only(self, text_states, text_pooled, text_mask, frame_shape, *, train: bool):
+    """Text-only model (config.model.modalities = ('text',)): no scorer, backbone or audio encoder, which
+    would only see the zeros of absent modalities (MELD's CSVs alone) and cost compute and compile time.
+
+    The explanation keeps its shapes so evaluation and export code need no special case: frame scores 0,
+    the first K frames, gate 0 and both reliabilities 0 (no video or audio was used).
+    """
+    config, dtype = self.config, compute_dtype(self.config.dtype)
+    size, num_frames = frame_shape
+    text_vector = nn.Dense(config.width, dtype=dtype, name="text_projection")(text_pooled)
+    text_tokens = nn.Dense(config.width, dtype=dtype, name="text_token_projection")(text_states)
+    tokens_pooled = audio_encoder.masked_mean(text_tokens, text_mask[..., None], axis=1)
+    logits = self._heads(jnp.concatenate([text_vector, tokens_pooled.astype(dtype)], axis=-1), train=train)
+    zeros = jnp.zeros((size,), jnp.float32)
+    explanation = {
+        "frame_scores": jnp.zeros((size, num_frames), jnp.float32),
+        "selected_indices": jnp.broadcast_to(jnp.arange(config.top_k, dtype=jnp.int32), (size, config.top_k)),
+        "gate": jnp.zeros((size, config.width), jnp.float32),
+        "reliability_video": zeros,
+        "reliability_audio": zeros,
+        "attention": jnp.zeros((size, config.attention.num_heads, text_mask.shape[1], 1), jnp.float32),
     }
     return logits, explanation
 

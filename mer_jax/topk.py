@@ -60,6 +60,23 @@ def gather_frames(selection: jax.Array, frames: jax.Array) -> jax.Array:
   return jnp.einsum("bkt,bthwc->bkhwc", selection, frames.astype(selection.dtype))
 
 
+class TextQueryPool(nn.Module):
+  """Text token states (B, L, D) + mask (B, L) bool -> the scorer's text vector (B, D).
+
+  Attention pooling with a learnt query over the tokens: the words that say what to look at (a named cue,
+  an object) can carry the vector whatever the rest of the utterance is, where a mean over all tokens
+  dilutes them with every other word.
+  """
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, states, mask):
+    logits = nn.Dense(1, dtype=self.dtype, name="token_logits")(states)[..., 0].astype(jnp.float32)
+    logits = jnp.where(mask, logits, -1e9)
+    weights = jax.nn.softmax(logits, axis=-1) * jnp.any(mask, axis=-1, keepdims=True)
+    return jnp.einsum("bl,bld->bd", weights.astype(states.dtype), states)
+
+
 class FrameScorer(nn.Module):
   """Scores T frames against a text vector: (B, T, H, W, 1) uint8, (B, Dt) -> (B, T) scores.
 
@@ -74,7 +91,7 @@ class FrameScorer(nn.Module):
   @nn.compact
   def __call__(self, frames, text_vector):
     batch, num_frames, height, width, channels = frames.shape
-    x = frames.reshape(batch * num_frames, height, width, channels).astype(self.dtype) / 255.0
+    x = (frames.reshape(batch * num_frames, height, width, channels).astype(self.dtype) - 127.5) / 64.0
     if self.downscale > 1:
       x = nn.avg_pool(x, (self.downscale, self.downscale), strides=(self.downscale, self.downscale))
     for index, features in enumerate(self.channels):

@@ -68,6 +68,7 @@ class StepOptions:
   end_learning_rate_fraction: float
   weight_decay: float
   grad_clip_norm: float
+  frame_relevance_weight: float = 0.0
 
 
 def step_options(config: ml_collections.ConfigDict, class_weights: dict | None = None) -> StepOptions:
@@ -88,7 +89,8 @@ def step_options(config: ml_collections.ConfigDict, class_weights: dict | None =
       num_train_steps=int(config.num_train_steps),
       end_learning_rate_fraction=float(config.get("end_learning_rate_fraction", 0.01)),
       weight_decay=float(config.weight_decay),
-      grad_clip_norm=float(config.grad_clip_norm))
+      grad_clip_norm=float(config.grad_clip_norm),
+      frame_relevance_weight=float(config.get("frame_relevance_weight", 0.0)))
 
 
 # ----------------------------------------------------------------------------- optimizer and state
@@ -217,6 +219,41 @@ def multitask_loss(logits: dict, batch: dict, options: StepOptions) -> tuple[jax
   return total, per_task
 
 
+def frame_relevance_loss(relevance_logits: jax.Array, scores: jax.Array, token_frames: jax.Array,
+                         labels: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Teaches the backbone and the frame scorer, from the clip's label alone, which frames matter.
+
+  relevance_logits (B, K, C): the primary task's logits of each chosen frame on its own (model.py);
+  scores (B, T): the text-guided frame scores; token_frames (B, K) int: which frame each logit row is;
+  labels (B,) int (-1 = none); valid (B,) bool (counted rows with video). Returns (head loss, scorer loss).
+
+  Head loss: every chosen frame is asked for the clip's label (multiple-instance style), so the video path
+  learns even while the text alone fits the training labels.
+  Scorer loss: each chosen frame's reward is p_k(label), how well it explains the label on its own; its
+  advantage is the reward minus the batch's mean, in units of the batch's spread (early on rewards differ by
+  hundredths; their order is what counts). A chosen frame's score, read as the logit of "this frame
+  matters", is pulled towards sigmoid(2 * advantage) by a binary cross-entropy: frames that explain the label
+  rise, the others sink below frames not yet tried, which then get their turn. A softmax over frames would
+  not do: the K chosen frames soon hold all its mass, and moving them together changes nothing. The hard
+  top-K's straight-through gradient alone reaches the scorer only through pixel values and teaches it
+  slowly. No label is needed at test time: the text query has learnt what the frames that matter look like.
+  """
+  valid = valid & (labels >= 0)
+  weights = valid.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(weights), 1.0)
+  log_probs = jax.nn.log_softmax(relevance_logits.astype(jnp.float32), axis=-1)  # (B, K, C)
+  label_log_probs = jnp.take_along_axis(log_probs, jnp.where(valid, labels, 0)[:, None, None], axis=-1)[..., 0]
+  head_loss = -jnp.sum(jnp.mean(label_log_probs, axis=1) * weights) / count
+  reward = jnp.exp(jax.lax.stop_gradient(label_log_probs))  # (B, K) in [0, 1]
+  baseline = jnp.sum(jnp.mean(reward, axis=1) * weights) / count
+  spread = jnp.sqrt(jnp.sum(jnp.mean((reward - baseline) ** 2, axis=1) * weights) / count)
+  target = jax.nn.sigmoid(2.0 * (reward - baseline) / (spread + 1e-3))
+  chosen_scores = jnp.take_along_axis(scores.astype(jnp.float32), token_frames, axis=1)  # (B, K)
+  bce = optax.sigmoid_binary_cross_entropy(chosen_scores, target)
+  scorer_loss = jnp.sum(jnp.mean(bce, axis=1) * weights) / count
+  return head_loss, scorer_loss
+
+
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, options: StepOptions):
   """One optimizer step -> (state, clu train metrics, {'loss', 'finite'}).
 
@@ -228,11 +265,21 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, options: StepO
   dropout_rng, modality_rng = jax.random.split(rng)
   batch = modality_dropout(batch, modality_rng, options.modality_dropout)
 
+  relevance = (options.frame_relevance_weight > 0 and bool(options.model.get("frame_relevance", False))
+               and "video" in tuple(options.model.get("modalities", model_lib.MODALITIES)))
+
   def loss_fn(params):
-    (logits, _), updates = model.apply(
+    (logits, explanation), updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, batch, train=True,
         rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
     loss, per_task = multitask_loss(logits, batch, options)
+    if relevance:
+      primary = options.tasks[0][0]
+      head_loss, scorer_loss = frame_relevance_loss(
+          explanation["frame_relevance_logits"], explanation["frame_scores"], explanation["token_frames"],
+          batch[f"labels/{primary}"], batch["example_mask"].astype(bool) & batch["has_video"].astype(bool))
+      loss = loss + options.frame_relevance_weight * (head_loss + scorer_loss)
+      per_task = dict(per_task, frame_head=head_loss, frame_scorer=scorer_loss)
     return loss, (logits, per_task, updates["batch_stats"])
 
   (loss, (logits, per_task, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -246,7 +293,9 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, options: StepO
   for task, _ in options.tasks:
     outputs.update({f"loss/{task}": per_task[task], f"logits/{task}": logits[task],
                     f"labels/{task}": batch[f"labels/{task}"]})
-  collection = metrics_lib.train_collection([t for t, _ in options.tasks])
+  if relevance:
+    outputs.update({"loss/frame_head": per_task["frame_head"], "loss/frame_scorer": per_task["frame_scorer"]})
+  collection = metrics_lib.train_collection([t for t, _ in options.tasks], relevance)
   return new_state, collection.single_from_model_output(**outputs), {"loss": loss, "finite": finite}
 
 
@@ -408,6 +457,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   end = config.num_train_steps if config.stop_after_steps <= 0 else min(config.num_train_steps,
                                                                           config.stop_after_steps)
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  if is_main:
+    checkpoint_lib.save_run_config(config, workdir)
   if start == 0:
     writer.write_hparams(_hparams(config))
     logging.info("Model: %d parameters; mesh %s over %d devices in %d processes.",

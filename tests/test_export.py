@@ -54,21 +54,38 @@ def test_sort_free_topk_matches_sorted_top_k_with_ties():
   np.testing.assert_array_equal(got[:1], [np.arange(12)])
 
 
+def test_grouped_depthwise_conv_matches_the_shifted_slices():
+  from mer_jax import mobilenet_v3
+  rng = np.random.default_rng(1)
+  for kernel_size, stride, size in ((3, 1, 9), (3, 2, 9), (5, 2, 14), (5, 1, 7)):
+    x = rng.normal(size=(2, size, size, 8)).astype(np.float32)
+    kernel = rng.normal(size=(kernel_size, kernel_size, 1, 8)).astype(np.float32)
+    pad = (kernel_size - 1) // 2
+    expected = mobilenet_v3.depthwise_conv(x, kernel, stride, pad)
+    got = export.grouped_depthwise_conv(x, kernel, stride, pad)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+  with export.export_friendly_ops():
+    assert mobilenet_v3.depthwise_conv is export.grouped_depthwise_conv
+  assert mobilenet_v3.depthwise_conv is not export.grouped_depthwise_conv
+
+
 def test_fp32_mismatch_raises_and_is_recorded(tmp_path, monkeypatch):
   config = tiny.get_config()
   variables = _random_variables(config)
   examples = export.make_examples(config, 5)  # 5 rows like the CLI test: one compiled reference for both
   reference = export.jax_reference(config, variables, examples)
 
-  def off_by_a_little(path, examples):
-    return [v + 1e-3 if v.dtype == np.float32 else v for v in reference.values()]
+  def off_by_a_little(key, path, names):
+    return lambda examples: {k: v + 1e-3 if v.dtype == np.float32 else v for k, v in reference.items()}
   monkeypatch.setattr(export, "export_onnx", lambda config, variables, path: open(path, "wb").close())
-  monkeypatch.setattr(export, "run_onnx", off_by_a_little)
+  monkeypatch.setattr(export, "loaded_runner", off_by_a_little)
   with pytest.raises(export.ParityError, match="onnx: max \\|delta\\| 0.001"):
     export.export_model(config, variables, str(tmp_path), formats=["onnx"], examples=examples)
   parity = json.loads((tmp_path / "parity.json").read_text())
   assert parity["formats"]["onnx"]["passed_fp32_bar"] is False
   assert parity["formats"]["onnx"]["max_abs_delta"] == pytest.approx(1e-3, rel=1e-3)
+  assert parity["examples_source"] == "given by the caller"
   with pytest.raises(ValueError, match="Unknown format"):
     export.export_model(config, variables, str(tmp_path), formats=["coreml"], examples=examples)
   with pytest.raises(FileNotFoundError, match="No checkpoints in .*train first"):
@@ -157,6 +174,11 @@ def test_cli_exports_checkpoint_and_all_runtimes_match_jax(tmp_path, monkeypatch
   assert [pre[k] for k in ("num_frames", "frame_size", "sample_rate", "max_text_length")] == [4, 32, 16000, 16]
   assert pre["log_mel"]["num_mel_bins"] == 16 and pre["audio_frames"] == examples["audio"].shape[1]
   assert [o["name"] for o in metadata["outputs"]] == list(export.output_names(config))
+  assert export.output_names(config)[-1] == "gate" and parity["formats"]["onnx"]["per_output"]["gate"] < 1e-4
+  # No prepared data for this run: random parity inputs, and the clip reader's defaults, both said so.
+  assert parity["examples_source"].startswith("random inputs")
+  assert pre["clip_read_config"]["num_frames"] == 4 and "defaults" in pre["clip_read_config_source"]
+  assert pre["data"]["frame_size"] == 32 and pre["data"]["max_text_length"] == 16
   assert metadata["files"]["tflite_int8"] == "model_int8.tflite"
   text = ["Oh my god, you're back!"]
   exported = tokenizer_lib.load_tokenizer(os.path.join(out, "tokenizer"))

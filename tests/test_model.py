@@ -121,3 +121,27 @@ def test_model_sizes():
   assert model_lib.count_parameters(edge_params["backbone"]) == 926_720
   assert model_lib.count_parameters(base_params["text_encoder"]) == 22_565_376  # MiniLM-L6 without pooler
   assert base_total > edge_total
+
+
+def test_text_only_model_ignores_frames_and_audio(setup):
+  """config.model.modalities = ('text',): no video/audio parameters, outputs depend on the text alone."""
+  config = tiny.get_config()
+  config.model.modalities = ("text",)
+  _, _, _, batch, _ = setup
+  variables = model_lib.init_variables(config, jax.random.key(0))
+  assert set(variables["params"]).isdisjoint({"backbone", "frame_selector", "audio_encoder", "fusion"})
+  model = model_lib.EmotionModel(config.model)
+  apply = jax.jit(lambda v, b: model.apply(v, b, train=False))
+  logits, explanation = apply(variables, batch)
+  other = dict(batch, frames=np.zeros_like(batch["frames"]), audio=np.zeros_like(batch["audio"]),
+               has_video=np.zeros(3, bool), has_audio=np.zeros(3, bool))
+  other_logits, _ = apply(variables, other)
+  np.testing.assert_array_equal(logits["emotion"], other_logits["emotion"])
+  text_changed = dict(batch, text_ids=batch["text_ids"] + 1)
+  assert not np.allclose(apply(variables, text_changed)[0]["emotion"], logits["emotion"])
+  assert explanation["frame_scores"].shape == (3, config.data.num_frames)
+  np.testing.assert_array_equal(explanation["selected_indices"], [[0, 1]] * 3)
+  np.testing.assert_array_equal(explanation["reliability_video"], 0.0)
+  config.model.modalities = ("video", "text")
+  with pytest.raises(ValueError, match="modalities"):
+    model_lib.EmotionModel(config.model).init(jax.random.key(0), model_lib.zeros_batch(config, 1), train=False)

@@ -86,3 +86,19 @@ def test_k_out_of_range_is_a_clear_error():
   frames = jnp.zeros((1, 6, 16, 16, 1), jnp.uint8)
   with pytest.raises(ValueError, match="top_k=7"):
     selector.init(jax.random.key(0), frames, jnp.zeros((1, 8)), jnp.ones((1,), bool))
+
+
+def test_text_query_pool_follows_the_attended_words_and_ignores_padding():
+  pool = topk.TextQueryPool()
+  rng = np.random.default_rng(2)
+  states = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+  mask = jnp.asarray([[True, True, True, False, False], [False] * 5])
+  variables = pool.init(jax.random.key(0), states, mask)
+  pooled = pool.apply(variables, states, mask)
+  assert pooled.shape == (2, 8)
+  np.testing.assert_array_equal(pooled[1], 0.0)  # no tokens at all: a zero vector, not NaN
+  padded_changed = states.at[0, 3:].set(100.0)
+  np.testing.assert_allclose(pool.apply(variables, padded_changed, mask)[0], pooled[0], atol=1e-6)
+  # A token whose logit dominates carries the vector: the pool is a convex mix of the real tokens.
+  weights = jax.nn.softmax(jnp.asarray(states[0, :3] @ variables["params"]["token_logits"]["kernel"])[:, 0])
+  np.testing.assert_allclose(pooled[0], weights @ states[0, :3], atol=1e-5)

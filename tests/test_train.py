@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -103,6 +104,32 @@ def test_task_loss_ignores_unlabeled_and_padding_rows():
   assert float(loss) == 0.0  # no labelled row: no signal, no NaN
 
 
+def test_frame_relevance_loss_pulls_the_scorer_to_the_frames_that_agree_with_the_label():
+  # Three clips, K=2 chosen of T=4 frames, equal scores. Clip 0's chosen frames (1, 3) explain the label
+  # well, clip 1's (0, 2) badly; clip 2 has no label and gives no loss.
+  logits = np.zeros((3, 2, 3), np.float32)
+  logits[0, :, 2] = 4.0
+  logits[1, :, 0] = 4.0
+  labels = jnp.asarray([2, 2, -1])
+  token_frames = jnp.asarray([[1, 3], [0, 2], [0, 1]])
+  scores = jnp.zeros((3, 4))
+  valid = jnp.asarray([True, True, True])
+  head, _ = train.frame_relevance_loss(jnp.asarray(logits), scores, token_frames, labels, valid)
+  log_p = jax.nn.log_softmax(logits[:2], axis=-1)[..., 2]
+  np.testing.assert_allclose(head, -np.mean(log_p), rtol=1e-5)
+  grad = jax.grad(lambda s: train.frame_relevance_loss(jnp.asarray(logits), s, token_frames, labels, valid)[1])(
+      scores)
+  # Descending the loss raises clip 0's chosen frames and lowers clip 1's; frames not chosen get no signal.
+  assert grad[0, 1] < 0 and grad[0, 3] < 0 and grad[1, 0] > 0 and grad[1, 2] > 0
+  np.testing.assert_array_equal(grad[0, [0, 2]], 0.0)
+  np.testing.assert_array_equal(grad[1, [1, 3]], 0.0)
+  np.testing.assert_array_equal(grad[2], 0.0)  # unlabeled clip
+  # Scores that already agree with the rewards cost less than scores that contradict them.
+  agreeing = jnp.asarray([[0, 5.0, 0, 5.0], [-5.0, 0, -5.0, 0], [0, 0, 0, 0]])
+  loss = lambda s: train.frame_relevance_loss(jnp.asarray(logits), s, token_frames, labels, valid)[1]
+  assert loss(agreeing) < loss(scores) < loss(-agreeing)
+
+
 def test_modality_dropout_never_drops_both():
   n = 20000
   has_video = np.arange(n) % 7 != 0
@@ -164,6 +191,14 @@ def test_meld_missing_says_how_to_get_it(tmp_path):
   config.data.prepare = "demo"
   with pytest.raises(ValueError, match="demo_4x32"):
     launch._builder_config(config)
+  # The demo job trains at 64 px on the registered 112 px 'demo' data: the pipeline resizes, nothing to rename.
+  from configs import demo
+  demo_config = demo.get_config()
+  assert demo_config.data.frame_size < 112
+  assert launch._builder_config(demo_config).frame_size == 112
+  demo_config.data.frame_size = 128
+  with pytest.raises(ValueError, match="demo_12x128"):
+    launch._builder_config(demo_config)
 
 
 # ----------------------------------------------------------------------------- the real loop

@@ -1,0 +1,228 @@
+"""Evaluate a trained run on any MELD-format CSV: accuracy, weighted F1, per-class F1, confusion matrix.
+
+  python -m mer_jax.evaluate --workdir runs/meld_text --csv ../shared/data/meld/dev_sent_emo.csv
+  python -m mer_jax.evaluate --workdir runs/meld --csv test_sent_emo.csv --clips output_repeated_splits_test \
+      [--json] [--batch-size 64] [--step N]
+
+The run's config comes from WORKDIR/config.json and its weights from the best checkpoint (else the
+latest; --step picks one). The CSV (and the clip folder, when given) is prepared into a temporary folder
+by the project's own builder (data/meld_format.py), with the same clip reading, frame count and label
+columns as the run's training data, so evaluation sees what training saw. Without --clips the examples
+are text-only (has_video = has_audio = False). Context turns and max_text_length follow the run.
+
+Rows that cannot be evaluated (unknown label, bad or duplicate ids) are skipped, never silently: their
+count and ids are printed (stderr) and listed under "skipped_rows" in the JSON.
+
+--json prints {task: {accuracy, weighted_f1, macro_f1, per_class_f1, confusion, class_names,
+num_examples}, "skipped_rows": {reason: {count, ids}}, "checkpoint": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+SPLIT = "eval"
+CSV_NAME = "eval.csv"
+CLIP_FOLDER = "clips"
+BUILDER_CONFIG_NAME = "evaluate_csv"
+MAX_LISTED_IDS = 20
+
+
+def _builder_config(config, with_clips: bool):
+  """The builder config that prepares one CSV (+ clips) as the run's training data was prepared.
+
+  Preparing raw CSVs is the builder's job (data/meld_format.py). mer_jax does not import data/ at module
+  level; this CLI is run from the repository root, where the builder lives, so it imports it here.
+  """
+  from data import meld_format
+  registered = {c.name: c for c in meld_format.BUILDER_CONFIGS}
+  data = config.data
+  name = data.get("builder_config") or ""
+  if name in registered:  # the run read data prepared by this config (frames may be resized later)
+    base = registered[name]
+    frame_size = base.frame_size
+  else:  # a renamed config (launch.py: the `prepare` one with config.data's frame settings)
+    base = registered.get(data.get("prepare") or "meld", registered["meld"])
+    frame_size = int(data.frame_size)
+  if base.text_only and with_clips:  # e.g. a meld_text run evaluated on clips: read them as 'meld' does
+    base = dataclasses.replace(registered["meld"], tasks=base.tasks, task_classes=base.task_classes)
+  return dataclasses.replace(
+      base, name=BUILDER_CONFIG_NAME, splits=((SPLIT, CSV_NAME, CLIP_FOLDER),), text_only=not with_clips,
+      num_frames=int(data.num_frames), frame_size=max(frame_size, int(data.frame_size)))
+
+
+def prepare_csv(config, csv_path: str, clips_dir: str | None, work_dir: str) -> tuple[str, dict]:
+  """Prepares `csv_path` (+ `clips_dir`) under `work_dir` -> (data_dir, prepare report)."""
+  from data import prepare
+  if not os.path.isfile(csv_path):
+    raise FileNotFoundError(f"--csv {csv_path} is not a file; pass a MELD-format CSV (Utterance, Speaker, "
+                            "Dialogue_ID, Utterance_ID and one column per label, e.g. Emotion, Sentiment).")
+  if clips_dir is not None and not os.path.isdir(clips_dir):
+    raise FileNotFoundError(f"--clips {clips_dir} is not a folder of dia{{D}}_utt{{U}}.mp4 clips; leave it "
+                            "out for a text-only evaluation.")
+  source = os.path.join(work_dir, "source")
+  os.makedirs(source)
+  os.symlink(os.path.abspath(csv_path), os.path.join(source, CSV_NAME))
+  if clips_dir is not None:
+    os.symlink(os.path.abspath(clips_dir), os.path.join(source, CLIP_FOLDER))
+  data_dir = os.path.join(work_dir, "tfds")
+  _, report_path = prepare.prepare(source, data_dir, _builder_config(config, clips_dir is not None))
+  with open(report_path) as f:
+    return data_dir, json.load(f)
+
+
+def skipped_rows(report: dict) -> dict:
+  """{reason: {count, ids}} of the CSV rows the builder could not turn into examples."""
+  split = report["splits"].get(SPLIT, {})
+  return {reason: {"count": entry["count"], "ids": entry["ids"]}
+          for reason, entry in split.get("rows_skipped", {}).items()}
+
+
+def predict(config, variables: dict, data_dir: str, batch_size: int) -> dict:
+  """Runs the model over the prepared split -> {"id": (N,) bytes, "labels/<task>": (N,) int,
+  "predictions/<task>": (N,) int, "logits/<task>": (N, C) float32} (padding rows removed)."""
+  import jax
+  import numpy as np
+
+  from mer_jax import input_pipeline
+  from mer_jax import model as model_lib
+  config = config.copy_and_resolve_references()
+  config.data.builder_config = BUILDER_CONFIG_NAME
+  config.eval_batch_size = int(batch_size)
+  model = model_lib.EmotionModel(config.model)
+  forward = jax.jit(lambda v, b: model.apply(v, b, train=False)[0])
+  ds = input_pipeline.make_dataset(config, SPLIT, train=False, data_dir=data_dir, process_index=0,
+                                   process_count=1)
+  tasks = list(config.model.tasks)
+  chunks: dict[str, list] = {"id": []}
+  for batch in input_pipeline.as_numpy(ds):
+    logits = jax.device_get(forward(variables, input_pipeline.model_inputs(batch)))
+    keep = np.asarray(batch["example_mask"], bool)
+    chunks["id"].append(batch["id"][keep])
+    for task in tasks:
+      for key, value in ((f"labels/{task}", batch[f"labels/{task}"]),
+                         (f"logits/{task}", np.asarray(logits[task], np.float32)),
+                         (f"predictions/{task}", np.argmax(logits[task], axis=-1))):
+        chunks.setdefault(key, []).append(np.asarray(value)[keep])
+  return {key: np.concatenate(values) for key, values in chunks.items()}
+
+
+def task_metrics(outputs: dict, classes: dict) -> dict:
+  """{task: {accuracy, weighted_f1, macro_f1, per_class_f1, confusion, class_names, num_examples}}.
+
+  Rows with label -1 (no label for the task) are not counted.
+  """
+  import numpy as np
+
+  from mer_jax import metrics as metrics_lib
+  result = {}
+  for task, names in classes.items():
+    labels, predictions = outputs[f"labels/{task}"], outputs[f"predictions/{task}"]
+    keep = labels >= 0
+    confusion = np.zeros((len(names), len(names)), np.int64)
+    np.add.at(confusion, (labels[keep], predictions[keep]), 1)
+    report = metrics_lib.classification_report(confusion, names)
+    result[task] = {"accuracy": report["accuracy"], "weighted_f1": report["weighted_f1"],
+                    "macro_f1": report["macro_f1"],
+                    "per_class_f1": {name: scores["f1"] for name, scores in report["per_class"].items()},
+                    "confusion": report["confusion_matrix"], "class_names": list(names),
+                    "num_examples": report["num_examples"]}
+  return result
+
+
+def evaluate_csv(workdir: str, csv_path: str, clips_dir: str | None = None, batch_size: int | None = None,
+                 step: int | None = None, keep_dir: str | None = None) -> dict:
+  """The whole job; returns the JSON report (see module docstring). `keep_dir`: prepare there and keep
+  the prepared data (default: a temporary folder, removed afterwards)."""
+  from mer_jax import checkpoint as checkpoint_lib
+  from mer_jax import export
+  from mer_jax import input_pipeline
+  config = checkpoint_lib.load_run_config(workdir)
+  variables, source, _ = export.load_checkpoint(config, workdir, step)
+  work_dir = keep_dir or tempfile.mkdtemp(prefix="mer_jax_evaluate_")
+  try:
+    data_dir, report = prepare_csv(config, csv_path, clips_dir, work_dir)
+    eval_config = config.copy_and_resolve_references()
+    eval_config.data.builder_config = BUILDER_CONFIG_NAME
+    classes = input_pipeline.dataset_info(eval_config, data_dir)["classes"]
+    outputs = predict(config, variables, data_dir,
+                      batch_size or int(config.get("eval_batch_size", config.batch_size)))
+  finally:
+    if keep_dir is None:
+      shutil.rmtree(work_dir, ignore_errors=True)
+  result: dict[str, Any] = task_metrics(outputs, {task: classes[task] for task in config.model.tasks})
+  split_report = report["splits"].get(SPLIT, {})
+  result["skipped_rows"] = skipped_rows(report)
+  result["clip_problems"] = {reason: entry["count"]
+                             for reason, entry in split_report.get("clip_problems", {}).items()}
+  result["checkpoint"] = source
+  result["csv"] = os.path.abspath(csv_path)
+  result["rows_read"] = split_report.get("rows_read")
+  return result
+
+
+def format_report(result: dict) -> str:
+  """Human-readable summary: per task accuracy, weighted F1, per-class F1 and the confusion matrix."""
+  from mer_jax import metrics as metrics_lib
+  checkpoint = result["checkpoint"]
+  lines = [f"{result['csv']}: {result['rows_read']} rows; checkpoint step {checkpoint['checkpoint_step']} "
+           f"({checkpoint['chosen_as']}) of {checkpoint['workdir']}"]
+  for task, scores in result.items():
+    if not isinstance(scores, dict) or "weighted_f1" not in scores:
+      continue
+    lines.append(f"\n{task}: {scores['num_examples']} examples, accuracy {scores['accuracy']:.4f}, "
+                 f"weighted F1 {scores['weighted_f1']:.4f}, macro F1 {scores['macro_f1']:.4f}")
+    lines.append("  per-class F1: " + ", ".join(f"{n} {f:.3f}" for n, f in scores["per_class_f1"].items()))
+    lines.append("  confusion matrix (rows = true, columns = predicted):")
+    table = metrics_lib.format_confusion({"class_names": scores["class_names"],
+                                          "confusion_matrix": scores["confusion"]})
+    lines.extend("  " + row for row in table.splitlines())
+  return "\n".join(lines)
+
+
+def _report_skipped(result: dict) -> None:
+  for reason, entry in result["skipped_rows"].items():
+    ids = entry["ids"][:MAX_LISTED_IDS]
+    more = f" (+{entry['count'] - len(ids)} more)" if entry["count"] > len(ids) else ""
+    print(f"skipped {entry['count']} rows ({reason}): {', '.join(ids)}{more}", file=sys.stderr)
+  for reason, count in result["clip_problems"].items():
+    print(f"{count} clips with problems ({reason}): evaluated with that modality marked missing",
+          file=sys.stderr)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", required=True, help="a training workdir (config.json + checkpoints/)")
+  parser.add_argument("--csv", required=True, help="MELD-format CSV to evaluate on")
+  parser.add_argument("--clips", default=None, help="folder of dia{D}_utt{U}.mp4 clips; omit: text only")
+  parser.add_argument("--json", action="store_true", help="print the report as JSON")
+  parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval_batch_size")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
+  parser.add_argument("--keep-prepared", default=None, metavar="DIR",
+                      help="prepare the CSV into DIR and keep it (default: a temporary folder)")
+  args = parser.parse_args(argv)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
+  try:
+    # stdout carries the report alone (TFDS prints "Downloading and preparing dataset ..." there).
+    with contextlib.redirect_stdout(sys.stderr):
+      result = evaluate_csv(args.workdir, args.csv, args.clips, args.batch_size, args.step, args.keep_prepared)
+  except (FileNotFoundError, ValueError) as err:  # bad paths, columns, no usable row: the message says why
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  _report_skipped(result)
+  print(json.dumps(result, indent=1) if args.json else format_report(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

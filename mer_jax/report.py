@@ -1,0 +1,525 @@
+"""The claims, measured: a trained run over a prepared split -> R/claims.json, R/report.md and PNG plots.
+
+    python -m mer_jax.report --workdir W --out R [--split dev|test] [--max-examples N] [--seed S]
+
+Measured on every dataset: per-class F1 and the confusion matrix per task; where the chosen frames sit in
+the clip (histogram + chi-square test against uniform); the gate and the reliabilities; faithfulness, i.e.
+the accuracy drop when the K chosen frames are blanked vs when K random other frames are blanked.
+With the demo corpus's ground-truth sidecar (`<source_dir>/<split>_ground_truth.jsonl`) also: selection
+precision@K against the true key frames, and r_a, r_v and accuracy on clean / audio- / video-corrupted clips.
+
+Blanking protocol: the frames are set to 0 (black) in the model's input, and the scorer's scores of the
+blanked frames are replaced by -1e9 (a flax method interceptor) while everything else the scorer sees is
+unchanged, so the model re-selects its K frames among the frames that were not blanked. Blanking alone would
+let the model pick the black frames again, which tests the backbone's view of black, not the selection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mer_jax import explain  # noqa: E402
+from mer_jax import metrics as metrics_lib  # noqa: E402
+
+EXCLUDED_SCORE = -1e9
+# name -> (comparison, threshold, what is measured). The bars come from the issue ("explanation and the claims").
+BARS = {
+    "selection_precision_at_k": (">=", 0.9, "share of the K chosen frames that show the key (cue) group, on "
+                                 "clips whose video is not corrupted"),
+    "audio_reliability_drop": (">=", 0.3, "mean r_a on clean clips minus mean r_a on audio-corrupted clips"),
+    "video_reliability_drop": (">=", 0.3, "mean r_v on clean clips minus mean r_v on video-corrupted clips"),
+    "accuracy_audio_corrupted": (">=", 0.9, "primary-task accuracy on audio-corrupted clips"),
+    "faithfulness_gap": (">", 0.0, "accuracy drop when the K chosen frames are blanked minus the drop when K "
+                         "random other frames are blanked"),
+}
+SIDECAR_CLAIMS = ("selection_precision_at_k", "audio_reliability_drop", "video_reliability_drop",
+                  "accuracy_audio_corrupted")
+GROUPS = ("clean", "audio", "video")  # the sidecar's "corrupted": null | "audio" | "video"
+
+
+# ----------------------------------------------------------------------------- running the model
+
+
+def blanked_predict_fn(config):
+  """Jitted (variables, batch, excluded (B, T) bool) -> (logits, explanation): the scorer's scores of the
+  excluded frames are -1e9, so the hard top-K (and the soft ablation's softmax) never use them."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from mer_jax import model as model_lib
+  from mer_jax import topk
+  model = model_lib.EmotionModel(config.model)
+
+  def apply(variables, batch, excluded):
+    def interceptor(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if not (isinstance(context.module, topk.FrameScorer) and context.method_name == "__call__"):
+        return out
+      if isinstance(out, tuple):  # (scores, per-frame relevance logits or None)
+        return (jnp.where(excluded, EXCLUDED_SCORE, out[0]),) + tuple(out[1:])
+      return jnp.where(excluded, EXCLUDED_SCORE, out)
+    with nn.intercept_methods(interceptor):
+      return model.apply(variables, batch, train=False)
+  return jax.jit(apply)
+
+
+def random_other_frames(rng: np.random.Generator, chosen: np.ndarray, num_frames: int) -> np.ndarray:
+  """(B, K) chosen indices -> (B, K) sorted random indices, each row a set other than the chosen one
+  (when another set exists)."""
+  size, k = chosen.shape
+  out = np.empty_like(chosen)
+  for row in range(size):
+    for _ in range(100):
+      pick = np.sort(rng.choice(num_frames, k, replace=False))
+      if math.comb(num_frames, k) == 1 or set(pick.tolist()) != set(chosen[row].tolist()):
+        break
+    out[row] = pick
+  return out
+
+
+def _mask(indices: np.ndarray, num_frames: int) -> np.ndarray:
+  """(B, K) indices -> (B, T) bool."""
+  mask = np.zeros((indices.shape[0], num_frames), bool)
+  np.put_along_axis(mask, indices, True, axis=1)
+  return mask
+
+
+def collect(config, variables, data_dir: str, split: str, *, max_examples: int | None = None, seed: int = 0,
+            faithfulness: bool = True) -> dict:
+  """Runs the model over `split` (eval order, at most `max_examples`) -> numpy arrays per example:
+  ids (N,), labels/<task> (N,), logits/<task> (N, C), frame_scores (N, T), selected (N, K), gate_mean (N,),
+  reliability_video/audio (N,), has_video/has_audio (N,), and with `faithfulness`
+  blank_chosen/<task>, blank_random/<task> logits (N, C)."""
+  import jax
+  from mer_jax import input_pipeline
+  tasks = list(config.model.tasks)
+  predict = explain.predict_fn(config)
+  blanked = blanked_predict_fn(config) if faithfulness else None
+  rng = np.random.default_rng(seed)
+  ds = input_pipeline.make_dataset(config, split, train=False, data_dir=data_dir, process_index=0,
+                                   process_count=1)
+  parts: dict[str, list] = {}
+  count = 0
+  for batch in input_pipeline.as_numpy(ds):
+    keep = batch["example_mask"].astype(bool)
+    if max_examples is not None:
+      keep &= np.cumsum(keep) <= max_examples - count
+    if not keep.any():
+      break
+    inputs = input_pipeline.model_inputs(batch)
+    logits, explanation = jax.device_get(predict(variables, inputs))
+    num_frames = inputs["frames"].shape[1]
+    row = {"ids": np.array([i.decode() for i in batch["id"]], object),
+           "frame_scores": explanation["frame_scores"], "selected": explanation["selected_indices"],
+           "gate_mean": np.asarray(explanation["gate"]).mean(-1),
+           "reliability_video": explanation["reliability_video"],
+           "reliability_audio": explanation["reliability_audio"],
+           "has_video": batch["has_video"].astype(bool), "has_audio": batch["has_audio"].astype(bool)}
+    for task in tasks:
+      row[f"labels/{task}"] = batch[f"labels/{task}"]
+      row[f"logits/{task}"] = logits[task]
+    if faithfulness:
+      chosen = np.asarray(explanation["selected_indices"])
+      for name, indices in (("blank_chosen", chosen),
+                            ("blank_random", random_other_frames(rng, chosen, num_frames))):
+        excluded = _mask(indices, num_frames)
+        frames = inputs["frames"].copy()
+        frames[excluded] = 0  # black
+        new_logits, new_explanation = jax.device_get(blanked(variables, {**inputs, "frames": frames}, excluded))
+        for task in tasks:
+          row[f"{name}/{task}"] = new_logits[task]
+        row[f"{name}/selected"] = new_explanation["selected_indices"]
+    for key, value in row.items():
+      parts.setdefault(key, []).append(np.asarray(value)[keep])
+    count += int(keep.sum())
+    if max_examples is not None and count >= max_examples:
+      break
+  if not count:
+    raise ValueError(f"Split {split!r} gave no examples.")
+  return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def _accuracy(labels: np.ndarray, logits: np.ndarray, rows: np.ndarray) -> float | None:
+  rows = rows & (labels >= 0)
+  return float(np.mean(np.argmax(logits[rows], -1) == labels[rows])) if rows.any() else None
+
+
+def _mean(values: np.ndarray, rows: np.ndarray) -> float | None:
+  return float(np.mean(values[rows])) if rows.any() else None
+
+
+def _summary(values: np.ndarray) -> dict:
+  values = np.asarray(values, np.float64)
+  if not values.size:
+    return {"n": 0}
+  return {"n": int(values.size), "mean": float(values.mean()), "std": float(values.std()),
+          "quartiles": [float(q) for q in np.quantile(values, [0.25, 0.5, 0.75])]}
+
+
+def selection_histogram(selected: np.ndarray, rows: np.ndarray, num_frames: int) -> dict:
+  """Counts of chosen positions over `rows` (N_rows * K in all) and a chi-square test against uniform."""
+  from scipy import stats
+  counts = np.bincount(selected[rows].ravel(), minlength=num_frames)
+  total = int(counts.sum())
+  result = {"counts": counts.tolist(), "num_examples": int(rows.sum()), "total": total, "chi2": None,
+            "p_value": None}
+  if total:
+    chi2, p_value = stats.chisquare(counts)
+    # All counts equal (e.g. K = T) gives chi2 = 0 and p = 1 (scipy may say NaN on 0 / 0).
+    result["chi2"] = float(chi2) if np.isfinite(chi2) else 0.0
+    result["p_value"] = float(p_value) if np.isfinite(p_value) else 1.0
+  return result
+
+
+def task_metrics(data: dict, classes: dict) -> dict:
+  """{task: metrics.classification_report} of the collected predictions."""
+  out = {}
+  for task, names in classes.items():
+    labels, predicted = data[f"labels/{task}"], np.argmax(data[f"logits/{task}"], -1)
+    keep = labels >= 0
+    confusion = np.zeros((len(names), len(names)), np.int64)
+    np.add.at(confusion, (labels[keep], predicted[keep]), 1)
+    out[task] = metrics_lib.classification_report(confusion, names)
+  return out
+
+
+def faithfulness_metrics(data: dict, task: str, rows: np.ndarray) -> dict:
+  """Accuracy on `rows` as run, with the chosen frames blanked, with K random other frames blanked."""
+  labels = data[f"labels/{task}"]
+  clean = _accuracy(labels, data[f"logits/{task}"], rows)
+  chosen = _accuracy(labels, data[f"blank_chosen/{task}"], rows)
+  random = _accuracy(labels, data[f"blank_random/{task}"], rows)
+  drop = lambda after: None if clean is None or after is None else clean - after
+  return {"task": task, "num_examples": int((rows & (labels >= 0)).sum()), "accuracy": clean,
+          "accuracy_blank_chosen": chosen, "accuracy_blank_random": random,
+          "drop_blank_chosen": drop(chosen), "drop_blank_random": drop(random)}
+
+
+# ----------------------------------------------------------------------------- the ground-truth sidecar
+
+
+def load_sidecar(config, split: str) -> tuple[dict | None, str]:
+  """({id: record} or None, a line saying where it came from or why there is none)."""
+  source = config.data.get("source_dir") or ""
+  if not source:
+    return None, "config.data.source_dir is empty, so there is no ground-truth sidecar (real data such as MELD)."
+  path = os.path.join(os.path.expanduser(source), f"{split}_ground_truth.jsonl")
+  if not os.path.isfile(path):
+    return None, (f"{path} does not exist: the dataset has no ground truth for frames or corruptions "
+                  "(only the generated demo corpus has one).")
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return {r["id"]: r for r in records}, f"ground truth read from {path}"
+
+
+def key_frames(record: dict, num_frames: int) -> set[int]:
+  """The model's frame indices (of T uniform samples) that show the key group of a sidecar record.
+
+  The sidecar's key_frame_indices index P canonical positions (P = key + decoy frames, 12 in the demo);
+  with T == P they are the model's indices. Otherwise sample j at t = (j + 0.5) * duration / T shows video
+  frame floor(t * fps), whose group is that of the position nearest its midpoint (make_demo_corpus's rule).
+  """
+  key = [int(i) for i in record["key_frame_indices"]]
+  positions = len(key) + sum(len(d["frame_indices"]) for d in record.get("decoys", []))
+  if num_frames == positions:
+    return set(key)
+  out = set()
+  for j in range(num_frames):
+    t = (j + 0.5) * float(record["duration"]) / num_frames
+    video_frame = min(int(t * float(record["fps"])), int(record["num_frames"]) - 1)
+    position = min(int((video_frame + 0.5) / int(record["num_frames"]) * positions), positions - 1)
+    if position in key:
+      out.add(j)
+  return out
+
+
+def sidecar_metrics(data: dict, sidecar: dict, task: str, top_k: int) -> dict:
+  """Selection precision@K vs the key frames, and r_a, r_v, accuracy per corruption group."""
+  ids = data["ids"]
+  known = np.array([i in sidecar for i in ids])
+  group = np.array([(sidecar[i].get("corrupted") or "clean") if i in sidecar else "" for i in ids], object)
+  num_frames = data["frame_scores"].shape[1]
+  precision_rows = known & data["has_video"] & (group != "video")
+  precisions, ceilings = [], []
+  for row in np.flatnonzero(precision_rows):
+    key = key_frames(sidecar[ids[row]], num_frames)
+    precisions.append(len(key & set(data["selected"][row].tolist())) / top_k)
+    ceilings.append(min(len(key), top_k) / top_k)
+  groups = {}
+  for name in GROUPS:
+    rows = known & (group == name)
+    groups[name] = {"num_examples": int(rows.sum()),
+                    "reliability_audio": _mean(data["reliability_audio"], rows),
+                    "reliability_video": _mean(data["reliability_video"], rows),
+                    "accuracy": _accuracy(data[f"labels/{task}"], data[f"logits/{task}"], rows)}
+  return {"num_examples_with_ground_truth": int(known.sum()), "num_examples_without": int((~known).sum()),
+          "precision_at_k": float(np.mean(precisions)) if precisions else None,
+          "precision_at_k_ceiling": float(np.mean(ceilings)) if ceilings else None,
+          "precision_num_examples": len(precisions), "groups": groups, "task": task}
+
+
+# ----------------------------------------------------------------------------- claims
+
+
+def claim(name: str, value: float | None) -> dict:
+  comparison, threshold, what = BARS[name]
+  met = value is not None and (value >= threshold if comparison == ">=" else value > threshold)
+  return {"value": value, "bar": f"{comparison} {threshold}", "met": bool(met), "what": what}
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+  return None if a is None or b is None else a - b
+
+
+def primary_task(config) -> str:
+  task = str(config.get("best_metric", "")).split("/")[0]
+  return task if task in config.model.tasks else list(config.model.tasks)[0]
+
+
+def measure(config, data: dict, classes: dict, split: str) -> dict:
+  """The measurements and the claims (claims.json without run metadata) from `collect`'s arrays."""
+  task = primary_task(config)
+  num_frames = data["frame_scores"].shape[1]
+  sidecar, sidecar_note = load_sidecar(config, split)
+  result: dict[str, Any] = {
+      "num_examples": int(data["ids"].size), "primary_task": task, "top_k": int(config.model.top_k),
+      "num_frames": int(num_frames), "tasks": task_metrics(data, classes),
+      "selection_histogram": selection_histogram(data["selected"], data["has_video"], num_frames),
+      "gate_mean": _summary(data["gate_mean"]),
+      "reliability_video": _summary(data["reliability_video"]),
+      "reliability_audio": _summary(data["reliability_audio"]),
+      "sidecar_note": sidecar_note, "sidecar": None, "faithfulness": None,
+  }
+  claims = {}
+  if sidecar is not None:
+    side = sidecar_metrics(data, sidecar, task, int(config.model.top_k))
+    result["sidecar"] = side
+    groups = side["groups"]
+    claims["selection_precision_at_k"] = claim("selection_precision_at_k", side["precision_at_k"])
+    claims["audio_reliability_drop"] = claim("audio_reliability_drop", _difference(
+        groups["clean"]["reliability_audio"], groups["audio"]["reliability_audio"]))
+    claims["video_reliability_drop"] = claim("video_reliability_drop", _difference(
+        groups["clean"]["reliability_video"], groups["video"]["reliability_video"]))
+    claims["accuracy_audio_corrupted"] = claim("accuracy_audio_corrupted", groups["audio"]["accuracy"])
+  if f"blank_chosen/{task}" in data:
+    rows = data["has_video"].copy()
+    if sidecar is not None:  # blanking frames of a black or noise clip says nothing about the selection
+      rows &= np.array([(sidecar.get(i) or {}).get("corrupted") != "video" for i in data["ids"]])
+    faith = faithfulness_metrics(data, task, rows)
+    faith["rows"] = "has_video" + (" and video not corrupted (sidecar)" if sidecar is not None else "")
+    result["faithfulness"] = faith
+    claims["faithfulness_gap"] = claim("faithfulness_gap", _difference(faith["drop_blank_chosen"],
+                                                                       faith["drop_blank_random"]))
+  result["claims"] = claims
+  return result
+
+
+# ----------------------------------------------------------------------------- plots and report.md
+
+
+def _save(figure, path: str) -> str:
+  figure.savefig(path, dpi=90)
+  plt.close(figure)
+  return os.path.basename(path)
+
+
+def plot_selection(histogram: dict, top_k: int, path: str) -> str:
+  counts = np.asarray(histogram["counts"])
+  figure, axis = plt.subplots(figsize=(7, 3.2), constrained_layout=True)
+  axis.bar(np.arange(counts.size), counts, color="#1f77b4")
+  if histogram["total"]:
+    axis.axhline(histogram["total"] / counts.size, color="#d62728", ls="--", label="uniform")
+    axis.legend(fontsize=8)
+  p_value = histogram["p_value"]
+  axis.set_title(f"chosen frame positions ({histogram['num_examples']} clips x K={top_k}); chi-square vs "
+                 f"uniform p={'n/a' if p_value is None else f'{p_value:.3g}'}", fontsize=9)
+  axis.set_xlabel("frame index t")
+  axis.set_xticks(np.arange(counts.size))
+  return _save(figure, path)
+
+
+def plot_task(task: str, report: dict, path: str) -> str:
+  names, confusion = report["class_names"], np.asarray(report["confusion_matrix"])
+  figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+  left.imshow(confusion, cmap="Blues")
+  for (i, j), value in np.ndenumerate(confusion):
+    left.text(j, i, str(value), ha="center", va="center", fontsize=7,
+              color="white" if value > confusion.max() / 2 else "black")
+  left.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+  left.set_yticks(range(len(names)), names, fontsize=7)
+  left.set_xlabel("predicted")
+  left.set_ylabel("true")
+  left.set_title(f"{task}: confusion matrix", fontsize=9)
+  right.barh(names, [report["per_class"][n]["f1"] for n in names], color="#2ca02c")
+  right.set_xlim(0, 1)
+  right.invert_yaxis()  # classes top to bottom, as in the confusion matrix
+  right.set_title(f"{task}: per-class F1 (weighted F1 {report['weighted_f1']:.3f})", fontsize=9)
+  right.tick_params(labelsize=7)
+  return _save(figure, path)
+
+
+def plot_modalities(data: dict, sidecar: dict | None, path: str) -> str:
+  """Histograms of mean gate, r_v and r_a; split by corruption group when the ground truth is known."""
+  if sidecar is not None:
+    group = np.array([(sidecar.get(i) or {}).get("corrupted") or "clean" for i in data["ids"]], object)
+    splits = {f"{name} ({int((group == name).sum())})": group == name for name in GROUPS}
+  else:
+    splits = {"all": np.ones(data["ids"].size, bool)}
+  figure, axes = plt.subplots(1, 3, figsize=(12, 3.2), constrained_layout=True)
+  for axis, key, title in zip(axes, ("gate_mean", "reliability_video", "reliability_audio"),
+                              ("mean gate (video share)", "r_video", "r_audio")):
+    for label, rows in splits.items():
+      if rows.any():
+        axis.hist(data[key][rows], bins=20, range=(0, 1), alpha=0.55, label=label)
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=7)
+  return _save(figure, path)
+
+
+def plot_faithfulness(faith: dict, path: str) -> str:
+  labels = ["as run", "K chosen blanked", "K random blanked"]
+  values = [faith["accuracy"], faith["accuracy_blank_chosen"], faith["accuracy_blank_random"]]
+  figure, axis = plt.subplots(figsize=(5.5, 3.2), constrained_layout=True)
+  axis.bar(labels, [v or 0.0 for v in values], color=["#7f7f7f", "#d62728", "#1f77b4"])
+  axis.set_ylim(0, 1)
+  axis.set_title(f"{faith['task']} accuracy ({faith['num_examples']} clips)", fontsize=9)
+  return _save(figure, path)
+
+
+def _fmt(value) -> str:
+  return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def write_markdown(result: dict, plots: dict, path: str) -> None:
+  lines = [f"# Report: {result['workdir']} on `{result['split']}`", "",
+           f"Checkpoint step {result['checkpoint']['checkpoint_step']} ({result['checkpoint']['chosen_as']}); "
+           f"{result['num_examples']} examples; T={result['num_frames']}, K={result['top_k']}; seed "
+           f"{result['seed']}. Numbers: `claims.json`.", "", "## Claims", "",
+           "| claim | value | bar | met |", "|---|---|---|---|"]
+  for name, entry in result["claims"].items():
+    lines.append(f"| {name} | {_fmt(entry['value'])} | {entry['bar']} | {'yes' if entry['met'] else 'NO'} |")
+  lines += ["", "## Classification", "", "| task | accuracy | weighted F1 | macro F1 |", "|---|---|---|---|"]
+  for task, report in result["tasks"].items():
+    lines.append(f"| {task} | {report['accuracy']:.4f} | {report['weighted_f1']:.4f} | {report['macro_f1']:.4f} |")
+  lines.append("")
+  lines += [f"![{task}]({plots[f'task_{task}']})" for task in result["tasks"]]
+  histogram = result["selection_histogram"]
+  lines += ["", "## Where the chosen frames are", "",
+            f"Counts per frame index: {histogram['counts']} ({histogram['total']} = {histogram['num_examples']} "
+            f"clips with video x K). Chi-square vs uniform: chi2={_fmt(histogram['chi2'])}, "
+            f"p={_fmt(histogram['p_value'])}. In the demo corpus the key frames sit at uniformly random "
+            "positions, so a selector that reads content gives a flat histogram (large p); a small p means a "
+            "positional habit.", "", f"![selection]({plots['selection']})", "",
+            "## Gate and reliabilities", "",
+            f"mean gate {_fmt(result['gate_mean'].get('mean'))}, r_v {_fmt(result['reliability_video'].get('mean'))}, "
+            f"r_a {_fmt(result['reliability_audio'].get('mean'))} (means over all examples).", "",
+            f"![modalities]({plots['modalities']})", "", "## Ground truth (demo sidecar)", ""]
+  side = result["sidecar"]
+  if side is None:
+    lines.append(f"Omitted: {result['sidecar_note']}")
+  else:
+    lines += [f"{result['sidecar_note']}; {side['num_examples_with_ground_truth']} examples matched.", "",
+              f"Selection precision@K: {_fmt(side['precision_at_k'])} over {side['precision_num_examples']} clips "
+              f"with uncorrupted video (the best possible at this K: {_fmt(side['precision_at_k_ceiling'])}).", "",
+              "| clips | n | mean r_a | mean r_v | accuracy |", "|---|---|---|---|---|"]
+    for name, group in side["groups"].items():
+      lines.append(f"| {name} | {group['num_examples']} | {_fmt(group['reliability_audio'])} | "
+                   f"{_fmt(group['reliability_video'])} | {_fmt(group['accuracy'])} |")
+  faith = result["faithfulness"]
+  lines += ["", "## Faithfulness", ""]
+  if faith is None:
+    lines.append("Not measured (--no-faithfulness).")
+  else:
+    lines += [f"{faith['task']} accuracy on {faith['num_examples']} clips ({faith['rows']}): as run "
+              f"{_fmt(faith['accuracy'])}; K chosen frames blanked {_fmt(faith['accuracy_blank_chosen'])} "
+              f"(drop {_fmt(faith['drop_blank_chosen'])}); K random other frames blanked "
+              f"{_fmt(faith['accuracy_blank_random'])} (drop {_fmt(faith['drop_blank_random'])}).", "",
+              "Protocol: blanked frames are set to 0 (black) in the input and excluded from the re-selection "
+              "(their scores are set to -1e9; everything else the scorer sees is unchanged), so the model "
+              "chooses its K frames among the frames left. The random set is K frames drawn with --seed, "
+              "never identical to the chosen set.", "", f"![faithfulness]({plots['faithfulness']})"]
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def _jsonable(value):
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, (np.integer, np.bool_)):
+    return value.item()
+  if isinstance(value, (float, np.floating)):
+    return float(value) if np.isfinite(value) else None
+  return value
+
+
+def write_report(result: dict, data: dict, config, out_dir: str) -> dict:
+  """claims.json, report.md and the PNGs into `out_dir`; returns the names of the plots."""
+  os.makedirs(out_dir, exist_ok=True)
+  sidecar, _ = load_sidecar(config, result["split"])
+  plots = {"selection": plot_selection(result["selection_histogram"], result["top_k"],
+                                       os.path.join(out_dir, "selection_positions.png")),
+           "modalities": plot_modalities(data, sidecar, os.path.join(out_dir, "modalities.png"))}
+  for task, report in result["tasks"].items():
+    plots[f"task_{task}"] = plot_task(task, report, os.path.join(out_dir, f"task_{task}.png"))
+  if result["faithfulness"] is not None:
+    plots["faithfulness"] = plot_faithfulness(result["faithfulness"], os.path.join(out_dir, "faithfulness.png"))
+  result["plots"] = plots
+  with open(os.path.join(out_dir, "claims.json"), "w") as f:
+    json.dump(_jsonable(result), f, indent=1)
+  write_markdown(result, plots, os.path.join(out_dir, "report.md"))
+  return plots
+
+
+def report_run(workdir: str, out_dir: str | None, *, split: str = "dev", max_examples: int | None = None,
+               seed: int = 0, config_path: str | None = None, step: int | None = None,
+               faithfulness: bool = True) -> dict:
+  """Loads the run, measures `split`, and (with `out_dir`) writes the report. Returns the claims.json dict."""
+  from mer_jax import export
+  config, variables, source, best = explain.load_run(workdir, config_path, step)
+  data = collect(config, variables, explain.run_data_dir(config, workdir), split, max_examples=max_examples,
+                 seed=seed, faithfulness=faithfulness)
+  result = {"workdir": os.path.abspath(workdir), "split": split, "seed": seed, "checkpoint": source}
+  result.update(measure(config, data, export.class_names(config, best), split))
+  if out_dir:
+    write_report(result, data, config, out_dir)
+  return _jsonable(result)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(prog="python -m mer_jax.report", description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, help="training workdir (config.json, checkpoints/)")
+  parser.add_argument("--out", required=True, help="report folder (claims.json, report.md, PNGs)")
+  parser.add_argument("--split", default="dev", help="prepared split to measure (dev or test)")
+  parser.add_argument("--max-examples", type=int, default=None, help="first N examples of the split only")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the random frames blanked for comparison")
+  parser.add_argument("--config", default=None, help="config file, for workdirs without config.json")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
+  parser.add_argument("--no-faithfulness", action="store_true", help="skip the blanking runs (3x faster)")
+  args = parser.parse_args(argv)
+  result = report_run(args.workdir, args.out, split=args.split, max_examples=args.max_examples, seed=args.seed,
+                      config_path=args.config, step=args.step, faithfulness=not args.no_faithfulness)
+  for name, entry in result["claims"].items():
+    print(f"{name}: {_fmt(entry['value'])} (bar {entry['bar']}) -> {'met' if entry['met'] else 'NOT met'}")
+  print(f"Wrote {os.path.join(args.out, 'claims.json')} and report.md")
+  return result
+
+
+if __name__ == "__main__":
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
+  main()

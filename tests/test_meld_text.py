@@ -1,0 +1,70 @@
+"""configs/meld_text.py: builds without MELD, finds MELD's CSVs, says what to do when they are missing."""
+
+import importlib
+import os
+
+import pytest
+
+from configs import meld_text
+from mer_jax import input_pipeline
+from mer_jax import tokenizer as tokenizer_lib
+
+
+def test_get_config_without_meld(monkeypatch, tmp_path):
+  monkeypatch.setenv("MELD_DIR", str(tmp_path / "nowhere"))
+  monkeypatch.setenv("MER_JAX_CACHE", str(tmp_path / "cache"))
+  config = importlib.reload(meld_text).get_config()
+  assert config.data.source_dir == str(tmp_path / "nowhere")  # the error comes at launch, not here
+  assert config.data.data_dir == str(tmp_path / "cache" / "tfds")
+  assert config.data.builder_config == "meld_text" and config.data.prepare == "meld_text"
+  assert config.model.size == "base" and config.model.text.kind == "minilm" and config.model.text.pretrained
+  assert tuple(config.data.tasks) == ("emotion", "sentiment") == tuple(config.model.tasks)
+  assert dict(config.model.tasks) == {"emotion": 7, "sentiment": 3}
+  assert config.best_metric == "emotion/weighted_f1"
+  assert 0 < config.warmup_steps < config.num_train_steps
+  assert config.num_train_steps % config.eval_every_steps == 0  # eval at each epoch end
+  with pytest.raises(FileNotFoundError, match="MELD_DIR"):
+    meld_text.check_meld_csvs(config.data.source_dir)
+
+
+def test_default_source_is_shared_meld_beside_the_repo(monkeypatch):
+  monkeypatch.delenv("MELD_DIR", raising=False)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  expected = os.path.normpath(os.path.join(repo, "..", "shared", "data", "meld"))
+  assert importlib.reload(meld_text).get_config().data.source_dir == expected
+
+
+def test_check_meld_csvs(tmp_path):
+  with pytest.raises(FileNotFoundError, match="missing: train_sent_emo.csv, dev_sent_emo.csv"):
+    meld_text.check_meld_csvs(str(tmp_path))
+  nested = tmp_path / "MELD.Raw"  # one folder down is fine, as MELD.Raw unpacks
+  nested.mkdir()
+  (nested / "train_sent_emo.csv").write_text("x")
+  with pytest.raises(FileNotFoundError, match="missing: dev_sent_emo.csv"):
+    meld_text.check_meld_csvs(str(tmp_path))
+  (nested / "dev_sent_emo.csv").write_text("x")
+  meld_text.check_meld_csvs(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="is not a folder"):
+    meld_text.check_meld_csvs(str(tmp_path / "absent"))
+
+
+def test_context_keeps_the_utterance_and_the_recent_turns():
+  """The utterance comes first and is never cut; contexts are the previous turns, most recent first."""
+  config = meld_text.get_config()
+  speakers = ["Ross", "Rachel", "Ross", "Rachel", "Ross"]
+  texts = ["We were on a break!", "No we were not.", "Fine.", "Whatever.", "I am so happy for you!"]
+  contexts = input_pipeline.dialogue_contexts(speakers, texts, [0] * 5, [0, 1, 2, 3, 5],
+                                              config.data.context_turns)
+  assert contexts[0] is None
+  assert config.data.context_turns == 2
+  assert contexts[4] == "Rachel: Whatever.\nRoss: Fine."  # the 2 previous turns, most recent first
+  tok = tokenizer_lib.load_tokenizer()
+  ids, mask = tokenizer_lib.tokenize(tok, texts, config.data.max_text_length, contexts=contexts)
+  assert ids.shape == (5, config.data.max_text_length)
+  decoded = tok.decode(ids[4][mask[4]])
+  assert decoded.startswith("[CLS] i am so happy for you! [SEP] rachel : whatever.")
+
+
+@pytest.mark.skipif(not os.path.isdir(meld_text.DEFAULT_SOURCE), reason="MELD's CSVs are not beside the repo")
+def test_shared_meld_csvs_are_found():
+  meld_text.check_meld_csvs(meld_text.DEFAULT_SOURCE)
