@@ -375,9 +375,11 @@ class TorchEmotionModel(nn.Module):
   def __init__(self, model_config: Any, num_mel_bins: int):
     super().__init__()
     config = model_config
-    if config.text.kind != "compact" or config.selection != "topk" or config.dtype != "float32":
+    if (config.text.kind != "compact" or config.selection != "topk" or config.dtype != "float32"
+        or tuple(config.get("modalities", ("video", "audio", "text"))) != ("video", "audio", "text")):
       raise ValueError("The PyTorch reference covers the edge model only (text.kind='compact', "
-                       "selection='topk', dtype='float32'); benchmark other variants in JAX alone.")
+                       "selection='topk', dtype='float32', all modalities); benchmark other variants in "
+                       "JAX alone.")
     width, compact = config.width, dict(config.text.compact)
     text_features = compact.get("features", 128)
     self.text_guided, self.top_k, self.width = config.text_guided_selection, config.top_k, width

@@ -21,7 +21,7 @@ def model_config(size: str = "edge") -> ml_collections.ConfigDict:
   model.top_k = 4
   model.selection = "topk"  # 'soft' = ablation: softmax-weighted backbone over all T frames
   model.selection_temperature = 1.0
-  model.frame_relevance = True  # per-frame head on the scorer's features; trains the scorer (see topk.py)
+  model.frame_relevance = True  # per-frame head on the chosen frames' backbone tokens; trains the scorer (train.py)
   model.text_guided_selection = True  # False = ablation: scorer query does not see the text
   model.use_gate = True
   model.use_reliability = True

@@ -34,9 +34,12 @@ def segment_pool(values: jax.Array, mask: jax.Array, num_segments: int):
   values (B, N, D), mask (B, N) bool -> tokens (B, S, D), token_mask (B, S) bool. Segments follow each example's
   own valid length, so a short utterance still gives S tokens that each cover part of it.
   """
-  length = jnp.sum(mask, axis=1, keepdims=True).astype(jnp.float32)  # (B, 1)
-  positions = jnp.arange(values.shape[1], dtype=jnp.float32)[None, :]  # (1, N)
-  segment_of_step = jnp.floor(positions * num_segments / jnp.maximum(length, 1.0)).astype(jnp.int32)
+  length = jnp.sum(mask, axis=1, keepdims=True, dtype=jnp.int32)  # (B, 1)
+  positions = jnp.arange(values.shape[1], dtype=jnp.int32)[None, :]  # (1, N)
+  # Integer floor division: exact in every runtime. In float32, XLA computes p * S / n as p * S * (1 / n),
+  # which lands below whole numbers at segment boundaries where ONNX Runtime and TFLite do not, and the
+  # exported model then put boundary frames in another segment than JAX.
+  segment_of_step = (positions * num_segments) // jnp.maximum(length, 1)
   membership = (segment_of_step[:, :, None] == jnp.arange(num_segments)[None, None, :]) & mask[:, :, None]
   membership = membership.astype(values.dtype)  # (B, N, S)
   counts = jnp.sum(membership, axis=1)  # (B, S)

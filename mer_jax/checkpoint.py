@@ -42,7 +42,8 @@ def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> str:
   the workdir. Returns the path."""
   path = epath.Path(absolute_path(workdir)) / CONFIG_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  # Key order is kept: the order of config.model.tasks is meaningful (the first is the primary task).
+  path.write_text(config.to_json_best_effort(indent=2))
   return str(path)
 
 

@@ -56,7 +56,8 @@ def _builder_config(config, with_clips: bool):
     base = dataclasses.replace(registered["meld"], tasks=base.tasks, task_classes=base.task_classes)
   return dataclasses.replace(
       base, name=BUILDER_CONFIG_NAME, splits=((SPLIT, CSV_NAME, CLIP_FOLDER),), text_only=not with_clips,
-      num_frames=int(data.num_frames), frame_size=max(frame_size, int(data.frame_size)))
+      num_frames=int(data.num_frames), frame_size=max(frame_size, int(data.frame_size)),
+      max_audio_seconds=float(data.get("max_audio_seconds", base.max_audio_seconds)))
 
 
 def prepare_csv(config, csv_path: str, clips_dir: str | None, work_dir: str) -> tuple[str, dict]:
@@ -69,6 +70,9 @@ def prepare_csv(config, csv_path: str, clips_dir: str | None, work_dir: str) -> 
     raise FileNotFoundError(f"--clips {clips_dir} is not a folder of dia{{D}}_utt{{U}}.mp4 clips; leave it "
                             "out for a text-only evaluation.")
   source = os.path.join(work_dir, "source")
+  if os.path.exists(source) or os.path.exists(os.path.join(work_dir, "tfds")):
+    raise ValueError(f"{work_dir} already holds prepared data (source/, tfds/); --keep-prepared needs a new "
+                     "or empty folder, so that nothing prepared from another CSV is read by mistake.")
   os.makedirs(source)
   os.symlink(os.path.abspath(csv_path), os.path.join(source, CSV_NAME))
   if clips_dir is not None:
@@ -139,13 +143,14 @@ def task_metrics(outputs: dict, classes: dict) -> dict:
 
 
 def evaluate_csv(workdir: str, csv_path: str, clips_dir: str | None = None, batch_size: int | None = None,
-                 step: int | None = None, keep_dir: str | None = None) -> dict:
+                 step: int | None = None, keep_dir: str | None = None, config_path: str | None = None) -> dict:
   """The whole job; returns the JSON report (see module docstring). `keep_dir`: prepare there and keep
-  the prepared data (default: a temporary folder, removed afterwards)."""
+  the prepared data (default: a temporary folder, removed afterwards). `config_path`: the config file the
+  run was trained with, for workdirs without config.json."""
   from mer_jax import checkpoint as checkpoint_lib
   from mer_jax import export
   from mer_jax import input_pipeline
-  config = checkpoint_lib.load_run_config(workdir)
+  config = export.load_config(config_path) if config_path else checkpoint_lib.load_run_config(workdir)
   variables, source, _ = export.load_checkpoint(config, workdir, step)
   work_dir = keep_dir or tempfile.mkdtemp(prefix="mer_jax_evaluate_")
   try:
@@ -206,6 +211,7 @@ def main(argv=None) -> int:
   parser.add_argument("--json", action="store_true", help="print the report as JSON")
   parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval_batch_size")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
+  parser.add_argument("--config", default=None, help="config file, for workdirs without config.json")
   parser.add_argument("--keep-prepared", default=None, metavar="DIR",
                       help="prepare the CSV into DIR and keep it (default: a temporary folder)")
   args = parser.parse_args(argv)
@@ -215,7 +221,8 @@ def main(argv=None) -> int:
   try:
     # stdout carries the report alone (TFDS prints "Downloading and preparing dataset ..." there).
     with contextlib.redirect_stdout(sys.stderr):
-      result = evaluate_csv(args.workdir, args.csv, args.clips, args.batch_size, args.step, args.keep_prepared)
+      result = evaluate_csv(args.workdir, args.csv, args.clips, args.batch_size, args.step, args.keep_prepared,
+                            args.config)
   except (FileNotFoundError, ValueError) as err:  # bad paths, columns, no usable row: the message says why
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -92,8 +92,9 @@ def clip_inputs(video: str, text: str, prep: Preprocessing, contexts: Sequence[s
   frames = input_pipeline.resize_frames(tf.constant(clip.frames), int(data["frame_size"])).numpy()
   log_mel, audio_mask = features.audio_features(clip.audio, data)
   tokenizer = tokenizer_lib.load_tokenizer(prep.tokenizer_dir)
+  # Normalised as data/meld_format.py normalises a CSV's utterances (context lines included).
+  contexts = [text_normalize.normalize_text(line) for line in contexts] if contexts else contexts
   context = _context_text(contexts, int(data.get("context_turns", 0)))
-  # Normalised as data/meld_format.py normalises a CSV's utterances.
   text = text_normalize.normalize_text(text)
   text_ids, text_mask = tokenizer_lib.tokenize(tokenizer, [text], int(data["max_text_length"]),
                                                contexts=None if context is None else [context])

@@ -65,8 +65,6 @@ def blanked_predict_fn(config):
       out = next_fun(*args, **kwargs)
       if not (isinstance(context.module, topk.FrameScorer) and context.method_name == "__call__"):
         return out
-      if isinstance(out, tuple):  # (scores, per-frame relevance logits or None)
-        return (jnp.where(excluded, EXCLUDED_SCORE, out[0]),) + tuple(out[1:])
       return jnp.where(excluded, EXCLUDED_SCORE, out)
     with nn.intercept_methods(interceptor):
       return model.apply(variables, batch, train=False)
@@ -74,11 +72,16 @@ def blanked_predict_fn(config):
 
 
 def random_other_frames(rng: np.random.Generator, chosen: np.ndarray, num_frames: int) -> np.ndarray:
-  """(B, K) chosen indices -> (B, K) sorted random indices, each row a set other than the chosen one
-  (when another set exists)."""
+  """(B, K) chosen indices -> (B, K) sorted random indices. With T - K >= K frames left, K of the frames
+  not chosen (no overlap with the chosen set); otherwise a random set other than the chosen one (when
+  another set exists), which then shares some frames with it."""
   size, k = chosen.shape
   out = np.empty_like(chosen)
   for row in range(size):
+    others = np.setdiff1d(np.arange(num_frames), chosen[row])
+    if len(others) >= k:
+      out[row] = np.sort(rng.choice(others, k, replace=False))
+      continue
     for _ in range(100):
       pick = np.sort(rng.choice(num_frames, k, replace=False))
       if math.comb(num_frames, k) == 1 or set(pick.tolist()) != set(chosen[row].tolist()):

@@ -81,6 +81,11 @@ def test_random_other_frames_never_repeat_the_chosen_set():
   assert not any(set(row) == {0, 1} for row in other.tolist())
   assert {tuple(r) for r in other.tolist()} == {(0, 2), (1, 2)}
   np.testing.assert_array_equal(report.random_other_frames(np.random.default_rng(0), chosen, 3), other)
+  # Enough frames left: K frames none of which was chosen.
+  chosen = np.array([[1, 4], [0, 5]] * 50)
+  disjoint = report.random_other_frames(rng, chosen, 6)
+  assert all(not set(r) & set(c) for r, c in zip(disjoint.tolist(), chosen.tolist()))
+  assert len({tuple(r) for r in disjoint.tolist()}) > 3
   # K = T: the only set is the chosen one.
   np.testing.assert_array_equal(report.random_other_frames(rng, np.array([[0, 1, 2]]), 3), [[0, 1, 2]])
 
