@@ -400,7 +400,9 @@ def export_model(config: ml_collections.ConfigDict, variables: Any, out_dir: str
 
 
 def _size(path: str) -> int:
-  return os.path.getsize(path) if os.path.isfile(path) else sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+  if os.path.isfile(path):
+    return os.path.getsize(path)
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
 # ----------------------------------------------------------------------------- checkpoints and CLI
