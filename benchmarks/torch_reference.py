@@ -171,17 +171,37 @@ class FrameScorer(nn.Module):
     return torch.logsumexp(cell_scores, dim=-1)
 
 
-class TextQueryPool(nn.Module):
-  """`topk.TextQueryPool`: attention pooling of the text token states with a learnt query."""
+class WordQuery(nn.Module):
+  """`topk.WordQuery`: the sum of the real tokens' word vectors."""
 
-  def __init__(self, features: int):
+  def __init__(self, vocab_size: int, features: int):
     super().__init__()
-    self.token_logits = nn.Linear(features, 1)
+    self.embedding = nn.Embedding(vocab_size, features)
 
-  def forward(self, states, mask):
-    logits = self.token_logits(states)[..., 0].masked_fill(~mask, -1e9)
-    weights = torch.softmax(logits, -1) * mask.any(-1, keepdim=True)
-    return torch.einsum("bl,bld->bd", weights, states)
+  def forward(self, token_ids, mask):
+    return (self.embedding(token_ids) * mask[..., None]).sum(1)
+
+
+class FrameEvidence(nn.Module):
+  """`topk.FrameEvidence`: each frame's primary-task logits from a trunk like the scorer's."""
+
+  def __init__(self, num_classes: int, channels=(8, 16, 32), downscale: int = 2):
+    super().__init__()
+    self.downscale, in_channels = downscale, 1
+    for index, features in enumerate(channels):
+      self.add_module(f"conv{index}", nn.Conv2d(in_channels, features, 3, 2, 1))
+      in_channels = features
+    self.num_convs = len(channels)
+    self.logits = nn.Linear(in_channels, num_classes)
+
+  def forward(self, frames):
+    batch, num_frames, height, width, _ = frames.shape
+    x = (frames.reshape(batch * num_frames, 1, height, width).float() - 127.5) / 64.0
+    if self.downscale > 1:
+      x = F.avg_pool2d(x, self.downscale)
+    for index in range(self.num_convs):
+      x = F.hardswish(getattr(self, f"conv{index}")(x))
+    return self.logits(x.mean((2, 3))).reshape(batch, num_frames, -1)
 
 
 class TopKFrameSelector(nn.Module):
@@ -290,8 +310,9 @@ class AudioEncoder(nn.Module):
 
   def forward(self, log_mel, mask):
     weights = mask[..., None]
-    mean = masked_mean(log_mel, weights, 1)[:, None, :]
-    centred = (log_mel - mean) * weights
+    shifted = (log_mel - log_mel[:, :1, :]) * weights  # as the JAX encoder: exact zeros for constant bins
+    mean = masked_mean(shifted, weights, 1)[:, None, :]
+    centred = (shifted - mean) * weights
     x = centred / torch.sqrt(masked_mean(centred.square(), weights, 1)[:, None, :] + 1e-3)
     for index in range(self.num_layers):
       x = x * mask[..., None]
@@ -386,15 +407,19 @@ class TorchEmotionModel(nn.Module):
     self.tasks = tuple(config.tasks.keys())
     self.text_encoder = nn.Module()
     self.text_encoder.compact = CompactTextEncoder(**compact, dropout_rate=config.dropout_rate)
+    self.query_dim = config.scorer.query_dim
     self.frame_selector = TopKFrameSelector(
-        config.top_k, config.selection_temperature, text_features, channels=tuple(config.scorer.channels),
+        config.top_k, config.selection_temperature, self.query_dim, channels=tuple(config.scorer.channels),
         query_dim=config.scorer.query_dim, downscale=config.scorer.downscale)
     self.backbone = MobileNetV3Small()
     self.frame_projection = nn.Linear(mobilenet_v3.LAST_CHANNELS, width)
     if self.text_guided:
-      self.scorer_text = TextQueryPool(text_features)
-    self.frame_relevance = (nn.Linear(width, list(config.tasks.values())[0])
-                            if config.get("frame_relevance", False) else None)
+      self.scorer_words = WordQuery(config.scorer.vocab_size, self.query_dim)
+    self.frame_relevance = self.frame_evidence = None
+    if config.get("frame_relevance", False):
+      primary_classes = list(config.tasks.values())[0]
+      self.frame_relevance = nn.Linear(width, primary_classes)
+      self.frame_evidence = FrameEvidence(primary_classes, tuple(config.scorer.channels), config.scorer.downscale)
     self.audio_encoder = AudioEncoder(num_mel_bins, width, tuple(config.audio.channels), config.audio.kernel,
                                       config.audio.num_segments)
     self.text_projection = nn.Linear(text_features, width)
@@ -411,7 +436,8 @@ class TorchEmotionModel(nn.Module):
     text_mask = batch["text_mask"].bool()
     text_states = self.text_encoder.compact(batch["text_ids"].long(), text_mask)
     text_pooled = masked_mean(text_states, text_mask[..., None], 1)
-    scorer_text = self.scorer_text(text_states, text_mask) if self.text_guided else torch.zeros_like(text_pooled)
+    scorer_text = (self.scorer_words(batch["text_ids"].long(), text_mask) if self.text_guided
+                   else torch.zeros(text_mask.shape[0], self.query_dim))
 
     frames = batch["frames"]
     size = frames.shape[0]
@@ -438,6 +464,7 @@ class TorchEmotionModel(nn.Module):
                    "reliability_video": r_v, "reliability_audio": r_a, "attention": attention}
     if self.frame_relevance is not None:
       explanation["frame_relevance_logits"] = self.frame_relevance(frame_tokens)
+      explanation["frame_evidence_logits"] = self.frame_evidence(frames)
       explanation["token_frames"] = selected_indices
     return logits, explanation
 

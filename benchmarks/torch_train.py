@@ -14,21 +14,26 @@ from torch import nn
 
 from benchmarks.torch_reference import TorchEmotionModel
 
-def frame_relevance_loss(relevance_logits, scores, token_frames, labels, valid):
-  """`mer_jax.train.frame_relevance_loss`: (head loss, scorer loss) of the chosen frames."""
+def _label_log_probs(logits, labels):
+  log_probs = F.log_softmax(logits, -1)
+  return log_probs.gather(-1, labels[:, None, None].expand(-1, log_probs.shape[1], 1))[..., 0]
+
+
+def frame_selection_loss(evidence_logits, relevance_logits, scores, labels, valid):
+  """`mer_jax.train.frame_selection_loss`: {'evidence', 'head', 'scorer'} losses."""
   valid = valid & (labels >= 0)
   weights = valid.float()
   count = weights.sum().clamp_min(1.0)
-  log_probs = F.log_softmax(relevance_logits, -1)
-  label_log_probs = log_probs.gather(-1, labels.clamp_min(0)[:, None, None].expand(-1, log_probs.shape[1], 1))[..., 0]
-  head = -(label_log_probs.mean(1) * weights).sum() / count
-  reward = label_log_probs.detach().exp()
+  safe_labels = labels.clamp_min(0)
+  evidence = _label_log_probs(evidence_logits, safe_labels)
+  head = _label_log_probs(relevance_logits, safe_labels)
+  reward = evidence.detach().exp()
   baseline = (reward.mean(1) * weights).sum() / count
   spread = (((reward - baseline) ** 2).mean(1) * weights).sum().div(count).sqrt()
   target = torch.sigmoid(2.0 * (reward - baseline) / (spread + 1e-3))
-  chosen = scores.gather(1, token_frames.long())
-  bce = F.binary_cross_entropy_with_logits(chosen, target, reduction="none")
-  return head, (bce.mean(1) * weights).sum() / count
+  bce = F.binary_cross_entropy_with_logits(scores - scores.mean(1, keepdim=True), target, reduction="none")
+  average = lambda per_row: (per_row * weights).sum() / count
+  return {"evidence": -average(evidence.mean(1)), "head": -average(head.mean(1)), "scorer": average(bce.mean(1))}
 
 
 def warmup_cosine(step: int, peak: float, warmup: int, decay_steps: int, end: float) -> float:
@@ -56,7 +61,13 @@ class TorchTrainer:
     self.channels_last = channels_last
     if channels_last:
       self.model.backbone.use_channels_last()
-    params = list(self.model.parameters())
+    # As mer_jax.train.make_optimizer: the scorer's word table takes SGD with momentum, unclipped.
+    word_params = list(self.model.scorer_words.parameters()) if hasattr(self.model, "scorer_words") else []
+    word_ids = {id(p) for p in word_params}
+    params = [p for p in self.model.parameters() if id(p) not in word_ids]
+    self.clipped_params = params
+    self.word_optimizer = torch.optim.SGD(word_params, lr=0.0, momentum=0.9) if word_params else None
+    word_rate = float(config.get("scorer_word_learning_rate", 10.0))
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     try:  # the fused CPU kernel (torch >= 2.4) is torch's fastest AdamW
@@ -67,6 +78,8 @@ class TorchTrainer:
     decay = max(config.num_train_steps, warmup + 1)
     end = config.learning_rate * config.get("end_learning_rate_fraction", 0.01)
     self.schedule = lambda step: warmup_cosine(step, config.learning_rate, warmup, decay, end)
+    self.word_schedule = lambda step: warmup_cosine(step, word_rate, warmup, decay, end / config.learning_rate
+                                                    * word_rate)
     self.task_weights = {task: float((config.get("task_weights") or {}).get(task, 1.0))
                          for task in config.model.tasks}
     self.frame_relevance_weight = float(config.get("frame_relevance_weight", 0.0))
@@ -100,20 +113,26 @@ class TorchTrainer:
     batch = self._modality_dropout(batch)
     for group in self.optimizer.param_groups:
       group["lr"] = self.schedule(self.step_count)
+    if self.word_optimizer is not None:
+      for group in self.word_optimizer.param_groups:
+        group["lr"] = self.word_schedule(self.step_count)
     logits, explanation = self.model(batch)
     loss, accuracy = self.loss(logits, batch)
     if self.frame_relevance_weight > 0 and "frame_relevance_logits" in explanation:
       primary = next(iter(self.task_weights))
-      head, scorer = frame_relevance_loss(
-          explanation["frame_relevance_logits"], explanation["frame_scores"], explanation["token_frames"],
+      losses = frame_selection_loss(
+          explanation["frame_evidence_logits"], explanation["frame_relevance_logits"], explanation["frame_scores"],
           batch[f"labels/{primary}"].long(), batch["example_mask"].bool() & batch["has_video"].bool())
-      loss = loss + self.frame_relevance_weight * (head + scorer)
-    self.optimizer.zero_grad(set_to_none=True)
+      loss = loss + self.frame_relevance_weight * sum(losses.values())
+    optimizers = [self.optimizer] + ([self.word_optimizer] if self.word_optimizer is not None else [])
+    for optimizer in optimizers:
+      optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip_norm)
+    grad_norm = nn.utils.clip_grad_norm_(self.clipped_params, self.config.grad_clip_norm)
     finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
     if finite:  # as the JAX step: a non-finite step leaves the state unchanged
-      self.optimizer.step()
+      for optimizer in optimizers:
+        optimizer.step()
     self.step_count += 1
     return {"loss": loss.detach(), "finite": finite, **{f"accuracy/{t}": a for t, a in accuracy.items()}}
 

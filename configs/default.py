@@ -20,13 +20,17 @@ def model_config(size: str = "edge") -> ml_collections.ConfigDict:
   model.modalities = ("video", "audio", "text")  # ('text',): text-only model (configs/meld_text.py)
   model.top_k = 4
   model.selection = "topk"  # 'soft' = ablation: softmax-weighted backbone over all T frames
-  model.selection_temperature = 1.0
-  model.frame_relevance = True  # per-frame head on the chosen frames' backbone tokens; trains the scorer (train.py)
+  # tau of the straight-through top-K's soft surrogate. Its gradient (from the task loss, through pixel values)
+  # scales as 1/tau and, at tau=1, drowned the frame selection loss's: on the demo the scorer found the key
+  # frames after 400 steps at tau=5 and had not by 1,200 at tau=1 (without it at all: 400 steps).
+  model.selection_temperature = 5.0
+  model.frame_relevance = True  # per-frame heads that train the scorer and backbone (train.frame_selection_loss)
   model.text_guided_selection = True  # False = ablation: scorer query does not see the text
   model.use_gate = True
   model.use_reliability = True
   model.dropout_rate = 0.1
-  model.scorer = ml_collections.ConfigDict(dict(channels=(8, 16, 32), query_dim=32, downscale=2))
+  model.text_dropout = 0.0  # training: share of clips whose transcript the text encoder does not see (model.py)
+  model.scorer = ml_collections.ConfigDict(dict(channels=(8, 16, 32), query_dim=32, downscale=2, vocab_size=30522))
   model.audio = ml_collections.ConfigDict(dict(channels=(32, 64, 96, 128), kernel=5, num_segments=4))
   model.attention = ml_collections.ConfigDict(dict(num_heads=4))
   model.text = ml_collections.ConfigDict()
@@ -78,7 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   config.task_weights = ml_collections.ConfigDict({"emotion": 1.0, "sentiment": 0.5})  # missing: 1.0
   config.class_weights = "none"  # 'none' or 'balanced' (n / (C * n_c) from the train split's labels)
-  config.frame_relevance_weight = 1.0  # head + scorer loss of mer_jax.train.frame_relevance_loss; 0 = off
+  config.frame_relevance_weight = 1.0  # weight of mer_jax.train.frame_selection_loss; 0 = off
+  # The scorer's word table (topk.WordQuery) learns with SGD + momentum at this peak rate (same schedule).
+  config.scorer_word_learning_rate = 10.0
   config.modality_dropout = 0.1  # per example: P(video marked missing) = P(audio marked missing)
   config.log_every_steps = 50
   config.eval_every_steps = 500

@@ -33,8 +33,12 @@ def get_config():
   # the 2-core CPU step ~3x cheaper than 112 px.
   config.data.frame_size = 64
   config.learning_rate = 1.5e-3
-  # ~11 epochs of 62 steps: minutes on a 2-core CPU, a clear learning curve.
-  config.num_train_steps = 700
+  # The compact text encoder memorises 2,000 transcripts within a few epochs; a third of the clips without
+  # their text keep the loss asking the frames and the audio (dev accuracy 0.82 -> 0.91 at 1,000 steps).
+  config.model.text_dropout = 0.3
+  # ~19 epochs of 62 steps: ~8 minutes on a 2-core CPU. The scorer finds the key frames at step 400-600;
+  # the rest teaches the backbone and the fusion to read them.
+  config.num_train_steps = 1200
   config.warmup_steps = 50
   config.log_every_steps = 10
   config.eval_every_steps = 100

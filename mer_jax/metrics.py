@@ -86,13 +86,13 @@ def _example_loss_fn(task: str):
 
 def train_collection(tasks: Sequence[str], frame_relevance: bool = False):
   """clu Collection class for training. Model outputs it reads: `loss` (), `loss/<task>` (),
-  `grad_norm` (), `logits/<task>` (B, C), `labels/<task>` (B,), `example_mask` (B,); with
-  `frame_relevance` also `loss/frame_head` () and `loss/frame_scorer` () (train.frame_relevance_loss)."""
+  `grad_norm` (), `logits/<task>` (B, C), `labels/<task>` (B,), `example_mask` (B,); with `frame_relevance`
+  also `loss/frame_evidence`, `loss/frame_head` and `loss/frame_scorer` () (train.frame_selection_loss)."""
   fields: dict[str, Any] = {"loss": clu_metrics.Average.from_output("loss"),
                             "grad_norm": clu_metrics.Average.from_output("grad_norm")}
   if frame_relevance:
-    fields["loss_frame_head"] = clu_metrics.Average.from_output("loss/frame_head")
-    fields["loss_frame_scorer"] = clu_metrics.Average.from_output("loss/frame_scorer")
+    for name in ("evidence", "head", "scorer"):
+      fields[f"loss_frame_{name}"] = clu_metrics.Average.from_output(f"loss/frame_{name}")
   for task in tasks:
     fields[f"loss_{task}"] = clu_metrics.Average.from_output(f"loss/{task}")
     fields[f"accuracy_{task}"] = clu_metrics.Average.from_fun(_accuracy_fn(task))

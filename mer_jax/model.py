@@ -53,7 +53,10 @@ class EmotionModel(nn.Module):
     has_audio = batch["has_audio"].astype(bool)
     text_mask = batch["text_mask"].astype(bool)
 
-    # Text.
+    # Text. The scorer's word query reads the full transcript (`word_mask`); in training, text dropout hides
+    # a whole transcript from the text encoder (only its first token stays) for a share of the clips.
+    word_mask = text_mask
+    text_mask = self._text_dropout(text_mask, train=train)
     text_states, text_pooled = text_encoder.TextEncoder(
         config.text.kind, dict(config.text.compact), dtype=dtype, name="text_encoder")(
             batch["text_ids"], text_mask, train=train)
@@ -63,9 +66,10 @@ class EmotionModel(nn.Module):
     if modalities != MODALITIES:
       raise ValueError(f"config.model.modalities={modalities!r}; use {MODALITIES!r} or ('text',).")
     if config.text_guided_selection:
-      scorer_text = topk.TextQueryPool(dtype=dtype, name="scorer_text")(text_states, text_mask)
+      scorer_text = topk.WordQuery(config.scorer.vocab_size, config.scorer.query_dim, dtype=dtype,
+                                   name="scorer_words")(batch["text_ids"], word_mask)
     else:  # ablation: the scorer's query never sees the text
-      scorer_text = jnp.zeros_like(text_pooled)
+      scorer_text = jnp.zeros((text_mask.shape[0], config.scorer.query_dim), dtype)
 
     # Video: text-guided choice of K frames, backbone on those only.
     frames = batch["frames"]
@@ -92,12 +96,15 @@ class EmotionModel(nn.Module):
       video_vector = jnp.einsum("bt,btd->bd", weights, frame_tokens)
     else:
       video_vector = jnp.mean(frame_tokens, axis=1)
-    relevance_logits = None
+    relevance_logits = evidence_logits = None
     if config.get("frame_relevance", False):
-      # Per-frame logits of the primary task (the first) from each backbone frame token: what each chosen
-      # frame says on its own. Training (train.frame_relevance_loss) uses them to teach the scorer which
-      # of its chosen frames agree with the clip's label; inference ignores them.
+      # What frames say on their own about the primary task (the first): every frame through a trunk as
+      # cheap as the scorer's (its agreement with the clip's label is the scorer's training target), and
+      # each chosen frame's backbone token (asking them for the label keeps the backbone learning while the
+      # text alone can fit the training labels). See train.frame_selection_loss.
       primary_classes = list(config.tasks.values())[0]
+      evidence_logits = topk.FrameEvidence(primary_classes, tuple(config.scorer.channels), config.scorer.downscale,
+                                           dtype=dtype, name="frame_evidence")(frames)
       relevance_logits = nn.Dense(primary_classes, dtype=dtype, name="frame_relevance")(frame_tokens)
 
     # Audio.
@@ -140,9 +147,25 @@ class EmotionModel(nn.Module):
     }
     if relevance_logits is not None:
       explanation["frame_relevance_logits"] = relevance_logits.astype(jnp.float32)  # (B, K, C), primary task
+      explanation["frame_evidence_logits"] = evidence_logits  # (B, T, C) float32, primary task
       explanation["token_frames"] = token_frames  # (B, K) frame index of each backbone token
     return logits, explanation
 
+
+  def _text_dropout(self, text_mask: jax.Array, *, train: bool) -> jax.Array:
+    """(B, L) bool -> the mask the text encoder sees: with probability `config.text_dropout` (training only)
+    a clip keeps only its first token, as if it had no transcript.
+
+    A small corpus's transcripts are easy to memorise (the demo's edge model: train accuracy 0.99, dev 0.5),
+    after which the training loss no longer asks anything of video or audio. Clips without their text make
+    the classifier learn what the chosen frames and the audio say. The frame scorer still reads the words.
+    """
+    rate = float(self.config.get("text_dropout", 0.0))
+    if not train or rate <= 0.0:
+      return text_mask
+    keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (text_mask.shape[0], 1))
+    first = jnp.arange(text_mask.shape[1]) == 0
+    return text_mask & (keep | first[None, :])
 
   def _heads(self, hidden: jax.Array, *, train: bool) -> dict[str, jax.Array]:
     """(B, 2D) -> logits per task (B, classes) float32, through one shared hidden layer."""

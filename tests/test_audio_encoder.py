@@ -29,6 +29,25 @@ def test_padding_content_does_not_change_the_encoding():
   assert not np.allclose(encoder.apply(variables, changed, mask)[0][1], vector[1], atol=1e-3)
 
 
+def test_constant_audio_encodes_exactly_as_zeros_in_any_batch():
+  # Silent or broken clips give a log-mel that is one constant (log of the floor) in every bin. Its
+  # per-bin normalisation must be exactly zero: a rounded mean (37 frames of log(1e-6) average to 1 ulp
+  # off) left residues that the first LayerNorm amplified where the trained conv's biases are nearly equal,
+  # and exported models differed from JAX by up to 3.5e-3 on such clips.
+  encoder = audio_encoder.AudioEncoder(features=16, channels=(8, 8), num_segments=3)
+  rng = np.random.default_rng(1)
+  log_mel = rng.normal(size=(8, 37, 12)).astype(np.float32)
+  log_mel[3] = np.float32(np.log(1e-6))
+  mask = np.ones((8, 37), bool)
+  variables = encoder.init(jax.random.key(0), log_mel, mask)
+  params = jax.tree.map(lambda p: p + 0.3 * rng.normal(size=p.shape).astype(np.float32), variables)
+  bias = params["params"]["conv0"]["bias"]
+  params["params"]["conv0"]["bias"] = 0.1 + 1e-3 * rng.normal(size=bias.shape).astype(np.float32)
+  single = encoder.apply(params, log_mel[3:4], mask[3:4])[0][0]
+  np.testing.assert_array_equal(encoder.apply(params, np.zeros_like(log_mel[3:4]), mask[3:4])[0][0], single)
+  np.testing.assert_array_equal(encoder.apply(params, log_mel, mask)[0][3], single)
+
+
 def test_empty_audio_gives_zero_vector_and_masked_tokens():
   encoder = audio_encoder.AudioEncoder(features=8, channels=(8,), num_segments=2)
   log_mel = np.ones((1, 10, 4), np.float32)

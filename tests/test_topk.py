@@ -88,17 +88,27 @@ def test_k_out_of_range_is_a_clear_error():
     selector.init(jax.random.key(0), frames, jnp.zeros((1, 8)), jnp.ones((1,), bool))
 
 
-def test_text_query_pool_follows_the_attended_words_and_ignores_padding():
-  pool = topk.TextQueryPool()
-  rng = np.random.default_rng(2)
-  states = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+def test_word_query_sums_the_vectors_of_the_real_tokens_only():
+  query = topk.WordQuery(vocab_size=20, features=4)
+  ids = jnp.asarray([[3, 7, 3, 9, 9], [1, 2, 3, 4, 5]])
   mask = jnp.asarray([[True, True, True, False, False], [False] * 5])
-  variables = pool.init(jax.random.key(0), states, mask)
-  pooled = pool.apply(variables, states, mask)
-  assert pooled.shape == (2, 8)
-  np.testing.assert_array_equal(pooled[1], 0.0)  # no tokens at all: a zero vector, not NaN
-  padded_changed = states.at[0, 3:].set(100.0)
-  np.testing.assert_allclose(pool.apply(variables, padded_changed, mask)[0], pooled[0], atol=1e-6)
-  # A token whose logit dominates carries the vector: the pool is a convex mix of the real tokens.
-  weights = jax.nn.softmax(jnp.asarray(states[0, :3] @ variables["params"]["token_logits"]["kernel"])[:, 0])
-  np.testing.assert_allclose(pooled[0], weights @ states[0, :3], atol=1e-5)
+  variables = query.init(jax.random.key(0), ids, mask)
+  table = np.asarray(variables["params"]["embedding"]["embedding"])
+  vectors = np.asarray(query.apply(variables, ids, mask))
+  np.testing.assert_allclose(vectors[0], 2 * table[3] + table[7], rtol=1e-6)  # a repeated word counts twice
+  np.testing.assert_array_equal(vectors[1], 0.0)  # no tokens: a zero vector
+  # Padding ids never matter, whatever they are.
+  np.testing.assert_array_equal(query.apply(variables, ids.at[0, 3:].set(11), mask), vectors)
+
+
+def test_frame_evidence_gives_each_frame_its_own_logits():
+  evidence = topk.FrameEvidence(num_classes=3, channels=(4, 8, 8), downscale=1)
+  frames = jnp.asarray(np.random.default_rng(0).integers(0, 255, (2, 5, 16, 16, 1)), jnp.uint8)
+  variables = evidence.init(jax.random.key(0), frames)
+  logits = evidence.apply(variables, frames)
+  assert logits.shape == (2, 5, 3) and logits.dtype == jnp.float32
+  # A frame's logits depend on that frame alone.
+  changed = evidence.apply(variables, frames.at[1, 2].set(0))
+  np.testing.assert_array_equal(changed[0], logits[0])
+  np.testing.assert_array_equal(changed[1, [0, 1, 3, 4]], logits[1, [0, 1, 3, 4]])
+  assert not np.allclose(changed[1, 2], logits[1, 2])

@@ -8,6 +8,7 @@ cuts compile time on CPU; the 1-device side of the 8-device comparison reuses th
 step (default level: its tolerance covers the difference in instruction selection).
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -104,30 +105,53 @@ def test_task_loss_ignores_unlabeled_and_padding_rows():
   assert float(loss) == 0.0  # no labelled row: no signal, no NaN
 
 
-def test_frame_relevance_loss_pulls_the_scorer_to_the_frames_that_agree_with_the_label():
-  # Three clips, K=2 chosen of T=4 frames, equal scores. Clip 0's chosen frames (1, 3) explain the label
-  # well, clip 1's (0, 2) badly; clip 2 has no label and gives no loss.
-  logits = np.zeros((3, 2, 3), np.float32)
-  logits[0, :, 2] = 4.0
-  logits[1, :, 0] = 4.0
+def test_frame_selection_loss_pulls_the_scorer_to_the_frames_whose_evidence_agrees_with_the_label():
+  # Three clips, T=4 frames, K=2 backbone tokens, equal scores. In clip 0 frames 1 and 3 show the label
+  # (class 2), in clip 1 frames 0 and 2 do; clip 2 has no label and gives no loss.
+  evidence = np.zeros((3, 4, 3), np.float32)
+  evidence[0, [1, 3], 2] = 4.0
+  evidence[0, [0, 2], 0] = 4.0
+  evidence[1, [0, 2], 2] = 4.0
+  evidence[1, [1, 3], 1] = 4.0
+  relevance = np.zeros((3, 2, 3), np.float32)
+  relevance[0, :, 2] = 4.0
   labels = jnp.asarray([2, 2, -1])
-  token_frames = jnp.asarray([[1, 3], [0, 2], [0, 1]])
   scores = jnp.zeros((3, 4))
   valid = jnp.asarray([True, True, True])
-  head, _ = train.frame_relevance_loss(jnp.asarray(logits), scores, token_frames, labels, valid)
-  log_p = jax.nn.log_softmax(logits[:2], axis=-1)[..., 2]
-  np.testing.assert_allclose(head, -np.mean(log_p), rtol=1e-5)
-  grad = jax.grad(lambda s: train.frame_relevance_loss(jnp.asarray(logits), s, token_frames, labels, valid)[1])(
-      scores)
-  # Descending the loss raises clip 0's chosen frames and lowers clip 1's; frames not chosen get no signal.
-  assert grad[0, 1] < 0 and grad[0, 3] < 0 and grad[1, 0] > 0 and grad[1, 2] > 0
-  np.testing.assert_array_equal(grad[0, [0, 2]], 0.0)
-  np.testing.assert_array_equal(grad[1, [1, 3]], 0.0)
+  losses = train.frame_selection_loss(jnp.asarray(evidence), jnp.asarray(relevance), scores, labels, valid)
+  log_p = lambda logits: jax.nn.log_softmax(logits[:2], axis=-1)[..., 2]
+  np.testing.assert_allclose(losses["evidence"], -np.mean(log_p(evidence)), rtol=1e-5)
+  np.testing.assert_allclose(losses["head"], -np.mean(log_p(relevance)), rtol=1e-5)
+  scorer_loss = lambda s: train.frame_selection_loss(jnp.asarray(evidence), jnp.asarray(relevance), s, labels,
+                                                     valid)["scorer"]
+  grad = jax.grad(scorer_loss)(scores)
+  # Descending the loss raises the frames that show the label and lowers the others, in every frame.
+  assert np.all(grad[0, [1, 3]] < 0) and np.all(grad[0, [0, 2]] > 0)
+  assert np.all(grad[1, [0, 2]] < 0) and np.all(grad[1, [1, 3]] > 0)
   np.testing.assert_array_equal(grad[2], 0.0)  # unlabeled clip
-  # Scores that already agree with the rewards cost less than scores that contradict them.
-  agreeing = jnp.asarray([[0, 5.0, 0, 5.0], [-5.0, 0, -5.0, 0], [0, 0, 0, 0]])
-  loss = lambda s: train.frame_relevance_loss(jnp.asarray(logits), s, token_frames, labels, valid)[1]
-  assert loss(agreeing) < loss(scores) < loss(-agreeing)
+  # Scores that already agree with the evidence cost less than scores that contradict it.
+  agreeing = jnp.asarray([[-5.0, 5.0, -5.0, 5.0], [5.0, -5.0, 5.0, -5.0], [0, 0, 0, 0]])
+  assert scorer_loss(agreeing) < scorer_loss(scores) < scorer_loss(-agreeing)
+  # The scorer's targets carry no gradient into the evidence head.
+  evidence_grad = jax.grad(lambda e: train.frame_selection_loss(e, jnp.asarray(relevance), agreeing, labels,
+                                                                valid)["scorer"])(jnp.asarray(evidence))
+  np.testing.assert_array_equal(evidence_grad, 0.0)
+
+
+def test_the_scorer_word_table_learns_with_sgd_and_everything_else_with_adamw():
+  options = train.step_options(tiny.get_config())
+  params = {"scorer_words": {"embedding": jnp.ones((5, 2))}, "head": {"kernel": jnp.ones((2, 2))}}
+  grads = {"scorer_words": {"embedding": jnp.zeros((5, 2)).at[1].set(100.0)},
+           "head": {"kernel": jnp.full((2, 2), 100.0)}}
+  tx = train.make_optimizer(dataclasses.replace(options, warmup_steps=0, grad_clip_norm=1.0))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  rate = options.scorer_word_learning_rate
+  # SGD: a step proportional to the gradient, unclipped; rows of words not in the batch do not move.
+  np.testing.assert_allclose(updates["scorer_words"]["embedding"][1], -rate * 100.0, rtol=1e-5)
+  np.testing.assert_array_equal(updates["scorer_words"]["embedding"][0], 0.0)
+  # AdamW: a step of about the learning rate, whatever the gradient's size.
+  np.testing.assert_allclose(updates["head"]["kernel"], -options.learning_rate * (1 + options.weight_decay),
+                             rtol=1e-3)
 
 
 def test_modality_dropout_never_drops_both():
