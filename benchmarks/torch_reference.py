@@ -404,6 +404,7 @@ class TorchEmotionModel(nn.Module):
     width, compact = config.width, dict(config.text.compact)
     text_features = compact.get("features", 128)
     self.text_guided, self.top_k, self.width = config.text_guided_selection, config.top_k, width
+    self.text_dropout = float(config.get("text_dropout", 0.0))
     self.tasks = tuple(config.tasks.keys())
     self.text_encoder = nn.Module()
     self.text_encoder.compact = CompactTextEncoder(**compact, dropout_rate=config.dropout_rate)
@@ -433,10 +434,15 @@ class TorchEmotionModel(nn.Module):
 
   def forward(self, batch: Mapping[str, torch.Tensor]):
     has_video, has_audio = batch["has_video"].bool(), batch["has_audio"].bool()
-    text_mask = batch["text_mask"].bool()
+    word_mask = batch["text_mask"].bool()
+    text_mask = word_mask
+    if self.training and self.text_dropout > 0:  # `EmotionModel._text_dropout`: keep only the first token
+      keep = torch.rand(text_mask.shape[0], 1) >= self.text_dropout
+      first = torch.arange(text_mask.shape[1]) == 0
+      text_mask = text_mask & (keep | first[None, :])
     text_states = self.text_encoder.compact(batch["text_ids"].long(), text_mask)
     text_pooled = masked_mean(text_states, text_mask[..., None], 1)
-    scorer_text = (self.scorer_words(batch["text_ids"].long(), text_mask) if self.text_guided
+    scorer_text = (self.scorer_words(batch["text_ids"].long(), word_mask) if self.text_guided
                    else torch.zeros(text_mask.shape[0], self.query_dim))
 
     frames = batch["frames"]
@@ -464,7 +470,8 @@ class TorchEmotionModel(nn.Module):
                    "reliability_video": r_v, "reliability_audio": r_a, "attention": attention}
     if self.frame_relevance is not None:
       explanation["frame_relevance_logits"] = self.frame_relevance(frame_tokens)
-      explanation["frame_evidence_logits"] = self.frame_evidence(frames)
+      if self.training:  # as the JAX model: a training aid, skipped at inference
+        explanation["frame_evidence_logits"] = self.frame_evidence(frames)
       explanation["token_frames"] = selected_indices
     return logits, explanation
 

@@ -101,10 +101,12 @@ class EmotionModel(nn.Module):
       # What frames say on their own about the primary task (the first): every frame through a trunk as
       # cheap as the scorer's (its agreement with the clip's label is the scorer's training target), and
       # each chosen frame's backbone token (asking them for the label keeps the backbone learning while the
-      # text alone can fit the training labels). See train.frame_selection_loss.
+      # text alone can fit the training labels). See train.frame_selection_loss. Training aids: inference
+      # skips the evidence trunk, so it costs nothing when serving.
       primary_classes = list(config.tasks.values())[0]
-      evidence_logits = topk.FrameEvidence(primary_classes, tuple(config.scorer.channels), config.scorer.downscale,
-                                           dtype=dtype, name="frame_evidence")(frames)
+      if train or self.is_initializing():
+        evidence_logits = topk.FrameEvidence(primary_classes, tuple(config.scorer.channels),
+                                             config.scorer.downscale, dtype=dtype, name="frame_evidence")(frames)
       relevance_logits = nn.Dense(primary_classes, dtype=dtype, name="frame_relevance")(frame_tokens)
 
     # Audio.
@@ -147,7 +149,8 @@ class EmotionModel(nn.Module):
     }
     if relevance_logits is not None:
       explanation["frame_relevance_logits"] = relevance_logits.astype(jnp.float32)  # (B, K, C), primary task
-      explanation["frame_evidence_logits"] = evidence_logits  # (B, T, C) float32, primary task
+      if evidence_logits is not None:
+        explanation["frame_evidence_logits"] = evidence_logits  # (B, T, C) float32, primary task; training only
       explanation["token_frames"] = token_frames  # (B, K) frame index of each backbone token
     return logits, explanation
 
