@@ -145,26 +145,40 @@ class StraightThroughTopK(torch.autograd.Function):
     return grad, None, None
 
 
-class FrameScorer(nn.Module):
-  """(B, T, H, W, 1) uint8, (B, Dt) -> (B, T) scores: downscale, 3 strided convs, text query, logsumexp."""
+class ScorerTrunk(nn.Module):
+  """`topk._scorer_trunk`: centred pixels, average-pool, 3x3 stride-2 convs with hard-swish."""
 
-  def __init__(self, text_features: int, channels=(8, 16, 32), query_dim: int = 32, downscale: int = 2):
+  def __init__(self, channels=(8, 16, 32), downscale: int = 2):
     super().__init__()
-    self.query_dim, self.downscale, in_channels = query_dim, downscale, 1
+    self.downscale, in_channels = downscale, 1
     for index, features in enumerate(channels):
       self.add_module(f"conv{index}", nn.Conv2d(in_channels, features, 3, 2, 1))
       in_channels = features
-    self.num_convs = len(channels)
-    self.keys = nn.Linear(in_channels, query_dim)
-    self.query = nn.Linear(text_features, query_dim)
+    self.num_convs, self.trunk_channels = len(channels), in_channels
 
-  def forward(self, frames, text_vector):
+  def trunk(self, frames):
+    """(B, T, H, W, 1) uint8 -> (B*T, C, h, w)."""
     batch, num_frames, height, width, _ = frames.shape
     x = (frames.reshape(batch * num_frames, 1, height, width).float() - 127.5) / 64.0
     if self.downscale > 1:
       x = F.avg_pool2d(x, self.downscale)
     for index in range(self.num_convs):
       x = F.hardswish(getattr(self, f"conv{index}")(x))
+    return x
+
+
+class FrameScorer(ScorerTrunk):
+  """(B, T, H, W, 1) uint8, (B, Dt) -> (B, T) scores: downscale, 3 strided convs, text query, logsumexp."""
+
+  def __init__(self, text_features: int, channels=(8, 16, 32), query_dim: int = 32, downscale: int = 2):
+    super().__init__(channels, downscale)
+    self.query_dim = query_dim
+    self.keys = nn.Linear(self.trunk_channels, query_dim)
+    self.query = nn.Linear(text_features, query_dim)
+
+  def forward(self, frames, text_vector):
+    batch, num_frames = frames.shape[:2]
+    x = self.trunk(frames)
     keys = self.keys(x.flatten(2).transpose(1, 2)).reshape(batch, num_frames, -1, self.query_dim)
     query = self.query(text_vector)
     cell_scores = torch.einsum("btnq,bq->btn", keys, query) / math.sqrt(self.query_dim)
@@ -182,26 +196,16 @@ class WordQuery(nn.Module):
     return (self.embedding(token_ids) * mask[..., None]).sum(1)
 
 
-class FrameEvidence(nn.Module):
+class FrameEvidence(ScorerTrunk):
   """`topk.FrameEvidence`: each frame's primary-task logits from a trunk like the scorer's."""
 
   def __init__(self, num_classes: int, channels=(8, 16, 32), downscale: int = 2):
-    super().__init__()
-    self.downscale, in_channels = downscale, 1
-    for index, features in enumerate(channels):
-      self.add_module(f"conv{index}", nn.Conv2d(in_channels, features, 3, 2, 1))
-      in_channels = features
-    self.num_convs = len(channels)
-    self.logits = nn.Linear(in_channels, num_classes)
+    super().__init__(channels, downscale)
+    self.logits = nn.Linear(self.trunk_channels, num_classes)
 
   def forward(self, frames):
-    batch, num_frames, height, width, _ = frames.shape
-    x = (frames.reshape(batch * num_frames, 1, height, width).float() - 127.5) / 64.0
-    if self.downscale > 1:
-      x = F.avg_pool2d(x, self.downscale)
-    for index in range(self.num_convs):
-      x = F.hardswish(getattr(self, f"conv{index}")(x))
-    return self.logits(x.mean((2, 3))).reshape(batch, num_frames, -1)
+    batch, num_frames = frames.shape[:2]
+    return self.logits(self.trunk(frames).mean((2, 3))).reshape(batch, num_frames, -1)
 
 
 class TopKFrameSelector(nn.Module):
