@@ -259,9 +259,9 @@ def frame_selection_loss(evidence_logits: jax.Array, relevance_logits: jax.Array
   Scorer: frame t's reward is its evidence p_t(label); its advantage is the reward minus the batch mean, in
   units of the batch's spread (early on rewards differ by hundredths: their order is what counts). The
   score, centred per clip and read as the logit of "this frame matters", is pulled towards
-  sigmoid(2 * advantage) by a binary cross-entropy over all T frames. No label is needed at test time: the text query has learnt what the
-  frames that matter look like. The hard top-K's straight-through gradient alone reaches the scorer only
-  through pixel values and, on the demo corpus, left it at chance.
+  sigmoid(2 * advantage) by a binary cross-entropy over all T frames. No label is needed at test time: the
+  text query has learnt what the frames that matter look like. The hard top-K's straight-through gradient
+  alone reaches the scorer only through pixel values and, on the demo corpus, left it at chance.
   """
   valid = valid & (labels >= 0)
   weights = valid.astype(jnp.float32)
