@@ -476,7 +476,6 @@ class TorchEmotionModel(nn.Module):
       explanation["frame_relevance_logits"] = self.frame_relevance(frame_tokens)
       if self.training:  # as the JAX model: a training aid, skipped at inference
         explanation["frame_evidence_logits"] = self.frame_evidence(frames)
-      explanation["token_frames"] = selected_indices
     return logits, explanation
 
 

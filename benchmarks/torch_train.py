@@ -48,7 +48,7 @@ class TorchTrainer:
   """The train step of mer_jax/train.py in PyTorch, for `config` (a full config: model, data, training).
 
   Same recipe: modality dropout, task-weighted masked cross-entropy (labels -1 and padding rows ignored),
-  the frame relevance loss,
+  the frame selection loss, SGD with momentum for the scorer's word table (unclipped),
   global-norm clipping, AdamW without weight decay on biases and norm scales (ndim < 2), linear warmup +
   cosine decay, BatchNorm statistics updated, and a step whose loss or gradient norm is not finite is
   skipped. `channels_last` keeps the backbone in torch's faster CPU layout for convolutions.

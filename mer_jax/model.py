@@ -81,12 +81,11 @@ class EmotionModel(nn.Module):
     frame_projection = nn.Dense(width, dtype=dtype, name="frame_projection")
     if config.selection == "topk":
       selected, frame_scores, selected_indices = selector(frames, scorer_text, has_video)
-      chosen, token_frames = selected.shape[1], selected_indices
+      chosen = selected.shape[1]
     elif config.selection == "soft":
       # Ablation: no hard choice, every frame goes through the backbone, weighted by softmax(scores).
       _, frame_scores, selected_indices = selector(frames, scorer_text, has_video)
       selected, chosen = frames.astype(dtype), num_frames
-      token_frames = jnp.broadcast_to(jnp.arange(num_frames, dtype=jnp.int32), (size, num_frames))
     else:
       raise ValueError(f"Unknown config.model.selection {config.selection!r}; use 'topk' or 'soft'.")
     images = (selected.reshape((size * chosen,) + selected.shape[2:]) - PIXEL_MEAN) / PIXEL_SCALE
@@ -151,7 +150,6 @@ class EmotionModel(nn.Module):
       explanation["frame_relevance_logits"] = relevance_logits.astype(jnp.float32)  # (B, K, C), primary task
       if evidence_logits is not None:
         explanation["frame_evidence_logits"] = evidence_logits  # (B, T, C) float32, primary task; training only
-      explanation["token_frames"] = token_frames  # (B, K) frame index of each backbone token
     return logits, explanation
 
 
