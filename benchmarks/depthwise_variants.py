@@ -10,7 +10,8 @@ its depthwise convs as a sum of k*k shifted, strided slices times per-channel we
 depthwise conv traced inside it, whichever way the model spells it (`mobilenet_v3.DepthwiseConv`, or an
 `nn.Conv` with one group per channel), to one formulation:
 
-  'explicit'      shifted slices (the model's choice)
+  'explicit'      shifted slices, plain autodiff (the model's forward; the model's own kernel gradient,
+                  `mobilenet_v3.depthwise_kernel_grad`, is what the plain `train` op times)
   'grouped'       lax.conv_general_dilated, NHWC, feature_group_count = C
   'grouped_nchw'  the same on NCHW (transposes in and out)
 

@@ -9,6 +9,7 @@ same numbers. BatchNorm: torch momentum 0.01 is flax momentum 0.99; eps 1e-3.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -59,12 +60,12 @@ def activation_fn(name: str):
   return {"relu": nn.relu, "hardswish": nn.hard_swish}[name]
 
 
-def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+def shifted_slices_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
   """(N, H, W, C) x (k, k, 1, C) -> (N, Ho, Wo, C) as a sum of k*k shifted, strided slices times weights.
 
   The same math as a grouped conv with one group per channel. XLA's CPU backend runs grouped convs (and
   their gradients above all) through a slow generic path; this form is elementwise work it fuses into a
-  few loops, which made the train step several times faster on CPU. GPUs/TPUs handle both forms well.
+  few loops. GPUs/TPUs handle both forms well.
   """
   kernel_size = kernel.shape[0]
   x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -81,6 +82,65 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> ja
       term = window * kernel[row, col, 0]
       out = term if out is None else out + term
   return out
+
+
+# Below this many output positions per image, a tap's kernel gradient is summed over rows and columns inside
+# one loop; above it over columns only (a longer unrolled sum costs more compile time than it saves).
+_FULLY_UNROLLED_POSITIONS = 16
+
+
+def depthwise_kernel_grad(x: jax.Array, output_grad: jax.Array, kernel_size: int, stride: int,
+                          pad: int) -> jax.Array:
+  """d loss / d kernel (k, k, 1, C) of `shifted_slices_conv` from its input x (N, H, W, C) and output
+  gradient (N, Ho, Wo, C).
+
+  Autodiff of the shifted slices gives k*k reductions of `window * output_grad` over (N, Ho, Wo): XLA's
+  CPU backend hands each to a library reduction that cannot read a strided window in place, so every
+  window was first copied out (k*k copies of the activation per layer: 40% of the backbone's train step).
+  Here each tap's products are summed over the output columns (and rows, for small maps) inside the loop
+  that reads the window, the k*k partial sums are stacked next to each other, and one reduction finishes
+  them. Stride-2 inputs are split once into their 4 phases so that every window is a unit-stride slice.
+  """
+  batch, out_height, out_width, channels = output_grad.shape
+  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  phases = {(p, q): x[:, p::stride, q::stride, :] for p in range(stride) for q in range(stride)}
+  accumulator = jnp.promote_types(output_grad.dtype, jnp.float32)
+  partial_sums = []
+  for row in range(kernel_size):
+    for col in range(kernel_size):
+      source = phases[(row % stride, col % stride)]
+      top, left = row // stride, col // stride
+      window = jax.lax.slice(source, (0, top, left, 0), (batch, top + out_height, left + out_width, channels))
+      product = (window * output_grad).astype(accumulator)  # float32 sums for bf16 compute too
+      if out_height * out_width <= _FULLY_UNROLLED_POSITIONS:
+        partial = sum(product[:, i, j] for i in range(out_height) for j in range(out_width))[:, None]
+      else:
+        partial = sum(product[:, :, j] for j in range(out_width))
+      partial_sums.append(partial)  # (N, Ho or 1, C)
+  stacked = jnp.stack(partial_sums, axis=2)  # (N, Ho or 1, k*k, C): the taps of one row side by side
+  return jnp.sum(stacked, axis=(0, 1)).reshape(kernel_size, kernel_size, 1, channels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  """Depthwise conv (N, H, W, C) x (k, k, 1, C) -> (N, Ho, Wo, C): `shifted_slices_conv` forward and input
+  gradient, `depthwise_kernel_grad` for the kernel gradient."""
+  return shifted_slices_conv(x, kernel, stride, pad)
+
+
+def _depthwise_conv_forward(x, kernel, stride, pad):
+  return shifted_slices_conv(x, kernel, stride, pad), (x, kernel)
+
+
+def _depthwise_conv_backward(stride, pad, residuals, output_grad):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda inputs: shifted_slices_conv(inputs, kernel, stride, pad), x)
+  (input_grad,) = input_vjp(output_grad)
+  kernel_grad = depthwise_kernel_grad(x, output_grad, kernel.shape[0], stride, pad)
+  return input_grad, kernel_grad.astype(kernel.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_conv_forward, _depthwise_conv_backward)
 
 
 class DepthwiseConv(nn.Module):
