@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mer_jax import batch_norm
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
@@ -84,11 +86,6 @@ def shifted_slices_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) 
   return out
 
 
-# Below this many output positions per image, a tap's kernel gradient is summed over rows and columns inside
-# one loop; above it over columns only (a longer unrolled sum costs more compile time than it saves).
-_FULLY_UNROLLED_POSITIONS = 16
-
-
 def depthwise_kernel_grad(x: jax.Array, output_grad: jax.Array, kernel_size: int, stride: int,
                           pad: int) -> jax.Array:
   """d loss / d kernel (k, k, 1, C) of `shifted_slices_conv` from its input x (N, H, W, C) and output
@@ -97,26 +94,27 @@ def depthwise_kernel_grad(x: jax.Array, output_grad: jax.Array, kernel_size: int
   Autodiff of the shifted slices gives k*k reductions of `window * output_grad` over (N, Ho, Wo): XLA's
   CPU backend hands each to a library reduction that cannot read a strided window in place, so every
   window was first copied out (k*k copies of the activation per layer: 40% of the backbone's train step).
-  Here each tap's products are summed over the output columns (and rows, for small maps) inside the loop
-  that reads the window, the k*k partial sums are stacked next to each other, and one reduction finishes
-  them. Stride-2 inputs are split once into their 4 phases so that every window is a unit-stride slice.
+  Here each tap's products are taken column by column and summed over the output columns (and rows, for
+  small maps) inside the loop that reads the window, the k*k partial sums are stacked next to each
+  other, and one reduction finishes them. Stride-2 inputs are split once into their 4 phases so that
+  every window is a unit-stride slice.
   """
   batch, out_height, out_width, channels = output_grad.shape
   x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   phases = {(p, q): x[:, p::stride, q::stride, :] for p in range(stride) for q in range(stride)}
-  accumulator = jnp.promote_types(output_grad.dtype, jnp.float32)
+  accumulator = jnp.promote_types(output_grad.dtype, jnp.float32)  # float32 sums for bf16 compute too
+  grad_columns = batch_norm.position_columns(output_grad)
   partial_sums = []
   for row in range(kernel_size):
     for col in range(kernel_size):
       source = phases[(row % stride, col % stride)]
       top, left = row // stride, col // stride
       window = jax.lax.slice(source, (0, top, left, 0), (batch, top + out_height, left + out_width, channels))
-      product = (window * output_grad).astype(accumulator)  # float32 sums for bf16 compute too
-      if out_height * out_width <= _FULLY_UNROLLED_POSITIONS:
-        partial = sum(product[:, i, j] for i in range(out_height) for j in range(out_width))[:, None]
-      else:
-        partial = sum(product[:, :, j] for j in range(out_width))
-      partial_sums.append(partial)  # (N, Ho or 1, C)
+      # Multiplying slices, not whole arrays: a whole-array product has many readers and is written out.
+      products = [(window_column * grad_column).astype(accumulator)
+                  for window_column, grad_column in zip(batch_norm.position_columns(window), grad_columns)]
+      partial = sum(products[1:], products[0])
+      partial_sums.append(partial if partial.ndim == 3 else partial[:, None])  # (N, Ho or 1, C)
   stacked = jnp.stack(partial_sums, axis=2)  # (N, Ho or 1, k*k, C): the taps of one row side by side
   return jnp.sum(stacked, axis=(0, 1)).reshape(kernel_size, kernel_size, 1, channels)
 
@@ -134,9 +132,16 @@ def _depthwise_conv_forward(x, kernel, stride, pad):
 
 def _depthwise_conv_backward(stride, pad, residuals, output_grad):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda inputs: shifted_slices_conv(inputs, kernel, stride, pad), x)
-  (input_grad,) = input_vjp(output_grad)
-  kernel_grad = depthwise_kernel_grad(x, output_grad, kernel.shape[0], stride, pad)
+  kernel_size = kernel.shape[0]
+  if stride == 1:
+    # Gather form (each input position sums its k*k neighbours' gradients, flipped kernel): one fused
+    # loop like the forward. Autodiff's scatter form pads k*k products, and XLA:CPU recomputed the
+    # producer of `output_grad` (BatchNorm and activation backward) inside each pad.
+    input_grad = shifted_slices_conv(output_grad, kernel[::-1, ::-1], 1, kernel_size - 1 - pad)
+  else:
+    _, input_vjp = jax.vjp(lambda inputs: shifted_slices_conv(inputs, kernel, stride, pad), x)
+    (input_grad,) = input_vjp(output_grad)
+  kernel_grad = depthwise_kernel_grad(x, output_grad, kernel_size, stride, pad)
   return input_grad, kernel_grad.astype(kernel.dtype)
 
 
@@ -174,8 +179,8 @@ class ConvBatchNorm(nn.Module):
       x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
                   padding=((pad, pad), (pad, pad)), feature_group_count=self.groups, use_bias=False,
                   dtype=self.dtype, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=BATCHNORM_MOMENTUM,
-                     epsilon=BATCHNORM_EPSILON, dtype=self.dtype, name="bn")(x)
+    x = batch_norm.BatchNorm(use_running_average=not train, momentum=BATCHNORM_MOMENTUM,
+                             epsilon=BATCHNORM_EPSILON, dtype=self.dtype, name="bn")(x)
     if self.activation is not None:
       x = activation_fn(self.activation)(x)
     return x
