@@ -119,10 +119,50 @@ def depthwise_kernel_grad(x: jax.Array, output_grad: jax.Array, kernel_size: int
   return jnp.sum(stacked, axis=(0, 1)).reshape(kernel_size, kernel_size, 1, channels)
 
 
+def depthwise_input_grad(output_grad: jax.Array, kernel: jax.Array, stride: int, pad: int, height: int,
+                         width: int) -> jax.Array:
+  """d loss / d x (N, H, W, C) of `shifted_slices_conv(x, kernel, stride, pad)` from its output gradient
+  (N, Ho, Wo, C), in gather form: each input position sums its neighbours' gradients.
+
+  Autodiff gives the scatter form, k*k padded copies of `output_grad * tap` added up, and XLA:CPU
+  recomputed the producer of `output_grad` (BatchNorm and activation backward) inside each pad. The
+  gather form is shifted slices like the forward. With stride s, input rows a = s*u + p of one phase p
+  only see the taps p, p + s, ...: each of the s*s phases is a small unit-stride sum over one padded copy
+  of `output_grad`, and the phases are interleaved back.
+  """
+  batch, out_height, out_width, channels = output_grad.shape
+  kernel_size = kernel.shape[0]
+  most_taps = -(-kernel_size // stride)
+  # Padded-input rows [pad, pad + H) are u in [first, last) of each phase.
+  first_row, last_row = pad // stride, -(-(pad + height) // stride)
+  first_col, last_col = pad // stride, -(-(pad + width) // stride)
+  grad = jnp.pad(output_grad, ((0, 0), (most_taps - 1, max(0, last_row - out_height)),
+                               (most_taps - 1, max(0, last_col - out_width)), (0, 0)))
+  phase_rows = []
+  for row_phase in range(stride):
+    phase_cols = []
+    for col_phase in range(stride):
+      taps = kernel[row_phase::stride, col_phase::stride, 0]  # (Tp, Tq, C)
+      out = None
+      for t in range(taps.shape[0]):
+        for u in range(taps.shape[1]):
+          top, left = first_row - t + most_taps - 1, first_col - u + most_taps - 1
+          window = jax.lax.slice(grad, (0, top, left, 0),
+                                 (batch, top + last_row - first_row, left + last_col - first_col, channels))
+          term = window * taps[t, u]
+          out = term if out is None else out + term
+      phase_cols.append(out)
+    phase_rows.append(jnp.stack(phase_cols, axis=3))  # (N, rows, cols, s, C)
+  interleaved = jnp.stack(phase_rows, axis=2).reshape(
+      batch, (last_row - first_row) * stride, (last_col - first_col) * stride, channels)
+  top, left = pad - first_row * stride, pad - first_col * stride
+  return interleaved[:, top:top + height, left:left + width]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-  """Depthwise conv (N, H, W, C) x (k, k, 1, C) -> (N, Ho, Wo, C): `shifted_slices_conv` forward and input
-  gradient, `depthwise_kernel_grad` for the kernel gradient."""
+  """Depthwise conv (N, H, W, C) x (k, k, 1, C) -> (N, Ho, Wo, C): `shifted_slices_conv` forward,
+  `depthwise_input_grad` and `depthwise_kernel_grad` for the gradients."""
   return shifted_slices_conv(x, kernel, stride, pad)
 
 
@@ -133,14 +173,7 @@ def _depthwise_conv_forward(x, kernel, stride, pad):
 def _depthwise_conv_backward(stride, pad, residuals, output_grad):
   x, kernel = residuals
   kernel_size = kernel.shape[0]
-  if stride == 1:
-    # Gather form (each input position sums its k*k neighbours' gradients, flipped kernel): one fused
-    # loop like the forward. Autodiff's scatter form pads k*k products, and XLA:CPU recomputed the
-    # producer of `output_grad` (BatchNorm and activation backward) inside each pad.
-    input_grad = shifted_slices_conv(output_grad, kernel[::-1, ::-1], 1, kernel_size - 1 - pad)
-  else:
-    _, input_vjp = jax.vjp(lambda inputs: shifted_slices_conv(inputs, kernel, stride, pad), x)
-    (input_grad,) = input_vjp(output_grad)
+  input_grad = depthwise_input_grad(output_grad, kernel, stride, pad, x.shape[1], x.shape[2])
   kernel_grad = depthwise_kernel_grad(x, output_grad, kernel_size, stride, pad)
   return input_grad, kernel_grad.astype(kernel.dtype)
 

@@ -135,3 +135,20 @@ def test_depthwise_kernel_grad_matches_autodiff_of_shifted_slices(size, kernel_s
   assert bf16.dtype == jnp.bfloat16
   scale = float(jnp.abs(reference[1]).max())
   np.testing.assert_allclose(np.asarray(bf16, np.float32), reference[1], rtol=0.1, atol=0.1 * scale)
+
+
+@pytest.mark.parametrize("height,width,kernel_size,stride", [(7, 8, 5, 2), (14, 11, 5, 2), (9, 4, 3, 2),
+                                                             (5, 6, 5, 1), (28, 27, 3, 2)])
+def test_depthwise_input_grad_gather_form_matches_autodiff(height, width, kernel_size, stride):
+  """The phase-by-phase gather-form input gradient equals autodiff's scatter form, odd and even, H != W."""
+  rng = np.random.default_rng(height * width + kernel_size)
+  x = jnp.asarray(rng.normal(size=(2, height, width, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, 3)), jnp.float32)
+  pad = (kernel_size - 1) // 2
+  outputs, vjp = jax.vjp(lambda inputs: mobilenet_v3.shifted_slices_conv(inputs, kernel, stride, pad), x)
+  output_grad = jnp.asarray(rng.normal(size=outputs.shape), jnp.float32)
+  (expected,) = vjp(output_grad)
+  got = mobilenet_v3.depthwise_input_grad(output_grad, kernel, stride, pad, height, width)
+  assert got.shape == x.shape
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(expected).max()) > 0.5
