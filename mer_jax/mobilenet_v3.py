@@ -167,14 +167,18 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> ja
 
 
 def _depthwise_conv_forward(x, kernel, stride, pad):
-  return shifted_slices_conv(x, kernel, stride, pad), (x, kernel)
+  # The padded input is what the forward reads and what the kernel gradient needs: keeping it saves
+  # padding the activation a second time in the backward.
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  return shifted_slices_conv(padded, kernel, stride, 0), (padded, kernel)
 
 
 def _depthwise_conv_backward(stride, pad, residuals, output_grad):
-  x, kernel = residuals
+  padded, kernel = residuals
   kernel_size = kernel.shape[0]
-  input_grad = depthwise_input_grad(output_grad, kernel, stride, pad, x.shape[1], x.shape[2])
-  kernel_grad = depthwise_kernel_grad(x, output_grad, kernel_size, stride, pad)
+  height, width = padded.shape[1] - 2 * pad, padded.shape[2] - 2 * pad
+  input_grad = depthwise_input_grad(output_grad, kernel, stride, pad, height, width)
+  kernel_grad = depthwise_kernel_grad(padded, output_grad, kernel_size, stride, 0)
   return input_grad, kernel_grad.astype(kernel.dtype)
 
 
