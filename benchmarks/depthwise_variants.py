@@ -10,8 +10,9 @@ its depthwise convs as a sum of k*k shifted, strided slices times per-channel we
 depthwise conv traced inside it, whichever way the model spells it (`mobilenet_v3.DepthwiseConv`, or an
 `nn.Conv` with one group per channel), to one formulation:
 
-  'explicit'      shifted slices, plain autodiff (the model's forward; the model's own kernel gradient,
-                  `mobilenet_v3.depthwise_kernel_grad`, is what the plain `train` op times)
+  'explicit'      shifted slices, plain autodiff (the model's forward; the model's own gradients,
+                  `mobilenet_v3.depthwise_input_grad` and `depthwise_kernel_grad`, are what the plain
+                  `train` op times)
   'grouped'       lax.conv_general_dilated, NHWC, feature_group_count = C
   'grouped_nchw'  the same on NCHW (transposes in and out)
 
@@ -33,19 +34,8 @@ from mer_jax import mobilenet_v3
 FORMULATIONS = ("explicit", "grouped", "grouped_nchw")
 
 
-def explicit(x, kernel, stride: int, pad: int):
-  """(N, H, W, C), (k, k, 1, C) -> (N, Ho, Wo, C) as k*k shifted, strided slices."""
-  k = kernel.shape[0]
-  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  n, height, width, channels = x.shape
-  out_h, out_w = (height - k) // stride + 1, (width - k) // stride + 1
-  out = None
-  for a in range(k):
-    for b in range(k):
-      window = jax.lax.slice(x, (0, a, b, 0), (n, a + stride * (out_h - 1) + 1, b + stride * (out_w - 1) + 1,
-                                               channels), (1, stride, stride, 1))
-      out = window * kernel[a, b, 0] if out is None else out + window * kernel[a, b, 0]
-  return out
+# Plain autodiff of the model's forward formulation (no hand-written gradients).
+explicit = mobilenet_v3.shifted_slices_conv
 
 
 def grouped(x, kernel, stride: int, pad: int):
