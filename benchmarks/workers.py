@@ -89,9 +89,11 @@ def model_inputs(batch: dict) -> dict:
 def cost_flops(lowered) -> float:
   """FLOPs from XLA's HloCostAnalysis of a lowered computation."""
   cost = lowered.cost_analysis()
+  if cost is None and hasattr(lowered, "compile"):  # GPU: only the compiled executable has a cost analysis
+    cost = lowered.compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per device
     cost = cost[0]
-  return float(cost["flops"])
+  return float(cost["flops"]) if cost else float("nan")
 
 
 def init_train_state(options, mesh, seed: int):
@@ -130,8 +132,8 @@ class JaxTrainer:
           in_shardings=(replicated, data, replicated), out_shardings=(replicated,) * 3, donate_argnums=(0,))
     start = time.process_time()
     lowered = step.lower(self.state, self.batch, self.rng)
-    self.flops_per_step = cost_flops(lowered)
     self.step = lowered.compile()  # one executable for the one static shape: it can never recompile
+    self.flops_per_step = cost_flops(lowered if lowered.cost_analysis() else self.step)
     self.compile_cpu_s = time.process_time() - start
     self.status = None
 

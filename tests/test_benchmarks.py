@@ -57,3 +57,19 @@ def test_jax_vs_torch_quick_mode_reports_its_figures(tmp_path):
   for key in ("forward_ms_jax_b1", "forward_ms_torch_b1"):
     assert results[key] > 0, key
   assert (tmp_path / f"{results['machine']}-quick.json").exists()
+
+
+@pytest.mark.slow
+def test_accelerator_quick_mode_runs_on_cpu(tmp_path):
+  """`python -m benchmarks.accelerator --quick` (the GPU/TPU benchmark) on this machine's CPU."""
+  results = run_benchmark("benchmarks.accelerator", "--quick", "--out", str(tmp_path))
+  print(results)
+  (train,) = results["train"]
+  assert train["batch_size"] == 8 and train["clips_per_s"] > 0 and train["flops_per_step"] > 0
+  assert results["latency"][0]["batch_size"] == 1 and results["latency"][0]["median_ms"] > 0
+  end_to_end = results["end_to_end"]
+  assert end_to_end["clips_per_s"] > 0 and end_to_end["pipeline_clips_per_s"] > 0
+  assert not results["skipped"], results["skipped"]
+  written = json.loads((tmp_path / f"{results['device']}-quick.json").read_text())
+  assert written["train"] == results["train"]
+  assert "model-only train step" in (tmp_path / f"{results['device']}-quick.md").read_text()

@@ -1,0 +1,265 @@
+"""Accelerator benchmark: bf16 training and serving of the edge model on one GPU (or TPU chip).
+
+    python -m benchmarks.accelerator [--quick] [--json] [--batch_sizes 512,2048] [--budget_s 420]
+
+On `jax.devices()[0]`, with bf16 compute and float32 parameters (config.model.dtype='bfloat16'):
+
+  latency      eval forward at batch 1 (and 32), device-resident inputs, one call at a time, block on
+               each: median / p90 of many calls; float32 compute too, for comparison
+  model-only   the library's jitted train step (`mer_jax.train.compiled_steps`: Mesh, donated state) on a
+               fixed device-resident batch, per batch size: steps/s, clips/s, achieved TFLOP/s (XLA's cost
+               analysis of the step), peak device memory
+  end-to-end   the same step fed by the tf.data pipeline (`input_pipeline.dataset_from_examples` over
+               synthetic prepared examples: shuffle, augment, log-mel, token lookup, batch), numpy batches
+               copied to the device every step as `train.py` does; and the pipeline's rate alone. TF runs
+               on the host CPU only (as launch.py arranges)
+  variant      optional: the same train step with XLA's grouped convs for the depthwise layers (cuDNN on
+               GPU) instead of the model's shifted slices, which were chosen for XLA:CPU
+
+Parts run in that order and stop starting once `--budget_s` is spent, so a short lease still returns
+what it measured. Writes benchmarks/results/<device>.json and .md (`--quick`: <device>-quick.*). With no
+accelerator it runs on the CPU: `--quick` is what CI runs to keep this file from rotting. Timings are
+reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+
+from benchmarks import workers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
+
+
+def log(*parts) -> None:
+  print(*parts, file=sys.stderr, flush=True)
+
+
+def device_name(device) -> str:
+  """'nvidia-h200', 'tpu-v5-lite', or 'cpu-<cores>core-<arch>': the results file's name."""
+  if device.platform == "cpu":
+    return f"cpu-{os.cpu_count()}core-{platform.machine()}"
+  kind = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
+  return kind if kind.startswith(device.platform) or device.platform != "gpu" else f"gpu-{kind}"
+
+
+def percentile(values, q: float) -> float:
+  values = sorted(values)
+  return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def peak_memory_gib(device) -> float | None:
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if not stats:
+    return None
+  return stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)) / 2 ** 30
+
+
+def bf16_config(batch_size: int, dtype: str = "bfloat16"):
+  config = workers.benchmark_config(batch_size)
+  config.model.dtype = dtype
+  return config
+
+
+def time_calls(fn, calls: int) -> list[float]:
+  """Seconds of each of `calls` calls of fn (which blocks on its result)."""
+  times = []
+  for _ in range(calls):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def measure_latency(variables, dtype: str, batch_size: int, calls: int) -> dict:
+  import jax
+  config = bf16_config(batch_size, dtype)
+  inputs = jax.device_put(workers.model_inputs(workers.make_batch(config, batch_size)))
+  compiled = workers.jax_forward(config, variables, inputs)
+  run = lambda: jax.block_until_ready(compiled(variables, inputs))
+  time_calls(run, 5)  # first calls allocate and load the executable
+  times = time_calls(run, calls)
+  return {"dtype": dtype, "batch_size": batch_size, "calls": calls,
+          "median_ms": 1e3 * percentile(times, 0.5), "p90_ms": 1e3 * percentile(times, 0.9),
+          "min_ms": 1e3 * min(times)}
+
+
+def time_steps(trainer, target_s: float, rounds: int, batches=None) -> dict:
+  """Per-step seconds over `rounds` rounds of back-to-back steps, each ~target_s long (median round)."""
+  start = time.perf_counter()
+  trainer.run(2, batches)
+  per_step = max((time.perf_counter() - start) / 2, 1e-4)
+  steps = max(2, int(target_s / per_step))
+  per_round = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    trainer.run(steps, batches)
+    per_round.append((time.perf_counter() - start) / steps)
+  return {"steps_per_round": steps, "rounds": rounds, "step_s": percentile(per_round, 0.5),
+          "step_s_min": min(per_round), "step_s_max": max(per_round)}
+
+
+def train_result(trainer, batch_size: int, timing: dict, device) -> dict:
+  step_s = timing["step_s"]
+  return {"batch_size": batch_size, **timing, "steps_per_s": 1 / step_s, "clips_per_s": batch_size / step_s,
+          "tflops_per_s": trainer.flops_per_step / step_s / 1e12, "flops_per_step": trainer.flops_per_step,
+          "compile_s": trainer.compile_wall_s, "peak_memory_gib": peak_memory_gib(device)}
+
+
+def make_trainer(batch_size: int, depthwise: str | None = None):
+  from mer_jax import train
+  config = bf16_config(batch_size)
+  state = workers.init_train_state(train.step_options(config), train.make_mesh(), config.seed)
+  start = time.perf_counter()
+  trainer = workers.JaxTrainer(config, workers.make_batch(config, batch_size), state, depthwise=depthwise)
+  trainer.compile_wall_s = time.perf_counter() - start
+  return config, trainer
+
+
+def pipeline_batches(config, batch_size: int, examples: int):
+  """The tf.data pipeline over `examples` synthetic prepared examples -> (dataset, numpy iterator)."""
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")  # tf.data stays on the host; the accelerator is JAX's
+  from mer_jax import input_pipeline
+  ds = input_pipeline.dataset_from_examples(workers.synthetic_examples(config, examples), config, train=True,
+                                            batch_size=batch_size, tokenize_fn=workers.stub_tokenize)
+  return ds, input_pipeline.as_numpy(ds)
+
+
+def run(args) -> dict:
+  import jax
+  device = jax.devices()[0]
+  began = time.perf_counter()
+  left = lambda: args.budget_s - (time.perf_counter() - began)
+  result = {"device": device_name(device), "device_kind": device.device_kind, "platform": device.platform,
+            "jax": jax.__version__, "host_cpus": os.cpu_count(), "quick": args.quick, "compute_dtype": "bfloat16",
+            "parameters_dtype": "float32", "xla_flags": os.environ.get("XLA_FLAGS", ""), "train": [],
+            "latency": [], "skipped": []}
+  log(f"device {device.device_kind} ({device.platform}), jax {jax.__version__}")
+  calls = 20 if args.quick else 300
+  rounds, target_s = (2, 0.2) if args.quick else (5, 1.5)
+  save = lambda: write_results(result, args)  # after every part: a crash later keeps what was measured
+  from mer_jax import train
+  config = bf16_config(max(args.batch_sizes))
+  state = workers.init_train_state(train.step_options(config), train.make_mesh(), config.seed)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  for dtype, size in ((("bfloat16", 1),) if args.quick else (("bfloat16", 1), ("float32", 1), ("bfloat16", 32))):
+    latency = measure_latency(variables, dtype, size, calls)
+    result["latency"].append(latency)
+    log(f"forward {dtype} b{size}: median {latency['median_ms']:.3f} ms, p90 {latency['p90_ms']:.3f} ms")
+    save()
+  largest = None
+  for position, batch_size in enumerate(sorted(args.batch_sizes, reverse=True)):
+    if position and left() < 60:
+      result["skipped"].append(f"train batch {batch_size}: budget spent")
+      continue
+    config, trainer = make_trainer(batch_size)
+    entry = train_result(trainer, batch_size, time_steps(trainer, target_s, rounds), device)
+    result["train"].append(entry)
+    log(f"train b{batch_size}: {entry['clips_per_s']:.0f} clips/s ({1e3 * entry['step_s']:.2f} ms/step, "
+        f"{entry['tflops_per_s']:.1f} TFLOP/s, compile {entry['compile_s']:.0f} s)")
+    save()
+    if largest is None:
+      largest = (config, trainer, batch_size)
+  if largest and not args.skip_pipeline and left() > 45:
+    config, trainer, batch_size = largest
+    try:
+      ds, batches = pipeline_batches(config, batch_size, min(4 * batch_size, args.max_examples))
+      next(batches)
+      read = workers._read_rate(ds, max(3, int(8 if args.quick else 40)))
+      fed = time_steps(trainer, 2 * target_s, rounds, batches=batches)
+      result["end_to_end"] = {
+          "batch_size": batch_size, "pipeline_batches_per_s": 1 / read["wall"],
+          "pipeline_clips_per_s": batch_size / read["wall"], "fed": fed,
+          "clips_per_s": batch_size / fed["step_s"], "steps_per_s": 1 / fed["step_s"],
+          "model_only_clips_per_s": next(entry["clips_per_s"] for entry in result["train"]
+                                         if entry["batch_size"] == batch_size)}
+      log(f"end-to-end b{batch_size}: {result['end_to_end']['clips_per_s']:.0f} clips/s; tf.data alone "
+          f"{result['end_to_end']['pipeline_clips_per_s']:.0f} clips/s")
+      save()
+    except ImportError as error:  # e.g. an accelerator image without TensorFlow
+      result["skipped"].append(f"end-to-end: {error}")
+  elif largest and not args.skip_pipeline:
+    result["skipped"].append("end-to-end: budget spent")
+  if args.variant and largest and left() > 60:
+    batch_size = largest[2]
+    _, trainer = make_trainer(batch_size, depthwise="grouped")
+    entry = train_result(trainer, batch_size, time_steps(trainer, target_s, rounds), device)
+    result["variant_grouped_depthwise"] = entry
+    log(f"train b{batch_size}, grouped depthwise convs: {entry['clips_per_s']:.0f} clips/s")
+    save()
+  elif args.variant:
+    result["skipped"].append("grouped depthwise variant: budget spent")
+  result["wall_s"] = time.perf_counter() - began
+  return result
+
+
+def markdown(result: dict) -> str:
+  lines = [f"`{result['device']}` ({result['device_kind']}); jax {result['jax']}; bf16 compute, float32 "
+           f"parameters; edge model, T=12 frames of 112 px, K=4"
+           + (f"; XLA_FLAGS={result['xla_flags']}." if result.get("xla_flags") else "."), "",
+           "| | batch | steps/s | clips/s | TFLOP/s | peak memory (GiB) | compile (s) |", "|---|---|---|---|---|---|---|"]
+  for entry in result["train"]:
+    memory = entry["peak_memory_gib"]
+    lines.append(f"| model-only train step | {entry['batch_size']} | {entry['steps_per_s']:.1f} | "
+                 f"**{entry['clips_per_s']:.0f}** | {entry['tflops_per_s']:.1f} | "
+                 f"{'-' if memory is None else f'{memory:.1f}'} | {entry['compile_s']:.0f} |")
+  if "variant_grouped_depthwise" in result:
+    entry = result["variant_grouped_depthwise"]
+    lines.append(f"| same, grouped depthwise convs | {entry['batch_size']} | {entry['steps_per_s']:.1f} | "
+                 f"{entry['clips_per_s']:.0f} | {entry['tflops_per_s']:.1f} | | {entry['compile_s']:.0f} |")
+  if "end_to_end" in result:
+    e2e = result["end_to_end"]
+    lines.append(f"| end-to-end, fed by tf.data | {e2e['batch_size']} | {e2e['steps_per_s']:.1f} | "
+                 f"**{e2e['clips_per_s']:.0f}** | | | |")
+    lines.append(f"| tf.data pipeline alone ({result['host_cpus']} host CPUs) | {e2e['batch_size']} | "
+                 f"{e2e['pipeline_batches_per_s']:.1f} | {e2e['pipeline_clips_per_s']:.0f} | | | |")
+  lines += ["", "| eval forward | batch | median (ms) | p90 (ms) |", "|---|---|---|---|"]
+  for latency in result["latency"]:
+    lines.append(f"| {latency['dtype']} | {latency['batch_size']} | **{latency['median_ms']:.3f}** | "
+                 f"{latency['p90_ms']:.3f} |")
+  for skipped in result["skipped"]:
+    lines.append(f"\nNot measured: {skipped}.")
+  return "\n".join(lines) + "\n"
+
+
+def write_results(result: dict, args) -> str:
+  """Writes <out>/<device>[-quick].json and .md; returns the markdown table."""
+  table = markdown(result)
+  os.makedirs(args.out, exist_ok=True)
+  stem = os.path.join(args.out, result["device"] + ("-quick" if args.quick else ""))
+  with open(stem + ".json", "w") as f:
+    json.dump(result, f, indent=1)
+  with open(stem + ".md", "w") as f:
+    f.write(table)
+  return table
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="batch 8, few calls: a smoke run")
+  parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")
+  parser.add_argument("--batch_sizes", default=None, help="comma-separated; default 512,2048 (quick: 8)")
+  parser.add_argument("--budget_s", type=float, default=600.0, help="start no new part after this")
+  parser.add_argument("--max_examples", type=int, default=4096, help="synthetic examples behind tf.data")
+  parser.add_argument("--skip_pipeline", action="store_true")
+  parser.add_argument("--variant", action="store_true", help="also time grouped depthwise convs")
+  parser.add_argument("--out", default=RESULTS_DIR, help="folder for <device>.json and .md")
+  args = parser.parse_args(argv)
+  args.batch_sizes = [int(b) for b in (args.batch_sizes or ("8" if args.quick else "512,2048")).split(",")]
+  result = run(args)
+  print(write_results(result, args))
+  if args.json:
+    print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
