@@ -1,25 +1,28 @@
 """Accelerator benchmark: bf16 training and serving of the edge model on one GPU (or TPU chip).
 
-    python -m benchmarks.accelerator [--quick] [--json] [--batch_sizes 512,2048] [--budget_s 420]
+    python -m benchmarks.accelerator [--quick] [--json] [--batch_sizes 2048,512] [--budget_s 600]
+                                     [--variant] [--skip_pipeline] [--out DIR]
 
 On `jax.devices()[0]`, with bf16 compute and float32 parameters (config.model.dtype='bfloat16'):
 
   latency      eval forward at batch 1 (and 32), device-resident inputs, one call at a time, block on
                each: median / p90 of many calls; float32 compute too, for comparison
   model-only   the library's jitted train step (`mer_jax.train.compiled_steps`: Mesh, donated state) on a
-               fixed device-resident batch, per batch size: steps/s, clips/s, achieved TFLOP/s (XLA's cost
-               analysis of the step), peak device memory
+               fixed device-resident batch, largest batch size first: steps/s, clips/s, TFLOP/s of the
+               model's FLOPs (XLA's count of the unoptimised step, lowered for the CPU so that every backend
+               and formulation divides the same number), peak device memory
   end-to-end   the same step fed by the tf.data pipeline (`input_pipeline.dataset_from_examples` over
                synthetic prepared examples: shuffle, augment, log-mel, token lookup, batch), numpy batches
                copied to the device every step as `train.py` does; and the pipeline's rate alone. TF runs
                on the host CPU only (as launch.py arranges)
-  variant      optional: the same train step with XLA's grouped convs for the depthwise layers (cuDNN on
+  variant      `--variant`: the same train step with XLA's grouped convs for the depthwise layers (cuDNN on
                GPU) instead of the model's shifted slices, which were chosen for XLA:CPU
 
-Parts run in that order and stop starting once `--budget_s` is spent, so a short lease still returns
-what it measured. Writes benchmarks/results/<device>.json and .md (`--quick`: <device>-quick.*). With no
-accelerator it runs on the CPU: `--quick` is what CI runs to keep this file from rotting. Timings are
-reported, never asserted.
+Latency and the first batch size always run; each later part starts only while the budget left covers the
+slowest compile so far plus its timing, so a short lease still returns what it measured, and results are
+written after every part. Writes <out>/<device>.json and .md (`--quick`: <device>-quick.*; default out:
+benchmarks/results). With no accelerator it runs on the CPU: `--quick` is what CI runs to keep this file
+from rotting. Timings are reported, never asserted.
 """
 
 from __future__ import annotations
@@ -43,29 +46,47 @@ def log(*parts) -> None:
 
 
 def device_name(device) -> str:
-  """'nvidia-h200', 'tpu-v5-lite', or 'cpu-<cores>core-<arch>': the results file's name."""
+  """The results file's name: 'gpu-nvidia-h200', 'tpu-v5-lite', or 'cpu-<cores>core-<arch>'."""
   if device.platform == "cpu":
     return f"cpu-{os.cpu_count()}core-{platform.machine()}"
   kind = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
-  return kind if kind.startswith(device.platform) or device.platform != "gpu" else f"gpu-{kind}"
+  return kind if kind.startswith(device.platform) else f"{device.platform}-{kind}"
 
 
 def percentile(values, q: float) -> float:
+  """The q-quantile (0..1) of `values`, nearest rank."""
   values = sorted(values)
   return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 def peak_memory_gib(device) -> float | None:
+  """The device allocator's peak since the process started (None where the backend keeps no peak)."""
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  if not stats:
+  if not stats or "peak_bytes_in_use" not in stats:
     return None
-  return stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)) / 2 ** 30
+  return stats["peak_bytes_in_use"] / 2 ** 30
 
 
-def bf16_config(batch_size: int, dtype: str = "bfloat16"):
+def accelerator_config(batch_size: int, dtype: str = "bfloat16"):
+  """The benchmark's edge-model config (benchmarks/workers.py) at this batch and compute dtype."""
   config = workers.benchmark_config(batch_size)
   config.model.dtype = dtype
   return config
+
+
+def model_flops_per_step(batch_size: int) -> float:
+  """FLOPs of one train step as XLA counts the unoptimised computation, lowered (not compiled) for one CPU
+  device: an accelerator's compiled executable counts its rewritten program, which differs between
+  formulations and compiler settings."""
+  import jax
+  from mer_jax import train
+  config = accelerator_config(batch_size)
+  options, mesh = train.step_options(config), train.make_mesh(jax.devices("cpu")[:1])
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                       workers.make_batch(config, batch_size))
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  step = train.compiled_steps(options, mesh)[0]
+  return workers.cost_flops(step.lower(train.abstract_train_state(options, mesh), batch, rng))
 
 
 def time_calls(fn, calls: int) -> list[float]:
@@ -79,8 +100,9 @@ def time_calls(fn, calls: int) -> list[float]:
 
 
 def measure_latency(variables, dtype: str, batch_size: int, calls: int) -> dict:
+  """Eval forward of `batch_size` clips, one blocking call at a time -> median / p90 / min ms."""
   import jax
-  config = bf16_config(batch_size, dtype)
+  config = accelerator_config(batch_size, dtype)
   inputs = jax.device_put(workers.model_inputs(workers.make_batch(config, batch_size)))
   compiled = workers.jax_forward(config, variables, inputs)
   run = lambda: jax.block_until_ready(compiled(variables, inputs))
@@ -92,7 +114,11 @@ def measure_latency(variables, dtype: str, batch_size: int, calls: int) -> dict:
 
 
 def time_steps(trainer, target_s: float, rounds: int, batches=None) -> dict:
-  """Per-step seconds over `rounds` rounds of back-to-back steps, each ~target_s long (median round)."""
+  """Per-step seconds over `rounds` rounds of back-to-back steps, each ~target_s long (median round).
+
+  Two warm-up steps, then two timed ones size the rounds: the first steps after a compile (or after an
+  idle pipeline filled its prefetch buffer) are not the steady state."""
+  trainer.run(2, batches)
   start = time.perf_counter()
   trainer.run(2, batches)
   per_step = max((time.perf_counter() - start) / 2, 1e-4)
@@ -106,48 +132,48 @@ def time_steps(trainer, target_s: float, rounds: int, batches=None) -> dict:
           "step_s_min": min(per_round), "step_s_max": max(per_round)}
 
 
-def train_result(trainer, batch_size: int, timing: dict, device) -> dict:
+def train_result(trainer, batch_size: int, timing: dict, flops_per_step: float, peak_memory) -> dict:
   step_s = timing["step_s"]
   return {"batch_size": batch_size, **timing, "steps_per_s": 1 / step_s, "clips_per_s": batch_size / step_s,
-          "tflops_per_s": trainer.flops_per_step / step_s / 1e12, "flops_per_step": trainer.flops_per_step,
-          "compile_s": trainer.compile_wall_s, "peak_memory_gib": peak_memory_gib(device)}
+          "model_flops_per_step": flops_per_step, "tflops_per_s": flops_per_step / step_s / 1e12,
+          "compile_s": trainer.compile_wall_s, "peak_memory_gib": peak_memory}
 
 
 def make_trainer(batch_size: int, depthwise: str | None = None):
+  """-> (config, workers.JaxTrainer) for this batch size: a fresh state, the step compiled."""
   from mer_jax import train
-  config = bf16_config(batch_size)
+  config = accelerator_config(batch_size)
   state = workers.init_train_state(train.step_options(config), train.make_mesh(), config.seed)
-  start = time.perf_counter()
-  trainer = workers.JaxTrainer(config, workers.make_batch(config, batch_size), state, depthwise=depthwise)
-  trainer.compile_wall_s = time.perf_counter() - start
-  return config, trainer
+  return config, workers.JaxTrainer(config, workers.make_batch(config, batch_size), state, depthwise=depthwise)
 
 
-def pipeline_batches(config, batch_size: int, examples: int):
-  """The tf.data pipeline over `examples` synthetic prepared examples -> (dataset, numpy iterator)."""
+def synthetic_pipeline(config, batch_size: int, examples: int):
+  """The tf.data train pipeline over `examples` synthetic prepared examples (a tf.data.Dataset)."""
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data stays on the host; the accelerator is JAX's
   from mer_jax import input_pipeline
-  ds = input_pipeline.dataset_from_examples(workers.synthetic_examples(config, examples), config, train=True,
-                                            batch_size=batch_size, tokenize_fn=workers.stub_tokenize)
-  return ds, input_pipeline.as_numpy(ds)
+  return input_pipeline.dataset_from_examples(workers.synthetic_examples(config, examples), config, train=True,
+                                              batch_size=batch_size, tokenize_fn=workers.stub_tokenize)
 
 
 def run(args) -> dict:
   import jax
+  from mer_jax import train
   device = jax.devices()[0]
   began = time.perf_counter()
   left = lambda: args.budget_s - (time.perf_counter() - began)
   result = {"device": device_name(device), "device_kind": device.device_kind, "platform": device.platform,
             "jax": jax.__version__, "host_cpus": os.cpu_count(), "quick": args.quick, "compute_dtype": "bfloat16",
             "parameters_dtype": "float32", "xla_flags": os.environ.get("XLA_FLAGS", ""), "train": [],
-            "latency": [], "skipped": []}
+            "latency": [], "skipped": [], "errors": []}
   log(f"device {device.device_kind} ({device.platform}), jax {jax.__version__}")
   calls = 20 if args.quick else 300
   rounds, target_s = (2, 0.2) if args.quick else (5, 1.5)
   save = lambda: write_results(result, args)  # after every part: a crash later keeps what was measured
-  from mer_jax import train
-  config = bf16_config(max(args.batch_sizes))
+  slowest_compile = [0.0]
+  affordable = lambda extra_s: left() > slowest_compile[0] + extra_s
+
+  config = accelerator_config(max(args.batch_sizes))
   state = workers.init_train_state(train.step_options(config), train.make_mesh(), config.seed)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   for dtype, size in ((("bfloat16", 1),) if args.quick else (("bfloat16", 1), ("float32", 1), ("bfloat16", 32))):
@@ -155,49 +181,59 @@ def run(args) -> dict:
     result["latency"].append(latency)
     log(f"forward {dtype} b{size}: median {latency['median_ms']:.3f} ms, p90 {latency['p90_ms']:.3f} ms")
     save()
+
   largest = None
-  for position, batch_size in enumerate(sorted(args.batch_sizes, reverse=True)):
-    if position and left() < 60:
+  for batch_size in sorted(args.batch_sizes, reverse=True):
+    if largest is not None and not affordable(rounds * target_s + 10):
       result["skipped"].append(f"train batch {batch_size}: budget spent")
       continue
     config, trainer = make_trainer(batch_size)
-    entry = train_result(trainer, batch_size, time_steps(trainer, target_s, rounds), device)
+    slowest_compile[0] = max(slowest_compile[0], trainer.compile_wall_s)
+    # The allocator's peak is process-wide: only the first (largest) trainer's is its own.
+    entry = train_result(trainer, batch_size, time_steps(trainer, target_s, rounds),
+                         model_flops_per_step(batch_size), peak_memory_gib(device) if largest is None else None)
     result["train"].append(entry)
     log(f"train b{batch_size}: {entry['clips_per_s']:.0f} clips/s ({1e3 * entry['step_s']:.2f} ms/step, "
         f"{entry['tflops_per_s']:.1f} TFLOP/s, compile {entry['compile_s']:.0f} s)")
     save()
     if largest is None:
-      largest = (config, trainer, batch_size)
-  if largest and not args.skip_pipeline and left() > 45:
-    config, trainer, batch_size = largest
-    try:
-      ds, batches = pipeline_batches(config, batch_size, min(4 * batch_size, args.max_examples))
-      next(batches)
-      read = workers._read_rate(ds, max(3, int(8 if args.quick else 40)))
-      fed = time_steps(trainer, 2 * target_s, rounds, batches=batches)
-      result["end_to_end"] = {
-          "batch_size": batch_size, "pipeline_batches_per_s": 1 / read["wall"],
-          "pipeline_clips_per_s": batch_size / read["wall"], "fed": fed,
-          "clips_per_s": batch_size / fed["step_s"], "steps_per_s": 1 / fed["step_s"],
-          "model_only_clips_per_s": next(entry["clips_per_s"] for entry in result["train"]
-                                         if entry["batch_size"] == batch_size)}
-      log(f"end-to-end b{batch_size}: {result['end_to_end']['clips_per_s']:.0f} clips/s; tf.data alone "
-          f"{result['end_to_end']['pipeline_clips_per_s']:.0f} clips/s")
+      largest = (config, trainer, entry)
+
+  if largest and not args.skip_pipeline:
+    config, trainer, model_only = largest
+    batch_size = model_only["batch_size"]
+    if left() < 4 * rounds * target_s + 30:  # no compile (the step is reused): examples, reads, fed rounds
+      result["skipped"].append("end-to-end: budget spent")
+    else:
+      try:
+        ds = synthetic_pipeline(config, batch_size, min(4 * batch_size, args.max_examples))
+        read = workers.read_rate(ds, 8 if args.quick else 40)  # first: a fed iterator would prefetch meanwhile
+        from mer_jax import input_pipeline
+        fed = time_steps(trainer, 2 * target_s, rounds, batches=input_pipeline.as_numpy(ds))
+        result["end_to_end"] = {
+            "batch_size": batch_size, "pipeline_batches_per_s": 1 / read["wall"],
+            "pipeline_clips_per_s": batch_size / read["wall"], "fed": fed,
+            "clips_per_s": batch_size / fed["step_s"], "steps_per_s": 1 / fed["step_s"],
+            "model_only_clips_per_s": model_only["clips_per_s"]}
+        log(f"end-to-end b{batch_size}: {result['end_to_end']['clips_per_s']:.0f} clips/s; tf.data alone "
+            f"{result['end_to_end']['pipeline_clips_per_s']:.0f} clips/s")
+      except Exception as error:  # e.g. an image without TensorFlow: keep the other parts, say why
+        result["errors"].append(f"end-to-end: {type(error).__name__}: {error}")
+        log(f"end-to-end failed: {type(error).__name__}: {error}")
       save()
-    except ImportError as error:  # e.g. an accelerator image without TensorFlow
-      result["skipped"].append(f"end-to-end: {error}")
-  elif largest and not args.skip_pipeline:
-    result["skipped"].append("end-to-end: budget spent")
-  if args.variant and largest and left() > 60:
-    batch_size = largest[2]
-    _, trainer = make_trainer(batch_size, depthwise="grouped")
-    entry = train_result(trainer, batch_size, time_steps(trainer, target_s, rounds), device)
-    result["variant_grouped_depthwise"] = entry
-    log(f"train b{batch_size}, grouped depthwise convs: {entry['clips_per_s']:.0f} clips/s")
-    save()
-  elif args.variant:
-    result["skipped"].append("grouped depthwise variant: budget spent")
+
+  if args.variant and largest:
+    batch_size = largest[2]["batch_size"]
+    if not affordable(rounds * target_s + 10):
+      result["skipped"].append("grouped depthwise variant: budget spent")
+    else:
+      _, trainer = make_trainer(batch_size, depthwise="grouped")
+      entry = train_result(trainer, batch_size, time_steps(trainer, target_s, rounds),
+                           largest[2]["model_flops_per_step"], None)
+      result["variant_grouped_depthwise"] = entry
+      log(f"train b{batch_size}, grouped depthwise convs: {entry['clips_per_s']:.0f} clips/s")
   result["wall_s"] = time.perf_counter() - began
+  save()
   return result
 
 
@@ -205,7 +241,8 @@ def markdown(result: dict) -> str:
   lines = [f"`{result['device']}` ({result['device_kind']}); jax {result['jax']}; bf16 compute, float32 "
            f"parameters; edge model, T=12 frames of 112 px, K=4"
            + (f"; XLA_FLAGS={result['xla_flags']}." if result.get("xla_flags") else "."), "",
-           "| | batch | steps/s | clips/s | TFLOP/s | peak memory (GiB) | compile (s) |", "|---|---|---|---|---|---|---|"]
+           "| | batch | steps/s | clips/s | model TFLOP/s | peak memory (GiB) | compile (s) |",
+           "|---|---|---|---|---|---|---|"]
   for entry in result["train"]:
     memory = entry["peak_memory_gib"]
     lines.append(f"| model-only train step | {entry['batch_size']} | {entry['steps_per_s']:.1f} | "
@@ -225,7 +262,7 @@ def markdown(result: dict) -> str:
   for latency in result["latency"]:
     lines.append(f"| {latency['dtype']} | {latency['batch_size']} | **{latency['median_ms']:.3f}** | "
                  f"{latency['p90_ms']:.3f} |")
-  for skipped in result["skipped"]:
+  for skipped in result["skipped"] + result.get("errors", []):
     lines.append(f"\nNot measured: {skipped}.")
   return "\n".join(lines) + "\n"
 
@@ -246,14 +283,16 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="batch 8, few calls: a smoke run")
   parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")
-  parser.add_argument("--batch_sizes", default=None, help="comma-separated; default 512,2048 (quick: 8)")
-  parser.add_argument("--budget_s", type=float, default=600.0, help="start no new part after this")
+  parser.add_argument("--batch_sizes", default=None,
+                      help="comma-separated, run largest first; default 2048,512 (quick: 8)")
+  parser.add_argument("--budget_s", type=float, default=600.0,
+                      help="seconds; a later part starts only while this covers it")
   parser.add_argument("--max_examples", type=int, default=4096, help="synthetic examples behind tf.data")
-  parser.add_argument("--skip_pipeline", action="store_true")
+  parser.add_argument("--skip_pipeline", action="store_true", help="leave out the end-to-end part")
   parser.add_argument("--variant", action="store_true", help="also time grouped depthwise convs")
   parser.add_argument("--out", default=RESULTS_DIR, help="folder for <device>.json and .md")
   args = parser.parse_args(argv)
-  args.batch_sizes = [int(b) for b in (args.batch_sizes or ("8" if args.quick else "512,2048")).split(",")]
+  args.batch_sizes = [int(b) for b in (args.batch_sizes or ("8" if args.quick else "2048,512")).split(",")]
   result = run(args)
   print(write_results(result, args))
   if args.json:

@@ -89,10 +89,10 @@ def model_inputs(batch: dict) -> dict:
 def cost_flops(lowered) -> float:
   """FLOPs from XLA's HloCostAnalysis of a lowered computation."""
   cost = lowered.cost_analysis()
-  if cost is None and hasattr(lowered, "compile"):  # GPU: only the compiled executable has a cost analysis
-    cost = lowered.compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per device
     cost = cost[0]
+  # None where the backend only analyses compiled executables (GPU): benchmarks/accelerator.py counts the
+  # step lowered for the CPU instead.
   return float(cost["flops"]) if cost else float("nan")
 
 
@@ -130,11 +130,11 @@ class JaxTrainer:
       step = jax.jit(depthwise_variants.with_formulation(
           functools.partial(train.train_step, options=self.options), depthwise),
           in_shardings=(replicated, data, replicated), out_shardings=(replicated,) * 3, donate_argnums=(0,))
-    start = time.process_time()
+    start, wall = time.process_time(), time.perf_counter()
     lowered = step.lower(self.state, self.batch, self.rng)
+    self.flops_per_step = cost_flops(lowered)
     self.step = lowered.compile()  # one executable for the one static shape: it can never recompile
-    self.flops_per_step = cost_flops(lowered if lowered.cost_analysis() else self.step)
-    self.compile_cpu_s = time.process_time() - start
+    self.compile_cpu_s, self.compile_wall_s = time.process_time() - start, time.perf_counter() - wall
     self.status = None
 
   def run(self, steps: int, batches=None) -> None:
@@ -237,7 +237,7 @@ def jax_worker(spec: dict):
                                               tokenize_fn=stub_tokenize)
     batches = input_pipeline.as_numpy(ds)
     next(batches)  # graph tracing, AUTOTUNE warm-up
-    ops["pipeline_read"] = lambda n: _read_rate(ds, n)
+    ops["pipeline_read"] = lambda n: read_rate(ds, n)
     ops["train_fed"] = lambda n: trainer.run(n, batches=batches)
   return ops, info
 
@@ -278,7 +278,7 @@ def torch_worker(spec: dict):
   return ops, info
 
 
-def _read_rate(ds, n: int) -> dict:
+def read_rate(ds, n: int) -> dict:
   """n batches from a fresh iterator, timed from its first batch on: a long-lived iterator would hand out
   batches it prefetched while the worker was idle, and look infinitely fast."""
   from mer_jax import input_pipeline
