@@ -198,6 +198,45 @@ class DepthwiseConv(nn.Module):
     return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, (self.kernel_size - 1) // 2)
 
 
+@jax.custom_vjp
+def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """1x1 conv (N, H, W, Ci) x (Ci, Co) -> (N, H, W, Co), with its weight gradient taken channel-major.
+
+  The weight gradient sums x (M, Ci) times the output gradient (M, Co) over all M = N*H*W positions.
+  With both position-major, XLA:CPU copies x into (Ci, M) in the backward before its matrix product
+  (a separate pass over the activation). Here the forward keeps x already transposed as the residual,
+  written alongside x's producer, and the backward is a plain (Ci, M) x (M, Co) product: the backbone's
+  train fwd+bwd 289-309 -> 276-277 ms, the full train step ~10-20 ms faster, on 2 CPU cores. GPUs
+  multiply transposed operands in place, so `ConvBatchNorm` uses this on the CPU only.
+  """
+  return jnp.dot(x, kernel)
+
+
+def _pointwise_conv_forward(x, kernel):
+  return jnp.dot(x, kernel), (x.reshape(-1, x.shape[-1]).T, kernel)
+
+
+def _pointwise_conv_backward(residuals, output_grad):
+  x_channel_major, kernel = residuals
+  input_grad = jnp.dot(output_grad, kernel.T)
+  kernel_grad = jnp.dot(x_channel_major, output_grad.reshape(-1, output_grad.shape[-1]))
+  return input_grad, kernel_grad
+
+
+pointwise_conv.defvjp(_pointwise_conv_forward, _pointwise_conv_backward)
+
+
+class PointwiseConv(nn.Module):
+  """1x1 conv without bias; its `kernel` (1, 1, Ci, Co) is laid out (and initialised) exactly as nn.Conv's."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features))
+    return pointwise_conv(x.astype(self.dtype), kernel.reshape(kernel.shape[2:]).astype(self.dtype))
+
+
 class ConvBatchNorm(nn.Module):
   """Conv (no bias) -> BatchNorm -> optional activation; `groups == channels` makes it depthwise."""
   features: int
@@ -212,6 +251,9 @@ class ConvBatchNorm(nn.Module):
     pad = (self.kernel - 1) // 2
     if self.groups > 1 and self.groups == self.features == x.shape[-1]:
       x = DepthwiseConv(self.kernel, self.stride, dtype=self.dtype, name="conv")(x)
+    elif train and self.kernel == 1 and self.stride == 1 and self.groups == 1 and jax.default_backend() == "cpu":
+      # Same parameter as the nn.Conv below (evaluation and export keep that one); only gradients differ.
+      x = PointwiseConv(self.features, dtype=self.dtype, name="conv")(x)
     else:
       x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
                   padding=((pad, pad), (pad, pad)), feature_group_count=self.groups, use_bias=False,

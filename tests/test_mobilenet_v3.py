@@ -152,3 +152,50 @@ def test_depthwise_input_grad_gather_form_matches_autodiff(height, width, kernel
   assert got.shape == x.shape
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(expected).max()) > 0.5
+
+
+def test_pointwise_conv_equals_nn_conv_forward_and_backward():
+  """The 1x1 conv with a channel-major weight gradient is nn.Conv's math and parameter: same kernel (shape
+  and initial values), same outputs, same input and kernel gradients; bf16 keeps the kernel's dtype."""
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(2, 5, 7, 6)), jnp.float32)
+  ours, reference = mobilenet_v3.PointwiseConv(10), nn.Conv(10, (1, 1), use_bias=False)
+  variables = ours.init(jax.random.key(3), x)
+  assert jax.tree.map(jnp.shape, variables) == {"params": {"kernel": (1, 1, 6, 10)}}
+  np.testing.assert_array_equal(variables["params"]["kernel"], reference.init(jax.random.key(3), x)["params"]["kernel"])
+
+  def loss(module, params, inputs):
+    return jnp.sum(jnp.sin(module.apply({"params": params}, inputs)) * jnp.arange(10.0))
+
+  np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x), atol=1e-5)
+  ours_grads = jax.grad(loss, argnums=(1, 2))(ours, variables["params"], x)
+  reference_grads = jax.grad(loss, argnums=(1, 2))(reference, variables["params"], x)
+  np.testing.assert_allclose(ours_grads[0]["kernel"], reference_grads[0]["kernel"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours_grads[1], reference_grads[1], rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(ours_grads[0]["kernel"]).max()) > 0.1
+  bf16 = jax.grad(lambda k: jnp.sum(mobilenet_v3.pointwise_conv(x.astype(jnp.bfloat16), k) ** 2))(
+      variables["params"]["kernel"][0, 0].astype(jnp.bfloat16))
+  assert bf16.dtype == jnp.bfloat16
+
+
+def test_backbone_train_gradients_do_not_depend_on_the_pointwise_path(backbone_and_variables, monkeypatch):
+  """On the CPU, training takes PointwiseConv for the 1x1 convs; the nn.Conv path (other backends) gives the
+  same loss and parameter gradients."""
+  backbone, variables, images = backbone_and_variables
+
+  def loss(params):
+    features, _ = backbone.apply({"params": params, "batch_stats": variables["batch_stats"]}, images,
+                                 train=True, mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(features))
+
+  # PointwiseConv multiplies with dot_general; nn.Conv convolves: count the products in the gradient.
+  products = lambda: str(jax.make_jaxpr(jax.grad(loss))(variables["params"])).count("dot_general")
+  cpu_products = products()
+  cpu_loss, cpu_grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert products() < cpu_products  # the two runs really took different paths
+  other_loss, other_grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+  np.testing.assert_allclose(cpu_loss, other_loss, rtol=1e-5)
+  flat_cpu, flat_other = jax.tree.leaves(cpu_grads), jax.tree.leaves(other_grads)
+  for got, expected in zip(flat_cpu, flat_other):
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * float(jnp.abs(expected).max()) + 1e-6)
