@@ -123,27 +123,45 @@ def read_meta(examples: tf.data.Dataset) -> dict:
 # ----------------------------------------------------------------------------- per-example map
 
 
-def augment(frames: tf.Tensor, waveform: tf.Tensor, has_video: tf.Tensor, seed: tf.Tensor) -> tuple:
-    """Mild, stateless (seeded) jitter: frames (T, S, S, 1) uint8, waveform (N,) float32, seed (2,) int64.
+def noise_bank(num_samples: int, seed: int = 0) -> np.ndarray:
+    """(num_samples,) float32 white Gaussian noise, unit variance, the same for a given seed.
+
+    Augmentation reads each clip's noise from this bank at a random offset, as noise corpora are used,
+    instead of drawing fresh normals: drawing 64,000 of them per 4 s clip was ~45% of the train pipeline's
+    CPU time (0.66 of 1.43 ms per clip on the 2-core benchmark machine).
+    """
+    return np.random.default_rng(seed).standard_normal(num_samples, dtype=np.float32)
+
+
+def augment(frames: tf.Tensor, waveform: tf.Tensor, has_video: tf.Tensor, seed: tf.Tensor,
+            noise: tf.Tensor) -> tuple:
+    """Mild, stateless (seeded) jitter: frames (T, S, S, 1) uint8, waveform (N,) float32, seed (2,) int64,
+    noise (at least N,) float32 unit-variance white noise (`noise_bank`).
 
     Frames: one brightness shift and contrast factor for the whole clip. Audio: gain and white noise at
-    a random SNR, before log-mel. Frames of a clip without video stay zeros.
+    a random SNR, before log-mel; the noise is a stretch of `noise` at a random offset, with a random sign.
+    Frames of a clip without video stay zeros.
     """
     seeds = tf.random.experimental.stateless_split(seed, 5)
     uniform = lambda i, lo, hi: tf.random.stateless_uniform([], seeds[i], lo, hi)
     grey = tf.cast(frames, tf.float32)
     mean = tf.reduce_mean(grey)
-    grey = (grey - mean) * uniform(0, *CONTRAST_RANGE) + mean + uniform(1, -BRIGHTNESS_DELTA,
-                                                                        BRIGHTNESS_DELTA)
-    jittered = tf.cast(tf.clip_by_value(tf.round(grey), 0.0, 255.0), tf.uint8)
-    frames = tf.where(has_video, jittered, frames)
+    # (grey - mean) * contrast + mean + brightness, folded into one multiply and one add over the pixels;
+    # without video the map is the identity, so the all-zero frames stay zeros.
+    contrast = tf.where(has_video, uniform(0, *CONTRAST_RANGE), 1.0)
+    offset = tf.where(has_video, mean * (1.0 - contrast) + uniform(1, -BRIGHTNESS_DELTA, BRIGHTNESS_DELTA), 0.0)
+    frames = tf.cast(tf.clip_by_value(tf.round(grey * contrast + offset), 0.0, 255.0), tf.uint8)
 
     waveform = waveform * tf.pow(10.0, uniform(2, *GAIN_DB_RANGE) / 20.0)
-    num_samples = tf.maximum(tf.cast(tf.size(waveform), tf.float32), 1.0)  # empty audio: no NaN
+    length = tf.size(waveform)
+    num_samples = tf.maximum(tf.cast(length, tf.float32), 1.0)  # empty audio: no NaN
     rms = tf.sqrt(tf.reduce_sum(tf.square(waveform)) / num_samples + 1e-12)
     noise_std = rms * tf.pow(10.0, -uniform(3, *NOISE_SNR_DB_RANGE) / 20.0)
-    noise = tf.random.stateless_normal(tf.shape(waveform), seeds[4]) * noise_std
-    return frames, tf.clip_by_value(waveform + noise, -1.0, 1.0)
+    tf.debugging.assert_less_equal(length, tf.size(noise), message="noise bank shorter than the waveform")
+    start, sign = tf.unstack(tf.random.stateless_uniform([2], seeds[4], 0, 2**30, tf.int32))
+    start = start % (tf.size(noise) - length + 1)
+    noise_std = tf.where(sign % 2 == 0, noise_std, -noise_std)
+    return frames, tf.clip_by_value(waveform + noise[start:start + length] * noise_std, -1.0, 1.0)
 
 
 def _check_frames(frames: tf.Tensor, data_config: Any) -> None:
@@ -176,6 +194,9 @@ def make_example_fn(config: Any, token_table: TokenTable, *, train: bool,
     tasks = tuple(data.tasks)
     do_augment = bool(train and data.get("augment", False))
     base_seed = tf.constant([int(config.get("seed", 0)), int(process_index)], tf.int64)
+    max_samples = features.max_audio_samples(float(data.max_audio_seconds), int(data.sample_rate))
+    # Twice the longest waveform, at least 2**20 samples (65 s at 16 kHz, 4 MiB): many distinct stretches.
+    noise = tf.constant(noise_bank(max(2**20, 2 * max_samples))) if do_augment else None
 
     def example_fn(index, ex):
         frames = ex["frames"]
@@ -183,10 +204,12 @@ def make_example_fn(config: Any, token_table: TokenTable, *, train: bool,
         frames = resize_frames(frames, int(data.frame_size))
         frames = tf.ensure_shape(frames, (data.num_frames, data.frame_size, data.frame_size, 1))
         has_video = tf.cast(ex["has_video"], tf.bool)
-        waveform = features.pcm16_to_float(ex["audio"])
+        # Cropped here, not only in waveform_features: samples past the crop would never be seen, so they
+        # are not augmented (and the noise level follows the audio that the model hears).
+        waveform = features.pcm16_to_float(ex["audio"][:max_samples])
         if do_augment:
             seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-            frames, waveform = augment(frames, waveform, has_video, seed)
+            frames, waveform = augment(frames, waveform, has_video, seed, noise)
         log_mel, audio_mask = features.waveform_features(waveform, data)
         text_ids, text_mask = token_table.lookup(ex["id"])
         out = {

@@ -269,6 +269,31 @@ def test_augmentation_only_when_training(prepared):
     assert frames_changed > 0 and audio_changed > 0
 
 
+def test_augment_noise_level_and_seeding():
+    """The noise-bank jitter: SNR inside NOISE_SNR_DB_RANGE, same seed same output, missing video stays 0."""
+    rng = np.random.default_rng(3)
+    waveform = tf.constant(0.3 * np.sin(np.arange(16000) / 7.0).astype(np.float32))
+    frames = tf.constant(rng.integers(0, 256, (T, S, S, 1)).astype(np.uint8))
+    noise = tf.constant(ip.noise_bank(2**16))
+    run = lambda seed, video=True, wave=waveform: ip.augment(frames if video else tf.zeros_like(frames), wave,
+                                                             tf.constant(video), tf.constant(seed, tf.int64), noise)
+    snrs = []
+    for seed in ([0, 1], [0, 2], [5, 9]):
+        out_frames, out = (x.numpy() for x in run(seed))
+        clean = waveform.numpy()
+        gain = float(out @ clean / (clean @ clean))  # least squares: the noise is uncorrelated with the tone
+        residual = out - gain * clean
+        snrs.append(20 * np.log10(np.sqrt(np.mean((gain * clean) ** 2) / np.mean(residual ** 2))))
+        assert 10 ** (ip.GAIN_DB_RANGE[0] / 20) - 0.01 < gain < 10 ** (ip.GAIN_DB_RANGE[1] / 20) + 0.01
+        shift = out_frames.astype(float) - frames.numpy()
+        assert 0 < np.abs(shift).max() and np.abs(shift).mean() < 40
+    assert all(ip.NOISE_SNR_DB_RANGE[0] - 1 < snr < ip.NOISE_SNR_DB_RANGE[1] + 1 for snr in snrs), snrs
+    assert len({round(snr, 3) for snr in snrs}) == 3
+    np.testing.assert_array_equal(run([0, 1])[1].numpy(), run([0, 1])[1].numpy())
+    assert not run([0, 1], video=False)[0].numpy().any()
+    assert run([0, 1], wave=tf.zeros([0]))[1].shape == (0,)
+
+
 def test_dataset_from_examples_in_memory(tok):
     """The predict/unit-test path: a plain tf.data of prepared examples, no TFDS on disk."""
     examples = make_examples("test", 5, 3)
