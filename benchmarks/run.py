@@ -259,7 +259,7 @@ def markdown(results: dict) -> str:
       f"`{r['machine']}` ({r['cpu_model']}); jax {r['versions']['jax']}, torch {r['versions']['torch']}; "
       f"torch {r['torch_threads']} threads, XLA all cores; load average {fmt(r['load_average_start'], '.1f')} at "
       f"start, {fmt(r['load_average_end'], '.1f')} at end. Edge model, T=12 frames of 112 px, K=4, batch {b}; "
-      f"one process per framework, interleaved rounds, medians.",
+      f"one process per framework, {r['rounds']} interleaved rounds of {r['steps_per_round']} steps, medians.",
       "",
       "| | JAX | PyTorch | JAX / PyTorch |",
       "|---|---|---|---|",
@@ -316,7 +316,9 @@ def parse_args(argv):
   quick = args.quick
   args.batch_size = args.batch_size or (8 if quick else 32)
   args.steps = args.steps or (2 if quick else 3)
-  args.repeats = args.repeats or (3 if quick else 5)
+  # 8 rounds in full mode: the first round after setup runs slower for most settings of both frameworks
+  # (up to 30% on the shared 2-core machine), and with 5 rounds one or two slow ones moved the median.
+  args.repeats = args.repeats or (3 if quick else 8)
   args.forward_calls = 2 if quick else 4
   args.pipeline_batches = 3 if quick else 8
   args.time_k = (1, 12) if quick else TOP_K_VALUES
