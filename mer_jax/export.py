@@ -186,37 +186,13 @@ def _input_specs(config, batch):
   return [jax.ShapeDtypeStruct((batch,) + spec[name].shape[1:], spec[name].dtype) for name in INPUT_NAMES]
 
 
-@contextlib.contextmanager
-def _keyword_avg_pool():
-  """While jax2onnx traces: `nn.avg_pool(x, window, ...)` calls reach its flax plugin by keyword.
-
-  jax2onnx 0.17.1 swaps `flax.linen.avg_pool` for a function taking `window_shape` only by keyword, and
-  topk.FrameScorer (like flax's own signature) passes it positionally; entered inside the traced
-  function, i.e. after jax2onnx installed its patch, and undone before jax2onnx restores flax.
-  """
-  patched = nn.avg_pool
-
-  def positional(inputs, window_shape, strides=None, padding="VALID", count_include_pad=True):
-    return patched(inputs, window_shape=window_shape, strides=strides, padding=padding,
-                   count_include_pad=count_include_pad)
-  nn.avg_pool = positional
-  try:
-    yield
-  finally:
-    nn.avg_pool = patched
-
-
 def export_onnx(config, variables, path: str) -> None:
   import onnx
   from jax2onnx import to_onnx
   batch, = jax.export.symbolic_shape("B")
   serve = serving_function(config, variables)
-
-  def serve_onnx(*inputs):
-    with _keyword_avg_pool():
-      return serve(*inputs)
   with export_friendly_ops():
-    proto = to_onnx(serve_onnx, _input_specs(config, batch), model_name="mer_jax",
+    proto = to_onnx(serve, _input_specs(config, batch), model_name="mer_jax",
                     input_names=list(INPUT_NAMES), output_names=list(output_names(config)))
   # jax2onnx's intermediate shape annotations can carry NHWC/NCHW mix-ups that onnxruntime only warns
   # about; the runtime infers shapes itself, so they are dropped.

@@ -112,3 +112,17 @@ def test_frame_evidence_gives_each_frame_its_own_logits():
   np.testing.assert_array_equal(changed[0], logits[0])
   np.testing.assert_array_equal(changed[1, [0, 1, 3, 4]], logits[1, [0, 1, 3, 4]])
   assert not np.allclose(changed[1, 2], logits[1, 2])
+
+
+@pytest.mark.parametrize("shape, downscale", [((2, 3, 112, 112, 1), 2), ((1, 2, 13, 11, 1), 2),
+                                              ((1, 2, 16, 16, 1), 4), ((1, 2, 8, 8, 1), 1)])
+def test_downscaled_pixels_equal_average_pooling_of_centred_pixels(shape, downscale):
+  """The strided-slice sum is nn.avg_pool (VALID: remainder rows/columns dropped) of (x - 127.5) / 64."""
+  import flax.linen as nn
+  frames = jnp.asarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
+  centred = (frames.reshape((-1,) + shape[2:]).astype(jnp.float32) - 127.5) / 64.0
+  expected = nn.avg_pool(centred, (downscale, downscale), strides=(downscale, downscale))
+  got = topk.downscaled_pixels(frames, downscale, jnp.float32)
+  assert got.shape == (shape[0] * shape[1], shape[2] // downscale, shape[3] // downscale, 1)
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+  assert float(jnp.std(got)) > 0.1  # varied pixels, not a constant image
