@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     from data import meld_format
-    from mer_jax import clip_reader
+    from mer_jax import face_crop
 
     count = args.clips or (6 if args.quick else 20)
     work = tempfile.mkdtemp(prefix="mer_jax_bench_")
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
         results["clip_mb"] = round(float(np.mean([os.path.getsize(p) for p in paths])) / 1e6, 2)
         meld = {c.name: c for c in meld_format.BUILDER_CONFIGS}["meld"].clip_read_config()
         replace = dataclasses.replace
-        if clip_reader.face_detector_available():
+        if face_crop.face_detector_available():
             variants = {"meld builder (face crop, I/P, no deblock)": meld,
                         "+ deblocking": replace(meld, skip_loop_filter=False),
                         "+ exact frames, deblocking (demo)": replace(

@@ -24,7 +24,7 @@ def model_config(size: str = "edge") -> ml_collections.ConfigDict:
   # scales as 1/tau and, at tau=1, drowned the frame selection loss's: on the demo the scorer found the key
   # frames after 400 steps at tau=5 and had not by 1,200 at tau=1 (without it at all: 400 steps).
   model.selection_temperature = 5.0
-  model.frame_relevance = True  # per-frame heads that train the scorer and backbone (train.frame_selection_loss)
+  model.frame_relevance = True  # per-frame heads that train the scorer and backbone (losses.frame_selection_loss)
   model.text_guided_selection = True  # False = ablation: scorer query does not see the text
   model.use_gate = True
   model.use_reliability = True
@@ -82,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   config.task_weights = ml_collections.ConfigDict({"emotion": 1.0, "sentiment": 0.5})  # missing: 1.0
   config.class_weights = "none"  # 'none' or 'balanced' (n / (C * n_c) from the train split's labels)
-  config.frame_relevance_weight = 1.0  # weight of mer_jax.train.frame_selection_loss; 0 = off
+  config.frame_relevance_weight = 1.0  # weight of mer_jax.losses.frame_selection_loss; 0 = off
   # The scorer's word table (topk.WordQuery) learns with SGD + momentum at this peak rate (same schedule).
   config.scorer_word_learning_rate = 10.0
   config.modality_dropout = 0.1  # per example: P(video marked missing) = P(audio marked missing)

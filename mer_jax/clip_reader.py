@@ -11,7 +11,7 @@ that hold no target frame are decoded with `skip_frame='NONREF'` (the decoder dr
 other frame refers to them) -- or, with exact_frames=False, no B-frame is decoded at all and each
 target takes the nearest I/P frame. Only the chosen frames are converted to grey, in swscale, at a
 working size; faces are detected on a smaller copy of two to four probe frames and the boxes
-interpolated between them. Measured costs: benchmarks/results/data_throughput.json.
+interpolated between them (mer_jax/face_crop.py). Measured costs: benchmarks/results/data_throughput.json.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import warnings
 import av
 import cv2
 import numpy as np
+
+from mer_jax import face_crop as face_crop_lib
 
 # Reasons (stable strings; the report counts them).
 MISSING_FILE = "missing_file"
@@ -42,9 +44,6 @@ AUDIO_DECODE_ERROR = "audio_decode_error"
 AUDIO_ENDS_EARLY = "audio_ends_early"  # > 0.5 s less audio than the stream says it holds
 READER_CRASHED = "reader_crashed"  # the decoder killed its worker process on this file, twice
 
-HAAR_CASCADE_FILE = "haarcascade_frontalface_default.xml"
-
-
 @dataclasses.dataclass(frozen=True)
 class ClipReadConfig:
     """How a clip is read. Every field can change the frames a model sees, so training and serving
@@ -59,7 +58,7 @@ class ClipReadConfig:
     max_clip_seconds: float = 60.0
     work_height: int = 360  # grey frames are cut from a copy of this height (swscale)
     detect_height: int = 120  # faces are searched on a copy of this height (min face: 24 px = 1/5)
-    face_probes: int = 4  # at most this many frames are searched for a face (see face_boxes)
+    face_probes: int = 4  # at most this many frames are searched for a face (see face_crop.face_boxes)
     face_reuse_seconds: float = 1.0  # a probe without a face borrows the nearest box this close
     face_margin: float = 1.4  # crop side = margin * Haar box side (the box is tight on eyes-mouth)
     seek_gap_seconds: float = 1.5  # seek when the next target is further ahead than this
@@ -97,132 +96,6 @@ def empty_clip(config: ClipReadConfig, problems: list[str], duration: float = 0.
         face_found=np.zeros((t,), bool),
         audio=np.zeros((0,), np.int16),
         has_video=False, has_audio=False, duration=float(duration), problems=list(problems))
-
-
-# ----------------------------------------------------------------------------------------- faces
-
-class FaceDetectorUnavailable(RuntimeError):
-    pass
-
-
-_CASCADE = None
-
-
-def face_detector():
-    """OpenCV's bundled frontal-face Haar cascade, loaded once per process."""
-    global _CASCADE
-    if _CASCADE is None:
-        path = os.path.join(getattr(getattr(cv2, "data", None), "haarcascades", ""), HAAR_CASCADE_FILE)
-        if not hasattr(cv2, "CascadeClassifier") or not os.path.exists(path):
-            raise FaceDetectorUnavailable(
-                f"OpenCV {cv2.__version__} has no Haar cascade (cv2.CascadeClassifier and "
-                f"cv2.data.haarcascades/{HAAR_CASCADE_FILE}); OpenCV 5 moved them out of the wheel. "
-                "Install opencv-python-headless==4.14.0.94 (see requirements.txt), or read clips with "
-                "ClipReadConfig(face_crop=False) for centre crops.")
-        cascade = cv2.CascadeClassifier(path)
-        if cascade.empty():
-            raise FaceDetectorUnavailable(f"Could not load the Haar cascade {path}; reinstall opencv.")
-        _CASCADE = cascade
-    return _CASCADE
-
-
-def face_detector_available() -> bool:
-    try:
-        face_detector()
-        return True
-    except FaceDetectorUnavailable:
-        return False
-
-
-def _largest_face(grey: np.ndarray, config: ClipReadConfig):
-    """(cx, cy, side) of the largest face in `grey` (work-size pixels), or None."""
-    scale = min(1.0, config.detect_height / grey.shape[0])
-    small = grey
-    if scale < 1.0:
-        size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
-        small = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
-    # scaleFactor 1.1: coarser steps (1.2, 1.3) missed half the faces in our measurements.
-    boxes = face_detector().detectMultiScale(small, scaleFactor=1.1, minNeighbors=3, minSize=(24, 24))
-    if len(boxes) == 0:
-        return None
-    x, y, w, h = max(boxes, key=lambda b: b[2] * b[3])
-    return np.array([(x + w / 2) / scale, (y + h / 2) / scale, max(w, h) / scale])
-
-
-def _square_crop(grey: np.ndarray, cx: float, cy: float, side: float, out: int) -> np.ndarray:
-    """Square of `side` centred at (cx, cy), shifted to stay inside the image, resized to out x out."""
-    h, w = grey.shape
-    side = max(1, int(round(min(side, h, w))))
-    x0 = int(round(min(max(cx - side / 2, 0), w - side)))
-    y0 = int(round(min(max(cy - side / 2, 0), h - side)))
-    crop = grey[y0:y0 + side, x0:x0 + side]
-    interp = cv2.INTER_AREA if side >= out else cv2.INTER_LINEAR
-    return cv2.resize(crop, (out, out), interpolation=interp)
-
-
-def _same_face(a, b) -> bool:
-    """Both None, or boxes whose centres and sizes differ by under a third of the face size."""
-    if a is None or b is None:
-        return a is None and b is None
-    side = max(a[2], b[2])
-    return np.hypot(a[0] - b[0], a[1] - b[1]) < side / 3 and abs(a[2] - b[2]) < side / 3
-
-
-def face_boxes(greys: list[np.ndarray], times: np.ndarray, config: ClipReadConfig) -> list:
-    """One (cx, cy, side) box or None per frame, from Haar detections on at most
-    config.face_probes frames (all of them when face_probes >= T).
-
-    Probes the first and last frame, then bisects (breadth first) only the intervals whose ends
-    disagree: a steady shot (most utterances) costs two detections. A probe with no face borrows the
-    nearest probe's box within config.face_reuse_seconds (the cascade misses a turned or blurred
-    face now and then; the crop should not flicker). Frames between two probes with boxes get their
-    linear interpolation; others take the nearest probe's box.
-    """
-    t = len(greys)
-    if config.face_probes >= t:  # every frame
-        found = {i: _largest_face(greys[i], config) for i in range(t)}
-    else:
-        found = {i: _largest_face(greys[i], config) for i in sorted({0, t - 1})}
-    queue = [(0, t - 1)]
-    while queue and len(found) < config.face_probes:
-        lo, hi = queue.pop(0)
-        if hi - lo < 2 or _same_face(found[lo], found[hi]):
-            continue
-        mid = (lo + hi) // 2
-        found[mid] = _largest_face(greys[mid], config)
-        queue += [(lo, mid), (mid, hi)]
-    probes = sorted(found)
-    hits = [i for i in probes if found[i] is not None]
-    box = {}
-    for i in probes:
-        near = min(hits, key=lambda j: abs(times[j] - times[i]), default=None)
-        ok = near is not None and abs(times[near] - times[i]) <= config.face_reuse_seconds
-        box[i] = found[near] if ok else None
-    out = []
-    for i in range(t):
-        before = max(j for j in probes if j <= i)
-        after = min(j for j in probes if j >= i)
-        if before != after and box[before] is not None and box[after] is not None:
-            w = (i - before) / (after - before)
-            out.append((1 - w) * box[before] + w * box[after])
-        else:
-            out.append(box[before if i - before <= after - i else after])
-    return out
-
-
-def crop_frames(greys: list[np.ndarray], times: np.ndarray, config: ClipReadConfig):
-    """Work-size grey frames -> ((T, S, S, 1) uint8 crops, (T,) bool face_found)."""
-    t, s = len(greys), config.frame_size
-    boxes = face_boxes(greys, times, config) if config.face_crop else [None] * t
-    frames = np.zeros((t, s, s, 1), np.uint8)
-    for i, grey in enumerate(greys):
-        h, w = grey.shape
-        if boxes[i] is None:
-            cx, cy, side = w / 2, h / 2, min(h, w)
-        else:
-            cx, cy, side = boxes[i][0], boxes[i][1], boxes[i][2] * config.face_margin
-        frames[i, :, :, 0] = _square_crop(grey, cx, cy, side, s)
-    return frames, np.array([b is not None for b in boxes], bool)
 
 
 # ----------------------------------------------------------------------------------------- video
@@ -429,14 +302,14 @@ def _open(path: str):
 def read_clip(path: str, config: ClipReadConfig = ClipReadConfig()) -> ClipData:
     """Read `path` into a ClipData; never raises on bad media (reasons go to `problems`).
 
-    Raises FaceDetectorUnavailable only when config.face_crop is set and OpenCV has no Haar cascade
-    (an environment problem, said before any clip is read).
+    Raises face_crop.FaceDetectorUnavailable only when config.face_crop is set and OpenCV has no Haar
+    cascade (an environment problem, said before any clip is read).
     """
     if config.face_crop:
-        face_detector()
+        face_crop_lib.face_detector()
     try:
         return _read_clip(str(path), config)
-    except FaceDetectorUnavailable:
+    except face_crop_lib.FaceDetectorUnavailable:
         raise
     except Exception as err:  # a reader bug must not stop a 10,000-clip preparation: report it
         return empty_clip(config, [f"reader_error:{type(err).__name__}"])
@@ -481,7 +354,7 @@ def _read_clip(path: str, config: ClipReadConfig) -> ClipData:
         if video is not None:
             greys = _decode_video(container, video, clip.frame_times, config, problems)
             if any(g is not None for g in greys):
-                clip.frames, clip.face_found = crop_frames(greys, clip.frame_times, config)
+                clip.frames, clip.face_found = face_crop_lib.crop_frames(greys, clip.frame_times, config)
                 clip.has_video = True
             elif VIDEO_DECODE_ERROR not in problems:
                 problems.append(NO_VIDEO_FRAMES)
@@ -522,7 +395,7 @@ def read_clips(paths, config: ClipReadConfig = ClipReadConfig(), workers: int | 
     paths = [str(p) for p in paths]
     workers = min(workers or os.cpu_count() or 1, max(1, len(paths)))
     if config.face_crop:
-        face_detector()  # fail here, with the fix in the message, not inside every worker
+        face_crop_lib.face_detector()  # fail here, with the fix in the message, not inside every worker
     if workers <= 1:
         for path in paths:
             yield read_clip(path, config)

@@ -87,7 +87,7 @@ def _example_loss_fn(task: str):
 def train_collection(tasks: Sequence[str], frame_relevance: bool = False):
   """clu Collection class for training. Model outputs it reads: `loss` (), `loss/<task>` (),
   `grad_norm` (), `logits/<task>` (B, C), `labels/<task>` (B,), `example_mask` (B,); with `frame_relevance`
-  also `loss/frame_evidence`, `loss/frame_head` and `loss/frame_scorer` () (train.frame_selection_loss)."""
+  also `loss/frame_evidence`, `loss/frame_head` and `loss/frame_scorer` () (losses.frame_selection_loss)."""
   fields: dict[str, Any] = {"loss": clu_metrics.Average.from_output("loss"),
                             "grad_norm": clu_metrics.Average.from_output("grad_norm")}
   if frame_relevance:

@@ -11,9 +11,10 @@ import pytest
 
 from benchmarks.data_throughput import write_clip
 from mer_jax import clip_reader as cr
+from mer_jax import face_crop
 
 needs_haar = pytest.mark.skipif(
-    not cr.face_detector_available(),
+    not face_crop.face_detector_available(),
     reason="OpenCV without the Haar cascade (opencv 5 dropped it): pin opencv-python-headless 4.x")
 
 FAST = cr.ClipReadConfig(num_frames=6, frame_size=48, face_crop=False)
@@ -175,9 +176,9 @@ def test_read_clips_in_a_pool_matches_serial_reads(clips):
 
 
 def test_missing_haar_cascade_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(cr, "_CASCADE", None)
-    monkeypatch.setattr(cr, "HAAR_CASCADE_FILE", "no_such_cascade.xml")
-    with pytest.raises(cr.FaceDetectorUnavailable, match="opencv-python-headless"):
+    monkeypatch.setattr(face_crop, "_CASCADE", None)
+    monkeypatch.setattr(face_crop, "HAAR_CASCADE_FILE", "no_such_cascade.xml")
+    with pytest.raises(face_crop.FaceDetectorUnavailable, match="opencv-python-headless"):
         cr.read_clip("whatever.mp4", cr.ClipReadConfig())
     assert cr.read_clip("whatever.mp4", FAST).problems == ["missing_file"]  # no face crop: fine
 

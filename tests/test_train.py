@@ -28,6 +28,7 @@ import launch
 from configs import tiny
 from mer_jax import checkpoint
 from mer_jax import input_pipeline
+from mer_jax import losses as losses_lib
 from mer_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,17 +92,17 @@ def test_task_loss_ignores_unlabeled_and_padding_rows():
   log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   keep = (labels >= 0) & mask
   ce = -log_p[np.arange(6), np.maximum(labels, 0)]
-  loss, per_row = train.task_loss(logits, labels, mask)
+  loss, per_row = losses_lib.task_loss(logits, labels, mask)
   assert float(loss) == pytest.approx(ce[keep].mean(), rel=1e-6)
   np.testing.assert_allclose(per_row, np.where(keep, ce, 0.0), rtol=1e-6)
   weights = np.array([1.0, 2.0, 3.0, 0.5])
-  loss, _ = train.task_loss(logits, labels, mask, class_weights=tuple(weights))
+  loss, _ = losses_lib.task_loss(logits, labels, mask, class_weights=tuple(weights))
   w = weights[np.maximum(labels, 0)] * keep
   assert float(loss) == pytest.approx((w * ce).sum() / w.sum(), rel=1e-6)
   smoothed = (1 - 0.1) * ce + 0.1 * -log_p.mean(-1)
-  loss, _ = train.task_loss(logits, labels, mask, label_smoothing=0.1)
+  loss, _ = losses_lib.task_loss(logits, labels, mask, label_smoothing=0.1)
   assert float(loss) == pytest.approx(smoothed[keep].mean(), rel=1e-5)
-  loss, _ = train.task_loss(logits, -np.ones(6, int), mask)
+  loss, _ = losses_lib.task_loss(logits, -np.ones(6, int), mask)
   assert float(loss) == 0.0  # no labelled row: no signal, no NaN
 
 
@@ -118,12 +119,12 @@ def test_frame_selection_loss_pulls_the_scorer_to_the_frames_whose_evidence_agre
   labels = jnp.asarray([2, 2, -1])
   scores = jnp.zeros((3, 4))
   valid = jnp.asarray([True, True, True])
-  losses = train.frame_selection_loss(jnp.asarray(evidence), jnp.asarray(relevance), scores, labels, valid)
+  losses = losses_lib.frame_selection_loss(jnp.asarray(evidence), jnp.asarray(relevance), scores, labels, valid)
   log_p = lambda logits: jax.nn.log_softmax(logits[:2], axis=-1)[..., 2]
   np.testing.assert_allclose(losses["evidence"], -np.mean(log_p(evidence)), rtol=1e-5)
   np.testing.assert_allclose(losses["head"], -np.mean(log_p(relevance)), rtol=1e-5)
-  scorer_loss = lambda s: train.frame_selection_loss(jnp.asarray(evidence), jnp.asarray(relevance), s, labels,
-                                                     valid)["scorer"]
+  scorer_loss = lambda s: losses_lib.frame_selection_loss(jnp.asarray(evidence), jnp.asarray(relevance), s,
+                                                          labels, valid)["scorer"]
   grad = jax.grad(scorer_loss)(scores)
   # Descending the loss raises the frames that show the label and lowers the others, in every frame.
   assert np.all(grad[0, [1, 3]] < 0) and np.all(grad[0, [0, 2]] > 0)
@@ -133,8 +134,8 @@ def test_frame_selection_loss_pulls_the_scorer_to_the_frames_whose_evidence_agre
   agreeing = jnp.asarray([[-5.0, 5.0, -5.0, 5.0], [5.0, -5.0, 5.0, -5.0], [0, 0, 0, 0]])
   assert scorer_loss(agreeing) < scorer_loss(scores) < scorer_loss(-agreeing)
   # The scorer's targets carry no gradient into the evidence head.
-  evidence_grad = jax.grad(lambda e: train.frame_selection_loss(e, jnp.asarray(relevance), agreeing, labels,
-                                                                valid)["scorer"])(jnp.asarray(evidence))
+  evidence_grad = jax.grad(lambda e: losses_lib.frame_selection_loss(e, jnp.asarray(relevance), agreeing,
+                                                                     labels, valid)["scorer"])(jnp.asarray(evidence))
   np.testing.assert_array_equal(evidence_grad, 0.0)
 
 
@@ -159,14 +160,14 @@ def test_modality_dropout_never_drops_both():
   has_video = np.arange(n) % 7 != 0
   has_audio = np.arange(n) % 5 != 0
   batch = {"has_video": has_video, "has_audio": has_audio}
-  out = train.modality_dropout(batch, jax.random.key(0), 0.2)
+  out = losses_lib.modality_dropout(batch, jax.random.key(0), 0.2)
   video, audio = np.asarray(out["has_video"]), np.asarray(out["has_audio"])
   assert not np.any(video & ~has_video) and not np.any(audio & ~has_audio)  # never adds a modality
   assert np.all((video | audio)[has_video | has_audio])  # an example keeps at least one modality
   both = has_video & has_audio
   assert np.mean(~video[both]) == pytest.approx(0.2, abs=0.02)
   assert np.mean(~audio[both]) == pytest.approx(0.2, abs=0.02)
-  assert train.modality_dropout(batch, jax.random.key(0), 0.0) is batch
+  assert losses_lib.modality_dropout(batch, jax.random.key(0), 0.0) is batch
 
 
 def test_learning_rate_warmup_then_cosine():
@@ -191,9 +192,9 @@ def test_config_differences_name_the_fields():
 
 def test_balanced_class_weights(data_dir):
   config = tiny_config(data_dir, class_weights="balanced")
-  counts = train.label_counts(config, data_dir, "train")
+  counts = losses_lib.label_counts(config, data_dir, "train")
   assert counts["emotion"].sum() == 12 and counts["sentiment"].sum() == 12
-  weights = train.class_weights_for(config, data_dir)
+  weights = losses_lib.class_weights_for(config, data_dir)
   for task, task_counts in counts.items():
     present = task_counts > 0
     want = task_counts.sum() / (len(task_counts) * task_counts[present])
