@@ -20,7 +20,7 @@ def _label_log_probs(logits, labels):
 
 
 def frame_selection_loss(evidence_logits, relevance_logits, scores, labels, valid):
-  """`mer_jax.train.frame_selection_loss`: {'evidence', 'head', 'scorer'} losses."""
+  """`mer_jax.losses.frame_selection_loss`: {'evidence', 'head', 'scorer'} losses."""
   valid = valid & (labels >= 0)
   weights = valid.float()
   count = weights.sum().clamp_min(1.0)

@@ -80,11 +80,11 @@ class EmotionModel(nn.Module):
     backbone = mobilenet_v3.MobileNetV3Small(dtype=dtype, name="backbone")
     frame_projection = nn.Dense(width, dtype=dtype, name="frame_projection")
     if config.selection == "topk":
-      selected, frame_scores, selected_indices = selector(frames, scorer_text, has_video)
+      selected, frame_scores, selected_indices = selector(frames, scorer_text, has_video, train=train)
       chosen = selected.shape[1]
     elif config.selection == "soft":
       # Ablation: no hard choice, every frame goes through the backbone, weighted by softmax(scores).
-      _, frame_scores, selected_indices = selector(frames, scorer_text, has_video)
+      _, frame_scores, selected_indices = selector(frames, scorer_text, has_video, train=train)
       selected, chosen = frames.astype(dtype), num_frames
     else:
       raise ValueError(f"Unknown config.model.selection {config.selection!r}; use 'topk' or 'soft'.")
@@ -100,7 +100,7 @@ class EmotionModel(nn.Module):
       # What frames say on their own about the primary task (the first): every frame through a trunk as
       # cheap as the scorer's (its agreement with the clip's label is the scorer's training target), and
       # each chosen frame's backbone token (asking them for the label keeps the backbone learning while the
-      # text alone can fit the training labels). See train.frame_selection_loss. Training aids: inference
+      # text alone can fit the training labels). See losses.frame_selection_loss. Training aids: inference
       # skips the evidence trunk, so it costs nothing when serving.
       primary_classes = list(config.tasks.values())[0]
       if train or self.is_initializing():

@@ -2,8 +2,8 @@
 
 The scorer looks at all T frames cheaply (a 4x-downscaled frame through three small strided convs) and asks
 the text where to look: the transcript's words (a bag of words, `WordQuery`) become a query that is matched
-against every spatial cell of every frame, and a frame's score is its best-matching cell. This lets a transcript that names a visual cue ("look at
-the triangle") find the frames that show it. The scorer costs a small fraction of one backbone frame.
+against every spatial cell of every frame, and a frame's score is its best-matching cell. This lets a
+transcript that names a visual cue ("look at the triangle") find the frames that show it. The scorer costs a small fraction of one backbone frame.
 
 Selection builds a one-hot matrix P (B, K, T) whose forward value is an exact hard choice of the K best frames
 (in time order) and whose backward pass is the gradient of a soft surrogate, softmax(scores / tau) per slot.
@@ -18,6 +18,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mer_jax import mobilenet_v3
 
 
 def hard_topk_indices(scores: jax.Array, k: int) -> jax.Array:
@@ -84,7 +86,7 @@ class WordQuery(nn.Module):
 class FrameEvidence(nn.Module):
   """What each of the T frames says on its own: (B, T, H, W, 1) uint8 -> (B, T, C) logits of the primary task.
 
-  A trunk as small as the scorer's, over every frame. Training (train.frame_selection_loss) asks every frame
+  A trunk as small as the scorer's, over every frame. Training (losses.frame_selection_loss) asks every frame
   for the clip's label; frames whose own evidence agrees with the label become the scorer's targets. It
   stays separate from the scorer's trunk: sharing it slowed the scorer's learning 2x on the demo corpus.
   """
@@ -96,7 +98,8 @@ class FrameEvidence(nn.Module):
   @nn.compact
   def __call__(self, frames):
     batch, num_frames = frames.shape[:2]
-    x = _scorer_trunk(frames, self.channels, self.downscale, self.dtype)
+    # A training aid only (inference skips it), so on CPU it always takes the training formulation.
+    x = _scorer_trunk(frames, self.channels, self.downscale, self.dtype, train=True)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(jnp.mean(x, axis=(1, 2)))
     return logits.reshape(batch, num_frames, self.num_classes).astype(jnp.float32)
 
@@ -120,11 +123,19 @@ def downscaled_pixels(frames: jax.Array, downscale: int, dtype: Any) -> jax.Arra
   return (total / downscale ** 2 - 127.5) / 64.0
 
 
-def _scorer_trunk(frames, channels, downscale, dtype):
-  """(B, T, H, W, 1) uint8 -> (B*T, h, w, channels[-1]): centred, average-pooled pixels; 3x3 stride-2 convs."""
+def _scorer_trunk(frames, channels, downscale, dtype, *, train: bool):
+  """(B, T, H, W, 1) uint8 -> (B*T, h, w, channels[-1]): centred, average-pooled pixels; 3x3 stride-2 convs.
+
+  The first conv reads one grey channel; training on CPU runs it as `mobilenet_v3.SingleChannelConv` (same
+  parameters), which XLA:CPU runs ~7x faster than nn.Conv's generic path.
+  """
   x = downscaled_pixels(frames, downscale, dtype)
   for index, features in enumerate(channels):
-    x = nn.Conv(features, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=dtype, name=f"conv{index}")(x)
+    if index == 0 and x.shape[-1] == 1 and mobilenet_v3.cpu_training(train):
+      x = mobilenet_v3.SingleChannelConv(features, 3, 2, dtype=dtype, name=f"conv{index}")(x)
+    else:
+      x = nn.Conv(features, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=dtype,
+                  name=f"conv{index}")(x)
     x = nn.hard_swish(x)
   return x
 
@@ -141,9 +152,9 @@ class FrameScorer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, frames, text_vector):
+  def __call__(self, frames, text_vector, *, train: bool = False):
     batch, num_frames = frames.shape[:2]
-    x = _scorer_trunk(frames, self.channels, self.downscale, self.dtype)
+    x = _scorer_trunk(frames, self.channels, self.downscale, self.dtype, train=train)
     keys = nn.Dense(self.query_dim, dtype=self.dtype, name="keys")(x)  # (B*T, h, w, Q)
     keys = keys.reshape(batch, num_frames, -1, self.query_dim)
     query = nn.Dense(self.query_dim, dtype=self.dtype, name="query")(text_vector.astype(self.dtype))
@@ -166,12 +177,12 @@ class TopKFrameSelector(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, frames, text_vector, has_video):
+  def __call__(self, frames, text_vector, has_video, *, train: bool = False):
     num_frames = frames.shape[1]
     if not 1 <= self.k <= num_frames:
       raise ValueError(f"top_k={self.k} must be between 1 and the number of frames ({num_frames}).")
     scores = FrameScorer(self.scorer_channels, self.scorer_query_dim, self.scorer_downscale,
-                         dtype=self.dtype, name="scorer")(frames, text_vector)
+                         dtype=self.dtype, name="scorer")(frames, text_vector, train=train)
     scores = jnp.where(has_video[:, None], scores, 0.0)
     selection = straight_through_topk(scores, self.k, self.temperature)
     indices = jnp.argmax(selection, axis=-1).astype(jnp.int32)

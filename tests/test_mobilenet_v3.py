@@ -178,9 +178,40 @@ def test_pointwise_conv_equals_nn_conv_forward_and_backward():
   assert bf16.dtype == jnp.bfloat16
 
 
-def test_backbone_train_gradients_do_not_depend_on_the_pointwise_path(backbone_and_variables, monkeypatch):
-  """On the CPU, training takes PointwiseConv for the 1x1 convs; the nn.Conv path (other backends) gives the
-  same loss and parameter gradients."""
+@pytest.mark.parametrize("height,width,kernel_size,stride,use_bias", [
+    (12, 12, 3, 2, False), (9, 7, 3, 2, True), (8, 11, 3, 1, True), (10, 10, 5, 2, False)])
+def test_single_channel_conv_equals_nn_conv_forward_and_backward(height, width, kernel_size, stride, use_bias):
+  """The grey-input conv as shifted slices is nn.Conv's math and parameters: same variables (shapes and
+  initial values), same outputs, same kernel, bias and input gradients, odd sizes included."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(3, height, width, 1)), jnp.float32)
+  pad = (kernel_size - 1) // 2
+  ours = mobilenet_v3.SingleChannelConv(6, kernel_size, stride, use_bias=use_bias)
+  reference = nn.Conv(6, (kernel_size, kernel_size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                      use_bias=use_bias)
+  variables = ours.init(jax.random.key(4), x)
+  reference_variables = reference.init(jax.random.key(4), x)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, reference_variables)
+  np.testing.assert_array_equal(variables["params"]["kernel"], reference_variables["params"]["kernel"])
+  params = jax.tree.map(lambda v: v + 0.1, variables["params"])  # a non-zero bias
+
+  def loss(module, params, inputs):
+    return jnp.sum(jnp.sin(module.apply({"params": params}, inputs)) * jnp.arange(6.0))
+
+  np.testing.assert_allclose(ours.apply({"params": params}, x), reference.apply({"params": params}, x),
+                             rtol=1e-5, atol=1e-5)
+  ours_grads = jax.grad(loss, argnums=(1, 2))(ours, params, x)
+  reference_grads = jax.grad(loss, argnums=(1, 2))(reference, params, x)
+  for got, expected in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(reference_grads)):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(ours_grads[0]["kernel"]).max()) > 0.1 and float(jnp.abs(ours_grads[1]).max()) > 0.1
+  with pytest.raises(ValueError, match="N, H, W, 1"):
+    ours.apply({"params": params}, jnp.zeros((1, height, width, 2)))
+
+
+def test_backbone_train_gradients_do_not_depend_on_the_cpu_paths(backbone_and_variables, monkeypatch):
+  """On the CPU, training takes PointwiseConv for the 1x1 convs and SingleChannelConv for the grey stem; the
+  nn.Conv path (other backends) gives the same loss and parameter gradients."""
   backbone, variables, images = backbone_and_variables
 
   def loss(params):

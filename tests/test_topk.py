@@ -126,3 +126,31 @@ def test_downscaled_pixels_equal_average_pooling_of_centred_pixels(shape, downsc
   assert got.shape == (shape[0] * shape[1], shape[2] // downscale, shape[3] // downscale, 1)
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
   assert float(jnp.std(got)) > 0.1  # varied pixels, not a constant image
+
+
+def test_scorer_training_path_equals_the_evaluation_path():
+  """Training on the CPU runs the scorer's grey first conv as shifted slices (SingleChannelConv); evaluation
+  and export keep nn.Conv. Both read the same parameters and give the same scores and gradients."""
+  scorer = topk.FrameScorer(channels=(4, 8, 8), query_dim=8, downscale=2)
+  rng = np.random.default_rng(5)
+  frames = jnp.asarray(rng.integers(0, 256, (2, 3, 24, 20, 1)), jnp.uint8)
+  text = jnp.asarray(rng.normal(size=(2, 16)), jnp.float32)
+  variables = scorer.init(jax.random.key(0), frames, text)
+  train_variables = scorer.init(jax.random.key(0), frames, text, train=True)
+  assert jax.tree.structure(train_variables) == jax.tree.structure(variables)
+  for got, expected in zip(jax.tree.leaves(train_variables), jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(got, expected)
+
+  def loss(params, train):
+    scores = scorer.apply({"params": params}, frames, text, train=train)
+    return jnp.sum(jnp.sin(scores) * jnp.arange(3.0)), scores
+
+  (_, eval_scores), eval_grads = jax.value_and_grad(loss, has_aux=True)(variables["params"], False)
+  (_, train_scores), train_grads = jax.value_and_grad(loss, has_aux=True)(variables["params"], True)
+  # The two paths really differ: only the training one convolves the grey pixels without a conv op.
+  convs = lambda train: str(jax.make_jaxpr(lambda p: loss(p, train))(variables["params"])).count("conv_general")
+  assert convs(True) < convs(False)
+  np.testing.assert_allclose(train_scores, eval_scores, rtol=1e-5, atol=1e-5)
+  for got, expected in zip(jax.tree.leaves(train_grads), jax.tree.leaves(eval_grads)):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+  assert float(jnp.abs(train_grads["conv0"]["kernel"]).max()) > 1e-3
