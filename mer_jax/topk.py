@@ -3,7 +3,8 @@
 The scorer looks at all T frames cheaply (a 4x-downscaled frame through three small strided convs) and asks
 the text where to look: the transcript's words (a bag of words, `WordQuery`) become a query that is matched
 against every spatial cell of every frame, and a frame's score is its best-matching cell. This lets a
-transcript that names a visual cue ("look at the triangle") find the frames that show it. The scorer costs a small fraction of one backbone frame.
+transcript that names a visual cue ("look at the triangle") find the frames that show it.
+The scorer costs a small fraction of one backbone frame.
 
 Selection builds a one-hot matrix P (B, K, T) whose forward value is an exact hard choice of the K best frames
 (in time order) and whose backward pass is the gradient of a soft surrogate, softmax(scores / tau) per slot.
