@@ -107,22 +107,24 @@ def grouped_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: in
 
 @contextlib.contextmanager
 def export_friendly_ops():
-  """While tracing an export: top-k without sort (its forward value), depthwise convs as grouped convs.
+  """While tracing an export: top-k without sort (its forward value), depthwise convs as grouped convs,
+  grey-input convs as plain convs.
 
   Export needs no gradient, and a fresh plain function (not the custom_vjp, whose traced forward jax may
   cache) guarantees the sort-free version is the one traced. Both compute the same values (test_export).
   """
-  originals = topk.straight_through_topk, mobilenet_v3.depthwise_conv
+  originals = topk.straight_through_topk, mobilenet_v3.depthwise_conv, mobilenet_v3.single_channel_conv
 
   def forward_only(scores, k, temperature):
     del temperature
     return jax.nn.one_hot(sort_free_topk_indices(scores, k), scores.shape[-1], dtype=scores.dtype)
 
   topk.straight_through_topk, mobilenet_v3.depthwise_conv = forward_only, grouped_depthwise_conv
+  mobilenet_v3.single_channel_conv = mobilenet_v3.plain_conv
   try:
     yield
   finally:
-    topk.straight_through_topk, mobilenet_v3.depthwise_conv = originals
+    topk.straight_through_topk, mobilenet_v3.depthwise_conv, mobilenet_v3.single_channel_conv = originals
 
 
 def _int8_embedding_interceptor(next_fun, args, kwargs, context):

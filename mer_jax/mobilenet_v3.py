@@ -237,7 +237,8 @@ class PointwiseConv(nn.Module):
     return pointwise_conv(x.astype(self.dtype), kernel.reshape(kernel.shape[2:]).astype(self.dtype))
 
 
-def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+def plain_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  """(N, H, W, Ci) x (k, k, Ci, Co) -> (N, Ho, Wo, Co): XLA's conv, `pad` on each side (nn.Conv's math)."""
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -250,7 +251,8 @@ def single_channel_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) 
   XLA:CPU runs a conv with a single input channel (grey pixels) through its generic path at a few GFLOP/s:
   the stem on 128 frames of 112 px took 13 ms on 2 cores, the slices, fused into one loop, 1.8 ms. The
   slices' autodiff kernel gradient would be k*k strided reductions that XLA copies out first, so the
-  backward stays the conv's (the same values as nn.Conv's gradients).
+  backward stays the conv's (the same values as nn.Conv's gradients). Export traces `plain_conv` instead
+  (export.export_friendly_ops): edge runtimes have fast conv kernels.
   """
   return shifted_slices_conv(x, kernel, stride, pad)
 
@@ -261,7 +263,7 @@ def _single_channel_conv_forward(x, kernel, stride, pad):
 
 def _single_channel_conv_backward(stride, pad, residuals, output_grad):
   x, kernel = residuals
-  _, conv_vjp = jax.vjp(lambda x, kernel: _xla_conv(x, kernel, stride, pad), x, kernel)
+  _, conv_vjp = jax.vjp(lambda x, kernel: plain_conv(x, kernel, stride, pad), x, kernel)
   return conv_vjp(output_grad)
 
 
@@ -290,9 +292,9 @@ class SingleChannelConv(nn.Module):
     return y
 
 
-def cpu_training(train: bool) -> bool:
-  """Whether the CPU-only training formulations apply (evaluation, export and GPUs/TPUs keep nn.Conv)."""
-  return train and jax.default_backend() == "cpu"
+def on_cpu() -> bool:
+  """Whether the CPU formulations apply (`SingleChannelConv`; `PointwiseConv` when training)."""
+  return jax.default_backend() == "cpu"
 
 
 class ConvBatchNorm(nn.Module):
@@ -309,10 +311,10 @@ class ConvBatchNorm(nn.Module):
     pad = (self.kernel - 1) // 2
     if self.groups > 1 and self.groups == self.features == x.shape[-1]:
       x = DepthwiseConv(self.kernel, self.stride, dtype=self.dtype, name="conv")(x)
-    elif cpu_training(train) and self.kernel == 1 and self.stride == 1 and self.groups == 1:
+    elif train and on_cpu() and self.kernel == 1 and self.stride == 1 and self.groups == 1:
       # Same parameter as the nn.Conv below (evaluation and export keep that one); only gradients differ.
       x = PointwiseConv(self.features, dtype=self.dtype, name="conv")(x)
-    elif cpu_training(train) and self.groups == 1 and x.shape[-1] == 1:  # the stem, on grey frames
+    elif on_cpu() and self.groups == 1 and x.shape[-1] == 1:  # the stem, on grey frames
       x = SingleChannelConv(self.features, self.kernel, self.stride, use_bias=False, dtype=self.dtype,
                             name="conv")(x)
     else:

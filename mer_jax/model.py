@@ -80,11 +80,11 @@ class EmotionModel(nn.Module):
     backbone = mobilenet_v3.MobileNetV3Small(dtype=dtype, name="backbone")
     frame_projection = nn.Dense(width, dtype=dtype, name="frame_projection")
     if config.selection == "topk":
-      selected, frame_scores, selected_indices = selector(frames, scorer_text, has_video, train=train)
+      selected, frame_scores, selected_indices = selector(frames, scorer_text, has_video)
       chosen = selected.shape[1]
     elif config.selection == "soft":
       # Ablation: no hard choice, every frame goes through the backbone, weighted by softmax(scores).
-      _, frame_scores, selected_indices = selector(frames, scorer_text, has_video, train=train)
+      _, frame_scores, selected_indices = selector(frames, scorer_text, has_video)
       selected, chosen = frames.astype(dtype), num_frames
     else:
       raise ValueError(f"Unknown config.model.selection {config.selection!r}; use 'topk' or 'soft'.")

@@ -99,8 +99,7 @@ class FrameEvidence(nn.Module):
   @nn.compact
   def __call__(self, frames):
     batch, num_frames = frames.shape[:2]
-    # A training aid only (inference skips it), so on CPU it always takes the training formulation.
-    x = _scorer_trunk(frames, self.channels, self.downscale, self.dtype, train=True)
+    x = _scorer_trunk(frames, self.channels, self.downscale, self.dtype)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(jnp.mean(x, axis=(1, 2)))
     return logits.reshape(batch, num_frames, self.num_classes).astype(jnp.float32)
 
@@ -124,15 +123,15 @@ def downscaled_pixels(frames: jax.Array, downscale: int, dtype: Any) -> jax.Arra
   return (total / downscale ** 2 - 127.5) / 64.0
 
 
-def _scorer_trunk(frames, channels, downscale, dtype, *, train: bool):
+def _scorer_trunk(frames, channels, downscale, dtype):
   """(B, T, H, W, 1) uint8 -> (B*T, h, w, channels[-1]): centred, average-pooled pixels; 3x3 stride-2 convs.
 
-  The first conv reads one grey channel; training on CPU runs it as `mobilenet_v3.SingleChannelConv` (same
-  parameters), which XLA:CPU runs ~7x faster than nn.Conv's generic path.
+  The first conv reads one grey channel; on CPU it runs as `mobilenet_v3.SingleChannelConv` (nn.Conv's
+  parameters), whose forward XLA:CPU runs ~7x faster than nn.Conv's generic path.
   """
   x = downscaled_pixels(frames, downscale, dtype)
   for index, features in enumerate(channels):
-    if index == 0 and x.shape[-1] == 1 and mobilenet_v3.cpu_training(train):
+    if index == 0 and x.shape[-1] == 1 and mobilenet_v3.on_cpu():
       x = mobilenet_v3.SingleChannelConv(features, 3, 2, dtype=dtype, name=f"conv{index}")(x)
     else:
       x = nn.Conv(features, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=dtype,
@@ -153,9 +152,9 @@ class FrameScorer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, frames, text_vector, *, train: bool = False):
+  def __call__(self, frames, text_vector):
     batch, num_frames = frames.shape[:2]
-    x = _scorer_trunk(frames, self.channels, self.downscale, self.dtype, train=train)
+    x = _scorer_trunk(frames, self.channels, self.downscale, self.dtype)
     keys = nn.Dense(self.query_dim, dtype=self.dtype, name="keys")(x)  # (B*T, h, w, Q)
     keys = keys.reshape(batch, num_frames, -1, self.query_dim)
     query = nn.Dense(self.query_dim, dtype=self.dtype, name="query")(text_vector.astype(self.dtype))
@@ -178,12 +177,12 @@ class TopKFrameSelector(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, frames, text_vector, has_video, *, train: bool = False):
+  def __call__(self, frames, text_vector, has_video):
     num_frames = frames.shape[1]
     if not 1 <= self.k <= num_frames:
       raise ValueError(f"top_k={self.k} must be between 1 and the number of frames ({num_frames}).")
     scores = FrameScorer(self.scorer_channels, self.scorer_query_dim, self.scorer_downscale,
-                         dtype=self.dtype, name="scorer")(frames, text_vector, train=train)
+                         dtype=self.dtype, name="scorer")(frames, text_vector)
     scores = jnp.where(has_video[:, None], scores, 0.0)
     selection = straight_through_topk(scores, self.k, self.temperature)
     indices = jnp.argmax(selection, axis=-1).astype(jnp.int32)

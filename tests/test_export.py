@@ -67,7 +67,9 @@ def test_grouped_depthwise_conv_matches_the_shifted_slices():
     np.testing.assert_allclose(got, expected, atol=1e-5)
   with export.export_friendly_ops():
     assert mobilenet_v3.depthwise_conv is export.grouped_depthwise_conv
+    assert mobilenet_v3.single_channel_conv is mobilenet_v3.plain_conv  # grey-input convs: one Conv node
   assert mobilenet_v3.depthwise_conv is not export.grouped_depthwise_conv
+  assert mobilenet_v3.single_channel_conv is not mobilenet_v3.plain_conv
 
 
 def test_fp32_mismatch_raises_and_is_recorded(tmp_path, monkeypatch):

@@ -128,29 +128,33 @@ def test_downscaled_pixels_equal_average_pooling_of_centred_pixels(shape, downsc
   assert float(jnp.std(got)) > 0.1  # varied pixels, not a constant image
 
 
-def test_scorer_training_path_equals_the_evaluation_path():
-  """Training on the CPU runs the scorer's grey first conv as shifted slices (SingleChannelConv); evaluation
-  and export keep nn.Conv. Both read the same parameters and give the same scores and gradients."""
+def test_scorer_cpu_path_equals_the_conv_path(monkeypatch):
+  """On the CPU the scorer's grey first conv runs as shifted slices (SingleChannelConv); other backends and
+  export keep nn.Conv. Both read the same parameters and give the same scores and gradients."""
   scorer = topk.FrameScorer(channels=(4, 8, 8), query_dim=8, downscale=2)
   rng = np.random.default_rng(5)
   frames = jnp.asarray(rng.integers(0, 256, (2, 3, 24, 20, 1)), jnp.uint8)
   text = jnp.asarray(rng.normal(size=(2, 16)), jnp.float32)
-  variables = scorer.init(jax.random.key(0), frames, text)
-  train_variables = scorer.init(jax.random.key(0), frames, text, train=True)
-  assert jax.tree.structure(train_variables) == jax.tree.structure(variables)
-  for got, expected in zip(jax.tree.leaves(train_variables), jax.tree.leaves(variables)):
+
+  def run():
+    variables = scorer.init(jax.random.key(0), frames, text)
+
+    def loss(params):
+      scores = scorer.apply({"params": params}, frames, text)
+      return jnp.sum(jnp.sin(scores) * jnp.arange(3.0)), scores
+
+    convs = str(jax.make_jaxpr(loss)(variables["params"])).count("conv_general_dilated")
+    (_, scores), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    return variables, scores, grads, convs
+
+  cpu_variables, cpu_scores, cpu_grads, cpu_convs = run()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  conv_variables, conv_scores, conv_grads, conv_convs = run()
+  assert cpu_convs < conv_convs  # the two runs really took different paths
+  assert jax.tree.structure(cpu_variables) == jax.tree.structure(conv_variables)
+  for got, expected in zip(jax.tree.leaves(cpu_variables), jax.tree.leaves(conv_variables)):
     np.testing.assert_array_equal(got, expected)
-
-  def loss(params, train):
-    scores = scorer.apply({"params": params}, frames, text, train=train)
-    return jnp.sum(jnp.sin(scores) * jnp.arange(3.0)), scores
-
-  (_, eval_scores), eval_grads = jax.value_and_grad(loss, has_aux=True)(variables["params"], False)
-  (_, train_scores), train_grads = jax.value_and_grad(loss, has_aux=True)(variables["params"], True)
-  # The two paths really differ: only the training one convolves the grey pixels without a conv op.
-  convs = lambda train: str(jax.make_jaxpr(lambda p: loss(p, train))(variables["params"])).count("conv_general")
-  assert convs(True) < convs(False)
-  np.testing.assert_allclose(train_scores, eval_scores, rtol=1e-5, atol=1e-5)
-  for got, expected in zip(jax.tree.leaves(train_grads), jax.tree.leaves(eval_grads)):
+  np.testing.assert_allclose(cpu_scores, conv_scores, rtol=1e-5, atol=1e-5)
+  for got, expected in zip(jax.tree.leaves(cpu_grads), jax.tree.leaves(conv_grads)):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-  assert float(jnp.abs(train_grads["conv0"]["kernel"]).max()) > 1e-3
+  assert float(jnp.abs(cpu_grads["conv0"]["kernel"]).max()) > 1e-3
