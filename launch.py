@@ -16,6 +16,10 @@ import logging as py_logging
 import os
 import sys
 
+if __name__ == "__main__":  # before the heavy imports: this may restart the interpreter
+  from mer_jax import host_memory
+  host_memory.reexec_with_huge_pages()  # ~1.6x faster CPU train steps; MER_JAX_HUGE_PAGES=0 turns it off
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -146,6 +150,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   initialize_distributed()
+  from mer_jax import host_memory
+  logging.info("Host memory: %s", "transparent huge pages (GLIBC_TUNABLES=%s)" % os.environ["GLIBC_TUNABLES"]
+               if host_memory.enabled() else "glibc's default pages (see mer_jax/host_memory.py)")
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
   if not FLAGS.verbose_checkpointing:

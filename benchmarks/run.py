@@ -8,7 +8,9 @@ state); the PyTorch side is benchmarks/torch_reference.py + torch_train.py, the 
 Each framework runs in its own worker process (benchmarks/workers.py) with the same batch and inputs;
 this process alternates timed requests between them, in rotating order, so load from other processes
 falls on both alike, and takes ratios round by round (median and spread reported). Wall time and process
-CPU time are both recorded. Timings are reported, never asserted.
+CPU time are both recorded. Timings are reported, never asserted. Both workers start with the huge-page
+malloc tunable that mer_jax's entry points set (`mer_jax.host_memory`; PyTorch's allocator gets it too);
+`--small-pages` runs both with glibc's default 4 KiB pages.
 
 Writes benchmarks/results/<machine>.json and .md (`--quick`: <machine>-quick.*) and prints the table;
 with --json the last stdout line is the whole result as one JSON object. `--quick` (batch 8, few steps,
@@ -24,6 +26,8 @@ import platform
 import subprocess
 import sys
 import time
+
+from mer_jax import host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
@@ -49,9 +53,9 @@ def median(values) -> float:
 class Worker:
   """One benchmarks.workers process; `request(op, n)` -> {'wall', 'cpu'} per call."""
 
-  def __init__(self, framework: str, spec: dict):
+  def __init__(self, framework: str, spec: dict, environ: dict):
     self.framework = framework
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO + os.pathsep + environ.get("PYTHONPATH", ""))
     self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.workers", framework, json.dumps(spec)],
                                     cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                     bufsize=1)
@@ -143,6 +147,8 @@ def measure(args) -> dict:
       "rounds": args.repeats, "num_frames": 12, "frame_size": 112, "top_k": 4, "cpu_count": os.cpu_count(),
       "cpu_model": cpu_model(), "versions": versions(), "load_average_start": os.getloadavg()[0],
   }
+  environ = dict(os.environ) if args.small_pages else host_memory.environment_with_huge_pages()
+  results["glibc_tunables"] = environ.get("GLIBC_TUNABLES", "")
   common = {"batch_size": size, "forward_sizes": forward_sizes, "time_k": list(args.time_k)}
   specs = {
       "jax": dict(common, framework="jax", flops_k=list(TOP_K_VALUES), pipeline=True,
@@ -159,7 +165,7 @@ def measure(args) -> dict:
   workers = {}
   try:
     for name, spec in specs.items():
-      workers[name] = Worker(spec.pop("framework"), spec)
+      workers[name] = Worker(spec.pop("framework"), spec, environ)
     infos = {name: worker.wait_ready() for name, worker in workers.items()}
     results["setup_wall_s"] = time.perf_counter() - started
     jax_info, torch_info = infos["jax"], infos["torch"]
@@ -259,7 +265,8 @@ def markdown(results: dict) -> str:
       f"`{r['machine']}` ({r['cpu_model']}); jax {r['versions']['jax']}, torch {r['versions']['torch']}; "
       f"torch {r['torch_threads']} threads, XLA all cores; load average {fmt(r['load_average_start'], '.1f')} at "
       f"start, {fmt(r['load_average_end'], '.1f')} at end. Edge model, T=12 frames of 112 px, K=4, batch {b}; "
-      f"one process per framework, {r['rounds']} interleaved rounds of {r['steps_per_round']} steps, medians.",
+      f"one process per framework, {r['rounds']} interleaved rounds of {r['steps_per_round']} steps, medians; "
+      f"GLIBC_TUNABLES={r.get('glibc_tunables') or '(unset: 4 KiB pages)'} in both.",
       "",
       "| | JAX | PyTorch | JAX / PyTorch |",
       "|---|---|---|---|",
@@ -312,6 +319,9 @@ def parse_args(argv):
   parser.add_argument("--steps", type=int, help="train steps per timed round")
   parser.add_argument("--repeats", type=int, help="interleaved rounds")
   parser.add_argument("--results-dir", default=RESULTS_DIR)
+  parser.add_argument("--small-pages", action="store_true",
+                      help="run both frameworks' workers without the huge-page malloc tunable that mer_jax's "
+                           "launch.py sets (mer_jax.host_memory): glibc's default 4 KiB pages")
   args = parser.parse_args(argv)
   quick = args.quick
   args.batch_size = args.batch_size or (8 if quick else 32)

@@ -19,6 +19,10 @@ import os
 import time
 from typing import Any, Sequence
 
+if __name__ == "__main__":  # before the heavy imports: this may restart the interpreter
+  from mer_jax import host_memory
+  host_memory.reexec_with_huge_pages()  # faster CPU train steps; MER_JAX_HUGE_PAGES=0 turns it off
+
 # name -> config overrides (dotted paths). K variants keep everything else; the others keep the config's K.
 VARIANTS: dict[str, dict[str, Any]] = {
     "k1": {"model.top_k": 1},

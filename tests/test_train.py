@@ -27,6 +27,7 @@ import tensorflow as tf
 import launch
 from configs import tiny
 from mer_jax import checkpoint
+from mer_jax import host_memory
 from mer_jax import input_pipeline
 from mer_jax import losses as losses_lib
 from mer_jax import train
@@ -383,7 +384,10 @@ def test_two_processes_agree(data_dir, tmp_path):
           f"--workdir={tmp_path / 'work'}", "--config.data.builder_config=demo_tiny",
           f"--config.data.data_dir={data_dir}", "--config.num_train_steps=3", "--config.log_every_steps=1",
           "--config.eval_every_steps=3", f"--coordinator_address={address}", "--num_processes=2"]
-  procs = [subprocess.Popen(args + [f"--process_id={i}"], env=_env(XLA_FLAGS=FAST_COMPILE), cwd=REPO,
+  env = _env(XLA_FLAGS=FAST_COMPILE)
+  for name in ("GLIBC_TUNABLES", host_memory.OPT_OUT):  # so that launch.py's own restart is what sets it
+    env.pop(name, None)
+  procs = [subprocess.Popen(args + [f"--process_id={i}"], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
   logs = []
   try:
@@ -397,6 +401,8 @@ def test_two_processes_agree(data_dir, tmp_path):
   for proc, log in zip(procs, logs):
     assert proc.returncode == 0, log[-3000:]
     assert "process 1 of 2" in log or "process 0 of 2" in log
+    if host_memory.supported():  # launch.py restarted itself with the huge-page malloc tunable
+      assert "Host memory: transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)" in log
     summaries.append(json.loads(re.search(r"Run summary: (\{.*\})", log).group(1)))
   assert summaries[0]["step"] == summaries[1]["step"] == 3
   assert len(summaries[0]["losses"]) == 3 and np.all(np.isfinite(summaries[0]["losses"]))
