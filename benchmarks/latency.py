@@ -95,6 +95,7 @@ def run(quick: bool = False, workdir: str | None = None, threads: int | None = N
                      "top_k": int(config.model.top_k), "quick": quick, "threads": threads,
                      "ort_graph_optimization": ort_optimization, "cpu_count": os.cpu_count(),
                      "machine": platform.machine(), "load_average_start": os.getloadavg()[0],
+                     "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                      "weights": "checkpoint" if workdir else "drawn (shapes of the model's init)"}}
   seconds = {}
   with tempfile.TemporaryDirectory() as tmp:
