@@ -150,9 +150,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   initialize_distributed()
-  from mer_jax import host_memory
-  logging.info("Host memory: %s", "transparent huge pages (GLIBC_TUNABLES=%s)" % os.environ["GLIBC_TUNABLES"]
-               if host_memory.enabled() else "glibc's default pages (see mer_jax/host_memory.py)")
+  logging.info("Host memory: GLIBC_TUNABLES=%s", os.environ.get("GLIBC_TUNABLES") or
+               "(unset: glibc's default 4 KiB pages, see mer_jax/host_memory.py)")
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
   if not FLAGS.verbose_checkpointing:

@@ -39,7 +39,7 @@ def supported() -> bool:
     return False
 
 
-def enabled(environ: Mapping[str, str] = os.environ) -> bool:
+def is_set(environ: Mapping[str, str] = os.environ) -> bool:
   """Whether `environ` already sets the tunable (to any value: a user's own choice wins)."""
   return any(item.split("=")[0] == TUNABLE for item in environ.get("GLIBC_TUNABLES", "").split(":") if item)
 
@@ -51,7 +51,7 @@ def wanted(environ: Mapping[str, str] = os.environ) -> bool:
 def environment_with_huge_pages(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
   """A copy of `environ` with the tunable added to GLIBC_TUNABLES (other tunables kept), for a subprocess."""
   environment = dict(environ)
-  if wanted(environ) and not enabled(environ):
+  if wanted(environ) and not is_set(environ):
     existing = environ.get("GLIBC_TUNABLES", "")
     environment["GLIBC_TUNABLES"] = f"{existing}:{SETTING}" if existing else SETTING
   return environment
@@ -63,7 +63,7 @@ def reexec_with_huge_pages() -> None:
   Call it first thing in an entry point (`if __name__ == "__main__":`), never from library code: the
   process is replaced, with the same interpreter and command line (`python -m module` included).
   """
-  if enabled() or not wanted():
+  if is_set() or not wanted():
     return
   sys.stdout.flush()
   sys.stderr.flush()

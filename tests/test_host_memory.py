@@ -18,7 +18,7 @@ def test_environment_gets_the_tunable_and_keeps_the_others(monkeypatch):
   assert got["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
   # A value the user chose wins; the opt-out and an unsupported system leave the environment as it is.
   mine = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
-  assert host_memory.enabled(mine) and host_memory.environment_with_huge_pages(mine) == mine
+  assert host_memory.is_set(mine) and host_memory.environment_with_huge_pages(mine) == mine
   assert host_memory.environment_with_huge_pages({"MER_JAX_HUGE_PAGES": "0"}) == {"MER_JAX_HUGE_PAGES": "0"}
   monkeypatch.setattr(host_memory, "supported", lambda: False)
   assert host_memory.environment_with_huge_pages({"A": "1"}) == {"A": "1"}
