@@ -237,10 +237,11 @@ class PointwiseConv(nn.Module):
     return pointwise_conv(x.astype(self.dtype), kernel.reshape(kernel.shape[2:]).astype(self.dtype))
 
 
-def plain_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-  """(N, H, W, Ci) x (k, k, Ci, Co) -> (N, Ho, Wo, Co): XLA's conv, `pad` on each side (nn.Conv's math)."""
+def plain_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int, groups: int = 1) -> jax.Array:
+  """(N, H, W, Ci) x (k, k, Ci / groups, Co) -> (N, Ho, Wo, Co): XLA's conv, `pad` on each side (nn.Conv's
+  math); what export traces for the formulations above (edge runtimes have fast conv kernels)."""
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
