@@ -18,7 +18,7 @@ import sys
 
 if __name__ == "__main__":  # before the heavy imports: this may restart the interpreter
   from mer_jax import host_memory
-  host_memory.reexec_with_huge_pages()  # ~1.6x faster CPU train steps; MER_JAX_HUGE_PAGES=0 turns it off
+  host_memory.restart_with_fast_malloc()  # faster CPU train steps; MER_JAX_MALLOC=system turns it off
 
 from absl import app
 from absl import flags
@@ -150,8 +150,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   initialize_distributed()
-  logging.info("Host memory: GLIBC_TUNABLES=%s", os.environ.get("GLIBC_TUNABLES") or
-               "(unset: glibc's default 4 KiB pages, see mer_jax/host_memory.py)")
+  from mer_jax import host_memory
+  malloc = host_memory.describe()
+  logging.info("Host malloc: %s%s", malloc, "" if malloc == "tcmalloc" else f" ({host_memory.HINT})")
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
   if not FLAGS.verbose_checkpointing:

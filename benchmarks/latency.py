@@ -22,12 +22,17 @@ import sys
 import tempfile
 import time
 
+if __name__ == "__main__":  # before the heavy imports: the same malloc as launch.py (may restart once)
+  from mer_jax import host_memory
+  host_memory.restart_with_fast_malloc()
+
 import jax
 import ml_collections
 import numpy as np
 
 from configs import default
 from mer_jax import export
+from mer_jax import host_memory
 from mer_jax import model as model_lib
 from mer_jax import predict
 
@@ -95,7 +100,7 @@ def run(quick: bool = False, workdir: str | None = None, threads: int | None = N
                      "top_k": int(config.model.top_k), "quick": quick, "threads": threads,
                      "ort_graph_optimization": ort_optimization, "cpu_count": os.cpu_count(),
                      "machine": platform.machine(), "load_average_start": os.getloadavg()[0],
-                     "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+                     "malloc": host_memory.describe(),
                      "weights": "checkpoint" if workdir else "drawn (shapes of the model's init)"}}
   seconds = {}
   with tempfile.TemporaryDirectory() as tmp:

@@ -8,9 +8,9 @@ state); the PyTorch side is benchmarks/torch_reference.py + torch_train.py, the 
 Each framework runs in its own worker process (benchmarks/workers.py) with the same batch and inputs;
 this process alternates timed requests between them, in rotating order, so load from other processes
 falls on both alike, and takes ratios round by round (median and spread reported). Wall time and process
-CPU time are both recorded. Timings are reported, never asserted. Both workers start with the huge-page
-malloc tunable that mer_jax's entry points set (`mer_jax.host_memory`; PyTorch's allocator gets it too);
-`--small-pages` runs both with glibc's default 4 KiB pages.
+CPU time are both recorded. Timings are reported, never asserted. Both workers start with the malloc that
+mer_jax's entry points choose (`mer_jax.host_memory`: tcmalloc if installed, else glibc with huge pages;
+PyTorch gets the same); `--malloc system` runs both with glibc's defaults.
 
 Writes benchmarks/results/<machine>.json and .md (`--quick`: <machine>-quick.*) and prints the table;
 with --json the last stdout line is the whole result as one JSON object. `--quick` (batch 8, few steps,
@@ -147,8 +147,8 @@ def measure(args) -> dict:
       "rounds": args.repeats, "num_frames": 12, "frame_size": 112, "top_k": 4, "cpu_count": os.cpu_count(),
       "cpu_model": cpu_model(), "versions": versions(), "load_average_start": os.getloadavg()[0],
   }
-  environ = dict(os.environ) if args.small_pages else host_memory.environment_with_huge_pages()
-  results["glibc_tunables"] = environ.get("GLIBC_TUNABLES", "")
+  environ = (host_memory.without_fast_malloc() if args.malloc == "system" else
+             host_memory.environment(dict(os.environ, **{host_memory.CHOICE: args.malloc})))
   common = {"batch_size": size, "forward_sizes": forward_sizes, "time_k": list(args.time_k)}
   specs = {
       "jax": dict(common, framework="jax", flops_k=list(TOP_K_VALUES), pipeline=True,
@@ -172,7 +172,8 @@ def measure(args) -> dict:
     results.update(jax_init_cpu_s=jax_info["init_cpu_s"], jax_train_compile_cpu_s=jax_info["train_compile_cpu_s"],
                    train_flops_per_step=jax_info["train_flops_per_step"], torch_threads=torch_info["torch_threads"],
                    xla_flags=jax_info["xla_flags"], params_torch=torch_info["params"],
-                   flops_forward_b1_by_k=jax_info["flops_forward_b1_by_k"])
+                   flops_forward_b1_by_k=jax_info["flops_forward_b1_by_k"],
+                   malloc_jax=jax_info["malloc"], malloc_torch=torch_info["malloc"])
     flops = jax_info["flops_forward_b1_by_k"]
     results["flops_ratio_k4_over_k12"] = flops["4"] / flops["12"]
 
@@ -266,7 +267,7 @@ def markdown(results: dict) -> str:
       f"torch {r['torch_threads']} threads, XLA all cores; load average {fmt(r['load_average_start'], '.1f')} at "
       f"start, {fmt(r['load_average_end'], '.1f')} at end. Edge model, T=12 frames of 112 px, K=4, batch {b}; "
       f"one process per framework, {r['rounds']} interleaved rounds of {r['steps_per_round']} steps, medians; "
-      f"GLIBC_TUNABLES={r.get('glibc_tunables') or '(unset: 4 KiB pages)'} in both.",
+      f"Host malloc: {r['malloc_jax']} (JAX); {r['malloc_torch']} (PyTorch).",
       "",
       "| | JAX | PyTorch | JAX / PyTorch |",
       "|---|---|---|---|",
@@ -319,9 +320,9 @@ def parse_args(argv):
   parser.add_argument("--steps", type=int, help="train steps per timed round")
   parser.add_argument("--repeats", type=int, help="interleaved rounds")
   parser.add_argument("--results-dir", default=RESULTS_DIR)
-  parser.add_argument("--small-pages", action="store_true",
-                      help="run both frameworks' workers without the huge-page malloc tunable that mer_jax's "
-                           "launch.py sets (mer_jax.host_memory): glibc's default 4 KiB pages")
+  parser.add_argument("--malloc", choices=host_memory.CHOICES, default="auto",
+                      help="both workers' malloc, as mer_jax.host_memory chooses for launch.py (auto: tcmalloc "
+                           "if installed, else glibc with huge pages; system: glibc's defaults)")
   args = parser.parse_args(argv)
   quick = args.quick
   args.batch_size = args.batch_size or (8 if quick else 32)

@@ -21,6 +21,8 @@ import sys
 import time
 import traceback
 
+from mer_jax import host_memory
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -328,7 +330,7 @@ def serve(framework: str, spec: dict) -> None:
     for name, op in ops.items():
       op(1)  # warm-up: first calls allocate, fill caches, trace tf.data
     info.update(setup_wall_s=time.perf_counter() - start, rss_mb_after_setup=rss_mb(),
-                xla_flags=os.environ.get("XLA_FLAGS", ""), ops=sorted(ops))
+                xla_flags=os.environ.get("XLA_FLAGS", ""), ops=sorted(ops), malloc=host_memory.describe())
     reply({"ready": True, "info": info})
     for line in sys.stdin:
       request = json.loads(line)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 if __name__ == "__main__":  # before the heavy imports: this may restart the interpreter
   from mer_jax import host_memory
-  host_memory.reexec_with_huge_pages()  # faster CPU train steps; MER_JAX_HUGE_PAGES=0 turns it off
+  host_memory.restart_with_fast_malloc()  # faster CPU train steps; MER_JAX_MALLOC=system turns it off
 
 # name -> config overrides (dotted paths). K variants keep everything else; the others keep the config's K.
 VARIANTS: dict[str, dict[str, Any]] = {

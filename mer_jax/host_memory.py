@@ -1,31 +1,69 @@
-"""Transparent huge pages for XLA:CPU's per-execution buffers, through a glibc malloc tunable.
+"""Host malloc for XLA:CPU: tcmalloc when it is installed, else glibc's transparent-huge-page tunable.
 
 XLA:CPU mallocs each execution's temporary buffer and frees it when the execution ends: 666 MB for the edge
-model's train step at batch 32. glibc serves an allocation that large with a fresh `mmap`, so every step
-touched 164,000 new 4 KiB pages, and the kernel spent ~270 ms of CPU per step zeroing and mapping them
-(2-core x86 CPU; `strace` showed one mmap/munmap pair per step). With the tunable `glibc.malloc.hugetlb=1`
-(glibc >= 2.35), malloc asks for transparent huge pages (`madvise`), a step faults ~750 2 MiB pages
-instead, and the train step went from ~430 to ~270 ms (docs/PERFORMANCE.md).
+model's train step at batch 32. glibc serves an allocation that large with a fresh `mmap` and returns it
+with `munmap`, so every step touched 164,000 new 4 KiB pages, and the kernel spent ~270 ms of CPU per step
+zeroing and mapping them (2-core x86 CPU, `strace`: one mmap/munmap pair per step). Two fixes, best first:
 
-glibc reads tunables once, when the process starts, so an entry point that wants them restarts itself with
-`reexec_with_huge_pages()` before doing any work. `MER_JAX_HUGE_PAGES=0` turns this off. In your own
-scripts, start Python with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in the environment instead.
+- tcmalloc (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`) keeps freed memory mapped and hands the
+  same pages back next step: ~100 page faults per step, and the step was 0.91x the huge-page one in paired
+  runs (docs/PERFORMANCE.md). It has to be loaded before anything else, through `LD_PRELOAD`.
+- `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35): malloc asks for transparent huge pages, and a
+  step faults ~750 2 MiB pages instead (train step ~430 -> ~270 ms).
+
+Both are read when a process starts, so an entry point calls `restart_with_fast_malloc()` first thing; it
+restarts the interpreter once with the environment `environment()` gives. `MER_JAX_MALLOC` chooses:
+`auto` (default: tcmalloc if found, else huge pages), `tcmalloc`, `hugepages` or `system` (leave it alone).
+A malloc the user preloads, or a hugetlb tunable the user sets, wins. For your own scripts:
+`eval "$(python -m mer_jax.host_memory)"` prints the same settings as shell exports.
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import platform
+import shlex
 import sys
 from typing import Mapping
 
+CHOICE = "MER_JAX_MALLOC"
+CHOICES = ("auto", "tcmalloc", "hugepages", "system")
 TUNABLE = "glibc.malloc.hugetlb"
 SETTING = f"{TUNABLE}=1"
-OPT_OUT = "MER_JAX_HUGE_PAGES"
 TRANSPARENT_HUGE_PAGES = "/sys/kernel/mm/transparent_hugepage/enabled"
+TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+                "/usr/local/lib", "/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu")
+# tcmalloc prints a line for every allocation over 1 GiB by default; big batches make those routinely.
+QUIET_LARGE_ALLOCATIONS = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+_RESTARTED = "MER_JAX_MALLOC_RESTARTED"  # at most one restart, whatever the dynamic loader made of the rest
 
 
-def supported() -> bool:
+def choice(environ: Mapping[str, str] = os.environ) -> str:
+  value = environ.get(CHOICE, "auto").strip().lower() or "auto"
+  if value not in CHOICES:
+    raise ValueError(f"{CHOICE}={value!r}: use one of {', '.join(CHOICES)}")
+  return value
+
+
+def find_tcmalloc() -> str | None:
+  """Path (or soname the dynamic loader knows) of an installed tcmalloc, or None."""
+  if not sys.platform.startswith("linux"):
+    return None
+  for directory in LIBRARY_DIRS:
+    for name in TCMALLOC_NAMES:
+      path = os.path.join(directory, name)
+      if os.path.isfile(path):
+        return path
+  for name in ("tcmalloc_minimal", "tcmalloc"):
+    soname = ctypes.util.find_library(name)  # the ld.so cache: LD_PRELOAD resolves a bare soname the same way
+    if soname:
+      return soname
+  return None
+
+
+def huge_pages_supported() -> bool:
   """Linux with glibc >= 2.35 (where the tunable exists) and transparent huge pages not switched off."""
   if not sys.platform.startswith("linux"):
     return False
@@ -39,35 +77,90 @@ def supported() -> bool:
     return False
 
 
-def is_set(environ: Mapping[str, str] = os.environ) -> bool:
-  """Whether `environ` already sets the tunable (to any value: a user's own choice wins)."""
-  return any(item.split("=")[0] == TUNABLE for item in environ.get("GLIBC_TUNABLES", "").split(":") if item)
+def user_choice_present(environ: Mapping[str, str] = os.environ) -> bool:
+  """Whether `environ` already preloads some malloc or sets the hugetlb tunable (to any value)."""
+  preloaded = environ.get("LD_PRELOAD", "")
+  tunables = environ.get("GLIBC_TUNABLES", "").split(":")
+  return "malloc" in preloaded or any(item.split("=")[0] == TUNABLE for item in tunables if item)
 
 
-def wanted(environ: Mapping[str, str] = os.environ) -> bool:
-  return environ.get(OPT_OUT, "1") != "0" and supported()
-
-
-def environment_with_huge_pages(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-  """A copy of `environ` with the tunable added to GLIBC_TUNABLES (other tunables kept), for a subprocess."""
-  environment = dict(environ)
-  if wanted(environ) and not is_set(environ):
+def environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+  """A copy of `environ` with the chosen malloc set up (other variables kept), for this or a child process."""
+  result = dict(environ)
+  wanted = choice(environ)
+  if wanted == "system" or user_choice_present(environ):
+    return result
+  tcmalloc = find_tcmalloc() if wanted in ("auto", "tcmalloc") else None
+  if tcmalloc:
+    existing = environ.get("LD_PRELOAD", "")
+    result["LD_PRELOAD"] = f"{tcmalloc}:{existing}" if existing else tcmalloc
+    for key, value in QUIET_LARGE_ALLOCATIONS.items():
+      result.setdefault(key, value)
+  elif wanted in ("auto", "hugepages") and huge_pages_supported():
     existing = environ.get("GLIBC_TUNABLES", "")
-    environment["GLIBC_TUNABLES"] = f"{existing}:{SETTING}" if existing else SETTING
-  return environment
+    result["GLIBC_TUNABLES"] = f"{existing}:{SETTING}" if existing else SETTING
+  return result
 
 
-def reexec_with_huge_pages() -> None:
-  """Restart this Python process with the tunable set, unless it is set already, unwanted or unsupported.
+def restart_with_fast_malloc() -> None:
+  """Restart this Python process once with `environment()`, unless that changes nothing.
 
   Call it first thing in an entry point (`if __name__ == "__main__":`), never from library code: the
   process is replaced, with the same interpreter and command line (`python -m module` included).
   """
-  if is_set() or not wanted():
+  if os.environ.get(_RESTARTED):
     return
+  wanted = environment()
+  if wanted == dict(os.environ):
+    return
+  wanted[_RESTARTED] = "1"
   sys.stdout.flush()
   sys.stderr.flush()
   try:
-    os.execve(sys.executable, list(sys.orig_argv), environment_with_huge_pages())
-  except OSError:  # cannot restart (unusual interpreter setup): run on, with 4 KiB pages
+    os.execve(sys.executable, list(sys.orig_argv), wanted)
+  except OSError:  # cannot restart (unusual interpreter setup): run on with the system malloc
     pass
+
+
+def describe() -> str:
+  """This process's malloc, for logs and benchmark records: 'tcmalloc', 'glibc, huge pages' or 'glibc'."""
+  try:
+    with open("/proc/self/maps") as maps:
+      if "tcmalloc" in maps.read():
+        return "tcmalloc"
+  except OSError:
+    pass
+  if SETTING in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+    return "glibc, huge pages"
+  return "glibc"
+
+
+HINT = ("the system malloc faults in every step's temporaries again: `apt-get install libtcmalloc-minimal4` "
+        "makes CPU training faster (mer_jax/host_memory.py)")
+
+
+def without_fast_malloc(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+  """A copy of `environ` with tcmalloc taken out of LD_PRELOAD and the hugetlb tunable out of GLIBC_TUNABLES."""
+  result = dict(environ)
+  for key, keep in (("LD_PRELOAD", lambda item: "tcmalloc" not in item),
+                    ("GLIBC_TUNABLES", lambda item: item.split("=")[0] != TUNABLE)):
+    separator = ":" if key == "GLIBC_TUNABLES" or ":" in environ.get(key, "") else " "
+    items = [item for item in environ.get(key, "").split(separator) if item and keep(item)]
+    if items:
+      result[key] = separator.join(items)
+    else:
+      result.pop(key, None)
+  result.pop(_RESTARTED, None)
+  return result
+
+
+def main() -> None:
+  """Print the variables `environment()` adds as shell exports: `eval "$(python -m mer_jax.host_memory)"`."""
+  current = dict(os.environ)
+  for key, value in environment(current).items():
+    if current.get(key) != value:
+      print(f"export {key}={shlex.quote(value)}")
+
+
+if __name__ == "__main__":
+  main()

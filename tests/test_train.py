@@ -384,9 +384,9 @@ def test_two_processes_agree(data_dir, tmp_path):
           f"--workdir={tmp_path / 'work'}", "--config.data.builder_config=demo_tiny",
           f"--config.data.data_dir={data_dir}", "--config.num_train_steps=3", "--config.log_every_steps=1",
           "--config.eval_every_steps=3", f"--coordinator_address={address}", "--num_processes=2"]
-  env = _env(XLA_FLAGS=FAST_COMPILE)
-  for name in ("GLIBC_TUNABLES", host_memory.OPT_OUT):  # so that launch.py's own restart is what sets it
-    env.pop(name, None)
+  # Without the malloc settings, so that launch.py's own restart is what sets them.
+  env = host_memory.without_fast_malloc(_env(XLA_FLAGS=FAST_COMPILE))
+  env.pop(host_memory.CHOICE, None)
   procs = [subprocess.Popen(args + [f"--process_id={i}"], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
   logs = []
@@ -401,8 +401,11 @@ def test_two_processes_agree(data_dir, tmp_path):
   for proc, log in zip(procs, logs):
     assert proc.returncode == 0, log[-3000:]
     assert "process 1 of 2" in log or "process 0 of 2" in log
-    if host_memory.supported():  # launch.py restarted itself with the huge-page malloc tunable
-      assert "Host memory: GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in log
+    # launch.py restarted itself with the malloc host_memory chooses on this machine.
+    if host_memory.find_tcmalloc():
+      assert "Host malloc: tcmalloc" in log
+    elif host_memory.huge_pages_supported():
+      assert "Host malloc: glibc, huge pages" in log
     summaries.append(json.loads(re.search(r"Run summary: (\{.*\})", log).group(1)))
   assert summaries[0]["step"] == summaries[1]["step"] == 3
   assert len(summaries[0]["losses"]) == 3 and np.all(np.isfinite(summaries[0]["losses"]))
