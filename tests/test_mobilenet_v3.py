@@ -179,7 +179,7 @@ def test_pointwise_conv_equals_nn_conv_forward_and_backward():
 
 
 @pytest.mark.parametrize("height,width,kernel_size,stride,use_bias", [
-    (12, 12, 3, 2, False), (9, 7, 3, 2, True), (8, 11, 3, 1, True), (10, 10, 5, 2, False)])
+    (12, 12, 3, 2, False), (9, 7, 3, 2, True), (8, 11, 3, 1, True), (10, 10, 5, 2, False), (11, 6, 5, 1, True)])
 def test_single_channel_conv_equals_nn_conv_forward_and_backward(height, width, kernel_size, stride, use_bias):
   """The grey-input conv as shifted slices is nn.Conv's math and parameters: same variables (shapes and
   initial values), same outputs, same kernel, bias and input gradients, odd sizes included."""
