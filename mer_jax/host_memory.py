@@ -6,8 +6,8 @@ with `munmap`, so every step touched 164,000 new 4 KiB pages, and the kernel spe
 zeroing and mapping them (2-core x86 CPU, `strace`: one mmap/munmap pair per step). Two fixes, best first:
 
 - tcmalloc (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`) keeps freed memory mapped and hands the
-  same pages back next step: ~100 page faults per step, and the step was 0.91x the huge-page one in paired
-  runs (docs/PERFORMANCE.md). It has to be loaded before anything else, through `LD_PRELOAD`.
+  same pages back next step: ~100 page faults per step, and the step took 0.83-0.98x (median 0.94x) the
+  huge-page one's time in five paired runs (docs/PERFORMANCE.md). It has to be loaded before anything else, through `LD_PRELOAD`.
 - `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35): malloc asks for transparent huge pages, and a
   step faults ~750 2 MiB pages instead (train step ~430 -> ~270 ms).
 
@@ -123,11 +123,14 @@ def restart_with_fast_malloc() -> None:
 
 
 def describe() -> str:
-  """This process's malloc, for logs and benchmark records: 'tcmalloc', 'glibc, huge pages' or 'glibc'."""
+  """This process's malloc, for logs and benchmark records: 'tcmalloc' (or another preloaded malloc's
+  name), 'glibc, huge pages' or 'glibc'."""
   try:
     with open("/proc/self/maps") as maps:
-      if "tcmalloc" in maps.read():
-        return "tcmalloc"
+      mapped = maps.read()
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+      if name in mapped:
+        return name
   except OSError:
     pass
   if SETTING in os.environ.get("GLIBC_TUNABLES", "").split(":"):
