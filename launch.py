@@ -153,6 +153,10 @@ def main(argv):
   from mer_jax import host_memory
   malloc = host_memory.describe()
   logging.info("Host malloc: %s%s", malloc, "" if malloc == "tcmalloc" else f" ({host_memory.HINT})")
+  import jax
+  if jax.default_backend() == "cpu":
+    from mer_jax import depthwise_cpu
+    logging.info("Depthwise convs: %s", depthwise_cpu.describe())
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
   if not FLAGS.verbose_checkpointing:

@@ -253,9 +253,10 @@ def export_savedmodel(config, variables, path: str) -> None:
   def serving_default(*inputs):
     return dict(zip(names, converted(module.weights, *inputs)))
   module.serving_default = serving_default
+  # Saving traces the function again, so the export-friendly ops stay in place for that too.
   with export_friendly_ops():
     concrete = serving_default.get_concrete_function()
-  tf.saved_model.save(module, path, signatures={"serving_default": concrete})
+    tf.saved_model.save(module, path, signatures={"serving_default": concrete})
 
 
 def loaded_runner(key: str, path: str, names: Sequence[str]) -> Callable[[dict], dict]:

@@ -114,8 +114,9 @@ def test_depthwise_conv_equals_grouped_conv_forward_and_backward():
 @pytest.mark.parametrize("size,kernel_size,stride", [(4, 5, 1), (8, 5, 2), (8, 3, 2), (11, 3, 2), (7, 5, 1),
                                                      (10, 3, 1)])
 def test_depthwise_kernel_grad_matches_autodiff_of_shifted_slices(size, kernel_size, stride):
-  """The hand-written kernel gradient (both its fully unrolled path for <= 16 output positions and its
-  column-sum path; odd and even inputs; stride-2 phases) equals autodiff of the plain formulation."""
+  """The hand-written gradients (of the XLA-op form: both the fully unrolled path for <= 16 output
+  positions and the column-sum path; odd and even inputs; stride-2 phases; and of the model's choice,
+  the FFI kernels on this CPU) equal autodiff of the plain formulation."""
   rng = np.random.default_rng(size * 10 + kernel_size + stride)
   x = jnp.asarray(rng.normal(size=(3, size, size, 4)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, 4)), jnp.float32)
@@ -124,11 +125,12 @@ def test_depthwise_kernel_grad_matches_autodiff_of_shifted_slices(size, kernel_s
   def loss(conv, x, kernel):
     return jnp.sum(jnp.sin(conv(x, kernel, stride, pad)) * jnp.arange(4.0))
 
-  ours = jax.grad(loss, argnums=(1, 2))(mobilenet_v3.depthwise_conv, x, kernel)
   reference = jax.grad(loss, argnums=(1, 2))(mobilenet_v3.shifted_slices_conv, x, kernel)
-  np.testing.assert_allclose(ours[0], reference[0], atol=1e-5)
-  np.testing.assert_allclose(ours[1], reference[1], rtol=1e-5, atol=1e-4)
-  assert float(jnp.abs(ours[1]).max()) > 0.1  # a real gradient, not zeros on both sides
+  for conv in (mobilenet_v3.shifted_slices_depthwise_conv, mobilenet_v3.depthwise_conv):
+    ours = jax.grad(loss, argnums=(1, 2))(conv, x, kernel)
+    np.testing.assert_allclose(ours[0], reference[0], atol=1e-5)
+    np.testing.assert_allclose(ours[1], reference[1], rtol=1e-5, atol=1e-4)
+    assert float(jnp.abs(ours[1]).max()) > 0.1  # a real gradient, not zeros on both sides
   # bf16 compute: the kernel gradient keeps the kernel's dtype and stays close to the float32 one.
   bf16 = jax.grad(loss, argnums=2)(mobilenet_v3.depthwise_conv, x.astype(jnp.bfloat16),
                                    kernel.astype(jnp.bfloat16))

@@ -1,0 +1,285 @@
+// Depthwise conv kernels for XLA:CPU, called through the XLA FFI (see depthwise_cpu.py).
+//
+// Layout: x (N, H, W, C) float32, kernel (k, k, 1, C), output (N, Ho, Wo, C); zero padding `pad` on
+// each side, the same stride on both axes. Channels are contiguous, so every inner loop runs over a block
+// of channels and the compiler vectorises it.
+//
+// Why by hand: XLA:CPU has no fast depthwise kernel. Written as shifted slices, the backward becomes k*k
+// loops that each read the whole output gradient again from memory. Here each image is done in one go,
+// a block of channels at a time, while its slice of the input and the output gradient sit in cache;
+// every sum is kept in registers and every output value is written once.
+//
+// Images are split between the threads of XLA's intra-op pool. Each chunk of images writes its own
+// kernel-gradient partial, and the partials are added up in chunk order, so results do not depend on
+// the schedule.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Geometry {
+  int64_t batch, height, width, channels, kernel, stride, pad, out_height, out_width;
+};
+
+// Runs body(i) for i in [0, count) on the caller and on the pool's threads. Items are claimed from an
+// atomic counter, so a task that starts late finds nothing left and returns; the caller waits only for
+// items that were claimed, which are running.
+struct ParallelState {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> finished{0};
+  int64_t count = 0;
+  std::function<void(int64_t)> body;
+  std::mutex mutex;
+  std::condition_variable all_finished;
+};
+
+void Drain(const std::shared_ptr<ParallelState>& state) {
+  for (int64_t i = state->next.fetch_add(1); i < state->count; i = state->next.fetch_add(1)) {
+    state->body(i);
+    if (state->finished.fetch_add(1) + 1 == state->count) {
+      std::lock_guard<std::mutex> lock(state->mutex);
+      state->all_finished.notify_all();
+    }
+  }
+}
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> body) {
+  auto state = std::make_shared<ParallelState>();
+  state->count = count;
+  state->body = std::move(body);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([state] { Drain(state); });
+  Drain(state);
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->all_finished.wait(lock, [&] { return state->finished.load() == state->count; });
+}
+
+// How many chunks of images: enough to balance two threads, few enough to keep partials small.
+int64_t NumChunks(ffi::ThreadPool& pool, int64_t batch) {
+  return std::max<int64_t>(1, std::min<int64_t>(batch, 4 * std::max<int64_t>(1, pool.num_threads())));
+}
+
+// Eight floats as one value: GCC/Clang vector extensions, which become AVX registers with -march=native
+// on x86 (two SSE or NEON registers elsewhere). aligned(4): channel blocks need not be 32-byte aligned.
+typedef float Vec8 __attribute__((vector_size(32), aligned(4)));
+constexpr int kLanes = 8;
+
+template <typename T> inline T Load(const float* p) { T v; std::memcpy(&v, p, sizeof(T)); return v; }
+template <typename T> inline void Store(float* p, T v) { std::memcpy(p, &v, sizeof(T)); }
+template <typename T> constexpr int Width() { return sizeof(T) / sizeof(float); }
+
+// Output positions [first, last) along one axis whose tap `offset` reads an input index inside [0, size):
+// o * stride - pad + offset in [0, size).
+inline void ValidRange(int64_t offset, const Geometry& g, int64_t size, int64_t out_size, int64_t* first,
+                       int64_t* last) {
+  const int64_t lo = g.pad - offset, hi = size + g.pad - offset;  // lo <= o * stride < hi
+  *first = lo <= 0 ? 0 : (lo + g.stride - 1) / g.stride;
+  *last = std::max(*first, std::min(out_size, hi <= 0 ? 0 : (hi + g.stride - 1) / g.stride));
+}
+
+// One image, channels [c0, c0 + V * width of T): each output position sums its taps in registers.
+template <typename T, int V>
+void ForwardBlock(const Geometry& g, const float* x, const float* kernel, float* out, int64_t c0) {
+  constexpr int L = Width<T>();
+  const int64_t k = g.kernel, C = g.channels;
+  for (int64_t oy = 0; oy < g.out_height; ++oy) {
+    for (int64_t ox = 0; ox < g.out_width; ++ox) {
+      T acc[V] = {};
+      for (int64_t ky = 0; ky < k; ++ky) {
+        const int64_t iy = oy * g.stride - g.pad + ky;
+        if (iy < 0 || iy >= g.height) continue;
+        for (int64_t kx = 0; kx < k; ++kx) {
+          const int64_t ix = ox * g.stride - g.pad + kx;
+          if (ix < 0 || ix >= g.width) continue;
+          const float* xi = x + (iy * g.width + ix) * C + c0;
+          const float* w = kernel + (ky * k + kx) * C + c0;
+          for (int v = 0; v < V; ++v) acc[v] += Load<T>(xi + v * L) * Load<T>(w + v * L);
+        }
+      }
+      float* o = out + (oy * g.out_width + ox) * C + c0;
+      for (int v = 0; v < V; ++v) Store<T>(o + v * L, acc[v]);
+    }
+  }
+}
+
+// One image's input gradient for a channel block, in gather form: each input position sums, in
+// registers, the output gradients of the positions whose window covers it, times the tap that links them.
+// Every input value is written once (no zeroing, no read-modify-write).
+template <typename T, int V>
+void InputGradBlock(const Geometry& g, const float* kernel, const float* out_grad, float* in_grad, int64_t c0) {
+  constexpr int L = Width<T>();
+  const int64_t k = g.kernel, C = g.channels, s = g.stride;
+  for (int64_t iy = 0; iy < g.height; ++iy) {
+    for (int64_t ix = 0; ix < g.width; ++ix) {
+      T acc[V] = {};
+      for (int64_t ky = 0; ky < k; ++ky) {
+        const int64_t ty = iy + g.pad - ky;  // = oy * s
+        if (ty < 0 || ty % s) continue;
+        const int64_t oy = ty / s;
+        if (oy >= g.out_height) continue;
+        for (int64_t kx = 0; kx < k; ++kx) {
+          const int64_t tx = ix + g.pad - kx;
+          if (tx < 0 || tx % s) continue;
+          const int64_t ox = tx / s;
+          if (ox >= g.out_width) continue;
+          const float* go = out_grad + (oy * g.out_width + ox) * C + c0;
+          const float* w = kernel + (ky * k + kx) * C + c0;
+          for (int v = 0; v < V; ++v) acc[v] += Load<T>(go + v * L) * Load<T>(w + v * L);
+        }
+      }
+      float* dx = in_grad + (iy * g.width + ix) * C + c0;
+      for (int v = 0; v < V; ++v) Store<T>(dx + v * L, acc[v]);
+    }
+  }
+}
+
+// One image's kernel gradient for a channel block: tap by tap, the products of output gradient and input
+// summed in registers over the positions where the tap is inside the image, then added to `sums`
+// (k*k, C).
+template <typename T, int V>
+void KernelGradBlock(const Geometry& g, const float* x, const float* out_grad, float* sums, int64_t c0) {
+  constexpr int L = Width<T>();
+  const int64_t k = g.kernel, C = g.channels, s = g.stride;
+  for (int64_t ky = 0; ky < k; ++ky) {
+    int64_t oy0, oy1;
+    ValidRange(ky, g, g.height, g.out_height, &oy0, &oy1);
+    for (int64_t kx = 0; kx < k; ++kx) {
+      int64_t ox0, ox1;
+      ValidRange(kx, g, g.width, g.out_width, &ox0, &ox1);
+      T acc[V] = {};
+      for (int64_t oy = oy0; oy < oy1; ++oy) {
+        const float* go = out_grad + (oy * g.out_width + ox0) * C + c0;
+        const float* xi = x + ((oy * s - g.pad + ky) * g.width + ox0 * s - g.pad + kx) * C + c0;
+        for (int64_t ox = ox0; ox < ox1; ++ox, go += C, xi += s * C)
+          for (int v = 0; v < V; ++v) acc[v] += Load<T>(go + v * L) * Load<T>(xi + v * L);
+      }
+      float* sum = sums + (ky * k + kx) * C + c0;
+      for (int v = 0; v < V; ++v) Store<T>(sum + v * L, Load<T>(sum + v * L) + acc[v]);
+    }
+  }
+}
+
+// Channel blocks of 4, 2 and 1 vectors of 8, then single channels, so that any channel count works and
+// the common ones (multiples of 8) run vector code only. block(tag, c0) is called with a tag whose type
+// names the block (T, V).
+template <typename T, int V> struct Block { using Type = T; static constexpr int kVectors = V; };
+
+template <typename F>
+void ForChannelBlocks(int64_t channels, F block) {
+  int64_t c0 = 0;
+  for (; c0 + 4 * kLanes <= channels; c0 += 4 * kLanes) block(Block<Vec8, 4>(), c0);
+  for (; c0 + 2 * kLanes <= channels; c0 += 2 * kLanes) block(Block<Vec8, 2>(), c0);
+  for (; c0 + kLanes <= channels; c0 += kLanes) block(Block<Vec8, 1>(), c0);
+  for (; c0 < channels; ++c0) block(Block<float, 1>(), c0);
+}
+
+Geometry MakeGeometry(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& kernel, int64_t stride,
+                      int64_t pad) {
+  auto dims = x.dimensions();
+  Geometry g;
+  g.batch = dims[0], g.height = dims[1], g.width = dims[2], g.channels = dims[3];
+  g.kernel = kernel.dimensions()[0], g.stride = stride, g.pad = pad;
+  g.out_height = (g.height + 2 * pad - g.kernel) / stride + 1;
+  g.out_width = (g.width + 2 * pad - g.kernel) / stride + 1;
+  return g;
+}
+
+ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& kernel, int64_t stride) {
+  if (x.dimensions().size() != 4 || kernel.dimensions().size() != 4)
+    return ffi::Error::InvalidArgument("depthwise: x must be (N, H, W, C) and kernel (k, k, 1, C)");
+  auto k = kernel.dimensions();
+  if (k[0] != k[1] || k[2] != 1 || k[3] != x.dimensions()[3] || stride < 1)
+    return ffi::Error::InvalidArgument("depthwise: kernel must be (k, k, 1, C) with C = x's channels");
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                       ffi::ResultBuffer<ffi::F32> out, int64_t stride, int64_t pad) {
+  if (ffi::Error error = CheckShapes(x, kernel, stride); error.failure()) return error;
+  const Geometry g = MakeGeometry(x, kernel, stride, pad);
+  const float* xs = x.typed_data();
+  const float* ws = kernel.typed_data();
+  float* os = out->typed_data();
+  const int64_t in_image = g.height * g.width * g.channels;
+  const int64_t out_image = g.out_height * g.out_width * g.channels;
+  ParallelFor(pool, g.batch, [&](int64_t n) {
+    const float* xn = xs + n * in_image;
+    float* on = os + n * out_image;
+    ForChannelBlocks(g.channels, [&](auto block, int64_t c0) {
+      using B = decltype(block);
+      ForwardBlock<typename B::Type, B::kVectors>(g, xn, ws, on, c0);
+    });
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                        ffi::Buffer<ffi::F32> out_grad, ffi::ResultBuffer<ffi::F32> in_grad,
+                        ffi::ResultBuffer<ffi::F32> kernel_grad, int64_t stride, int64_t pad) {
+  if (ffi::Error error = CheckShapes(x, kernel, stride); error.failure()) return error;
+  const Geometry g = MakeGeometry(x, kernel, stride, pad);
+  const int64_t taps = g.kernel * g.kernel, C = g.channels;
+  const int64_t in_image = g.height * g.width * C;
+  const int64_t out_image = g.out_height * g.out_width * C;
+  const int64_t chunks = NumChunks(pool, g.batch);
+  std::vector<float> partials(chunks * taps * C, 0.0f);  // (chunk, tap, C)
+  const float* xs = x.typed_data();
+  const float* ws = kernel.typed_data();
+  const float* gs = out_grad.typed_data();
+  float* dxs = in_grad->typed_data();
+  ParallelFor(pool, chunks, [&](int64_t chunk) {
+    const int64_t first = g.batch * chunk / chunks, last = g.batch * (chunk + 1) / chunks;
+    float* partial = partials.data() + chunk * taps * C;
+    for (int64_t n = first; n < last; ++n) {
+      const float* xn = xs + n * in_image;
+      const float* gn = gs + n * out_image;
+      float* dxn = dxs + n * in_image;
+      ForChannelBlocks(C, [&](auto block, int64_t c0) {
+        using B = decltype(block);
+        InputGradBlock<typename B::Type, B::kVectors>(g, ws, gn, dxn, c0);
+        KernelGradBlock<typename B::Type, B::kVectors>(g, xn, gn, partial, c0);
+      });
+    }
+  });
+  float* dw = kernel_grad->typed_data();
+  std::memcpy(dw, partials.data(), sizeof(float) * taps * C);
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    const float* partial = partials.data() + chunk * taps * C;
+    for (int64_t i = 0; i < taps * C; ++i) dw[i] += partial[i];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxDepthwiseForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxDepthwiseBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));

@@ -1,0 +1,164 @@
+"""Depthwise convs on the CPU as XLA FFI kernels (`depthwise_cpu.cc`), compiled on first use.
+
+XLA:CPU has no fast depthwise conv: the grouped conv takes a generic path, and the shifted-slice form
+(`mobilenet_v3.shifted_slices_depthwise_conv`) needs k*k passes over the output gradient in the
+backward. The C++ kernels read each image once per pass: the forward sums its taps per output position,
+and one backward pass gives both the input and the kernel gradient. They run on XLA's intra-op threads.
+
+The kernels are built with the system's C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`) against the FFI
+headers that jaxlib ships, and cached under `$MER_JAX_KERNEL_CACHE` (default `~/.cache/mer_jax/kernels`),
+keyed by the source, the jaxlib version and the CPU. Without a compiler, or with `MER_JAX_NATIVE_KERNELS=0`,
+`available()` is False and the model keeps the shifted-slice form: same values, slower training.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).with_name("depthwise_cpu.cc")
+FORWARD_TARGET, BACKWARD_TARGET = "mer_jax_depthwise_forward", "mer_jax_depthwise_backward"
+ENABLE_VARIABLE = "MER_JAX_NATIVE_KERNELS"
+
+
+def enabled() -> bool:
+  """False when the user turned the native kernels off (`MER_JAX_NATIVE_KERNELS=0`)."""
+  return os.environ.get(ENABLE_VARIABLE, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> pathlib.Path:
+  default = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "mer_jax" / "kernels"
+  return pathlib.Path(os.environ.get("MER_JAX_KERNEL_CACHE") or default)
+
+
+def find_compiler() -> str | None:
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def _cpu_signature() -> str:
+  """What -march=native depends on: the CPU's model and feature flags."""
+  try:
+    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags", "Features"))}))
+  except OSError:
+    return platform.processor() + platform.machine()
+
+
+def _compile(compiler: str, output: pathlib.Path) -> None:
+  """Builds the shared library at `output` (atomically: concurrent processes may build it too)."""
+  base = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir(), str(SOURCE)]
+  output.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
+    built = pathlib.Path(scratch) / output.name
+    errors = ""
+    for tuning in (["-march=native"], []):  # some compilers or CPUs refuse -march=native
+      result = subprocess.run(base + tuning + ["-o", str(built)], capture_output=True, text=True)
+      if result.returncode == 0:
+        os.replace(built, output)
+        return
+      errors = result.stderr
+    raise RuntimeError(f"{compiler} could not build {SOURCE.name}:\n{errors[-2000:]}")
+
+
+@functools.lru_cache(maxsize=None)
+def library_path() -> pathlib.Path | None:
+  """The built kernel library, building it if needed; None (with a logged reason) when that fails."""
+  compiler = find_compiler()
+  if compiler is None:
+    logging.warning("No C++ compiler found (set $CXX or install g++): depthwise convs on the CPU use the "
+                    "slower shifted-slice form.")
+    return None
+  import jaxlib
+  key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(),
+                                   _cpu_signature().encode()])).hexdigest()[:16]
+  path = cache_dir() / f"depthwise_cpu-{key}.so"
+  if not path.exists():
+    try:
+      _compile(compiler, path)
+    except (OSError, RuntimeError) as error:
+      logging.warning("Depthwise CPU kernels not built, using the shifted-slice form: %s", error)
+      return None
+  return path
+
+
+@functools.lru_cache(maxsize=None)
+def _register() -> bool:
+  import ctypes
+  path = library_path()
+  if path is None:
+    return False
+  library = ctypes.cdll.LoadLibrary(str(path))
+  jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(library.MerJaxDepthwiseForward), platform="cpu")
+  jax.ffi.register_ffi_target(BACKWARD_TARGET, jax.ffi.pycapsule(library.MerJaxDepthwiseBackward),
+                              platform="cpu")
+  return True
+
+
+def available() -> bool:
+  """Whether the kernels can run here: enabled, built, registered with XLA."""
+  return enabled() and _register()
+
+
+def describe() -> str:
+  """For the launch log: the depthwise form CPU training runs, and how to get the fast one."""
+  if not enabled():
+    return f"XLA ops ({ENABLE_VARIABLE}=0)"
+  if jax.device_count() > 1:
+    return "XLA ops (several devices: XLA partitions those over the mesh, not the FFI kernels)"
+  if available():
+    return "FFI kernels"
+  return f"XLA ops (could not build {SOURCE.name}: install a C++ compiler, e.g. g++, for faster CPU training)"
+
+
+def output_shape(x_shape, kernel_size: int, stride: int, pad: int) -> tuple[int, int, int, int]:
+  batch, height, width, channels = x_shape
+  return (batch, (height + 2 * pad - kernel_size) // stride + 1, (width + 2 * pad - kernel_size) // stride + 1,
+          channels)
+
+
+def forward(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  """(N, H, W, C) float32 x (k, k, 1, C) -> (N, Ho, Wo, C), zero padding `pad`."""
+  shape = output_shape(x.shape, kernel.shape[0], stride, pad)
+  call = jax.ffi.ffi_call(FORWARD_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
+  return call(x, kernel, stride=np.int64(stride), pad=np.int64(pad))
+
+
+def backward(x: jax.Array, kernel: jax.Array, output_grad: jax.Array, stride: int,
+             pad: int) -> tuple[jax.Array, jax.Array]:
+  """(input gradient (N, H, W, C), kernel gradient (k, k, 1, C)) in one pass over each image."""
+  call = jax.ffi.ffi_call(BACKWARD_TARGET, (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                                            jax.ShapeDtypeStruct(kernel.shape, jnp.float32)),
+                          vmap_method="sequential")
+  return call(x, kernel, output_grad, stride=np.int64(stride), pad=np.int64(pad))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  """Depthwise conv (N, H, W, C) x (k, k, 1, C) -> (N, Ho, Wo, C), float32, on the FFI kernels."""
+  return forward(x, kernel, stride, pad)
+
+
+def _depthwise_conv_forward(x, kernel, stride, pad):
+  return forward(x, kernel, stride, pad), (x, kernel)
+
+
+def _depthwise_conv_backward(stride, pad, residuals, output_grad):
+  x, kernel = residuals
+  return backward(x, kernel, output_grad, stride, pad)
+
+
+depthwise_conv.defvjp(_depthwise_conv_forward, _depthwise_conv_backward)

@@ -1,0 +1,100 @@
+"""The FFI depthwise kernels: built from source here, equal to the XLA-op form, chosen by the model on the CPU."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mer_jax import depthwise_cpu, mobilenet_v3
+
+needs_compiler = pytest.mark.skipif(depthwise_cpu.find_compiler() is None, reason="no C++ compiler here")
+
+
+def _inputs(shape, kernel_size, seed):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, shape[-1])), jnp.float32)
+  return x, kernel
+
+
+# Channel counts cover every block path of the kernels: 4, 2 and 1 vectors of 8, and single channels
+# (45 = 32 + 8 + 5, 16 = 2 x 8, 3 = scalars only). Odd, even and non-square maps; strides 1 and 2.
+@needs_compiler
+@pytest.mark.parametrize("shape,kernel_size,stride", [
+    ((3, 9, 7, 45), 3, 2), ((2, 8, 8, 16), 3, 1), ((2, 7, 7, 40), 5, 1), ((2, 14, 11, 24), 5, 2),
+    ((1, 4, 4, 3), 5, 1), ((2, 5, 6, 72), 3, 2), ((2, 3, 3, 8), 5, 2)])
+def test_kernels_equal_the_xla_op_form(shape, kernel_size, stride):
+  assert depthwise_cpu.available()
+  x, kernel = _inputs(shape, kernel_size, seed=sum(shape) + kernel_size)
+  pad = (kernel_size - 1) // 2
+
+  def loss(conv, x, kernel):  # a nonlinear loss, so the output gradient differs at every position
+    y = conv(x, kernel, stride, pad)
+    return jnp.sum(jnp.sin(y) * jnp.arange(y.shape[-1], dtype=y.dtype))
+
+  expected = mobilenet_v3.shifted_slices_depthwise_conv(x, kernel, stride, pad)
+  got = jax.jit(depthwise_cpu.depthwise_conv, static_argnums=(2, 3))(x, kernel, stride, pad)
+  assert got.shape == expected.shape == depthwise_cpu.output_shape(shape, kernel_size, stride, pad)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  ours = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)(depthwise_cpu.depthwise_conv, x, kernel)
+  reference = jax.grad(loss, argnums=(1, 2))(mobilenet_v3.shifted_slices_depthwise_conv, x, kernel)
+  np.testing.assert_allclose(ours[0], reference[0], rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(ours[1], reference[1], rtol=1e-5, atol=1e-3)
+  assert float(jnp.abs(ours[0]).min()) >= 0 and float(jnp.abs(ours[1]).max()) > 0.1
+
+
+@needs_compiler
+def test_backward_is_deterministic_across_threads():
+  """Images are split between threads; the kernel-gradient partials are added in a fixed order."""
+  x, kernel = _inputs((64, 14, 14, 40), 5, seed=1)
+  output_grad = jnp.asarray(np.random.default_rng(2).normal(size=(64, 7, 7, 40)), jnp.float32)
+  backward = jax.jit(depthwise_cpu.backward, static_argnums=(3, 4))
+  first, second = backward(x, kernel, output_grad, 2, 2), backward(x, kernel, output_grad, 2, 2)
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a, b)
+
+
+def _traced(x, kernel):
+  # A fresh function per call: jax caches traces by function, and the choice is made while tracing.
+  return str(jax.make_jaxpr(lambda x, kernel: mobilenet_v3.depthwise_conv(x, kernel, 1, 1))(x, kernel))
+
+
+@needs_compiler
+def test_model_uses_the_kernels_on_the_cpu_and_not_when_turned_off(monkeypatch):
+  x, kernel = _inputs((2, 8, 8, 16), 3, seed=3)
+  assert depthwise_cpu.FORWARD_TARGET in _traced(x, kernel)
+  assert depthwise_cpu.describe() == "FFI kernels"  # what launch.py logs
+  # bf16 compute keeps the XLA-op form.
+  assert depthwise_cpu.FORWARD_TARGET not in _traced(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  monkeypatch.setenv(depthwise_cpu.ENABLE_VARIABLE, "0")
+  assert not depthwise_cpu.available()
+  assert depthwise_cpu.describe() == "XLA ops (MER_JAX_NATIVE_KERNELS=0)"
+  assert depthwise_cpu.FORWARD_TARGET not in _traced(x, kernel)
+
+
+@needs_compiler
+def test_build_is_cached_and_a_broken_compiler_falls_back(tmp_path, monkeypatch, caplog):
+  monkeypatch.setenv("MER_JAX_KERNEL_CACHE", str(tmp_path / "cache"))
+  depthwise_cpu.library_path.cache_clear()
+  try:
+    path = depthwise_cpu.library_path()
+    assert path is not None and path.parent == tmp_path / "cache" and path.stat().st_size > 0
+    built_at = path.stat().st_mtime_ns
+    depthwise_cpu.library_path.cache_clear()
+    assert depthwise_cpu.library_path() == path and path.stat().st_mtime_ns == built_at  # not rebuilt
+
+    # A compiler that fails: no library, a warning that says which form runs instead.
+    monkeypatch.setenv("MER_JAX_KERNEL_CACHE", str(tmp_path / "other"))
+    broken = tmp_path / "broken-c++"
+    broken.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    depthwise_cpu.library_path.cache_clear()
+    with caplog.at_level(logging.WARNING):
+      assert depthwise_cpu.library_path() is None
+    assert "shifted-slice form" in caplog.text and "broken compiler" in caplog.text
+    assert not list((tmp_path / "other").glob("*.so"))
+  finally:
+    depthwise_cpu.library_path.cache_clear()
