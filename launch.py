@@ -155,8 +155,8 @@ def main(argv):
   logging.info("Host malloc: %s%s", malloc, "" if malloc == "tcmalloc" else f" ({host_memory.HINT})")
   import jax
   if jax.default_backend() == "cpu":
-    from mer_jax import depthwise_cpu
-    logging.info("Depthwise convs: %s", depthwise_cpu.describe())
+    from mer_jax import cpu_kernels
+    logging.info("CPU kernels (depthwise convs, BatchNorm sums): %s", cpu_kernels.describe())
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
   if not FLAGS.verbose_checkpointing:

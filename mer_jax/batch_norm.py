@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mer_jax import cpu_kernels
+
 # Maps with at most this many positions per image are summed over rows and columns in one loop; larger
 # ones over columns only (a longer unrolled sum costs more compile time than it saves).
 FULLY_UNROLLED_POSITIONS = 16
@@ -42,23 +44,59 @@ def sum_columns(columns: list[jax.Array]) -> jax.Array:
   return jnp.sum(total.reshape(-1, total.shape[-1]), axis=0)
 
 
-@jax.custom_vjp
-def channel_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(N, H, W, C) float32 -> (sum of x, sum of x^2) over N, H, W, each (C,)."""
-  columns = position_columns(x)
-  return sum_columns(columns), sum_columns([column * column for column in columns])
-
-
-def _channel_moments_forward(x):
-  return channel_moments(x), x
-
-
-def _channel_moments_backward(x, output_grads):
+def _moments_backward(x, output_grads):
   sum_grad, square_sum_grad = output_grads
   return (sum_grad + 2.0 * x * square_sum_grad,)
 
 
-channel_moments.defvjp(_channel_moments_forward, _channel_moments_backward)
+@jax.custom_vjp
+def column_channel_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(N, H, W, C) float32 -> (sum of x, sum of x^2) over N, H, W, each (C,), in XLA ops."""
+  columns = position_columns(x)
+  return sum_columns(columns), sum_columns([column * column for column in columns])
+
+
+column_channel_moments.defvjp(lambda x: (column_channel_moments(x), x), _moments_backward)
+
+
+@jax.custom_vjp
+def kernel_channel_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`column_channel_moments` as one read of x by the FFI kernel `cpu_kernels.channel_sums`."""
+  return cpu_kernels.channel_sums(x, x)
+
+
+kernel_channel_moments.defvjp(lambda x: (kernel_channel_moments(x), x), _moments_backward)
+
+
+def channel_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(N, H, W, C) float32 -> (sum of x, sum of x^2) over N, H, W, each (C,): the FFI kernel on one CPU
+  device, else the per-column XLA-op form (both give the same values, test_batch_norm)."""
+  if cpu_kernels.applies(x):
+    return kernel_channel_moments(x)
+  return column_channel_moments(x)
+
+
+@jax.custom_vjp
+def kernel_scale_and_shift(x: jax.Array, multiplier: jax.Array, shift: jax.Array) -> jax.Array:
+  """x * multiplier + shift per channel, its parameter gradients (sum g*x, sum g) from one FFI pass."""
+  return x * multiplier + shift
+
+
+def _scale_and_shift_backward(x_and_multiplier, output_grad):
+  x, multiplier = x_and_multiplier
+  shift_grad, multiplier_grad = cpu_kernels.channel_sums(output_grad, x)
+  return output_grad * multiplier, multiplier_grad, shift_grad
+
+
+kernel_scale_and_shift.defvjp(lambda x, m, s: (kernel_scale_and_shift(x, m, s), (x, m)), _scale_and_shift_backward)
+
+
+def scale_and_shift(x: jax.Array, multiplier: jax.Array, shift: jax.Array) -> jax.Array:
+  """(..., C) * (C,) + (C,): one multiply-add per element (XLA:CPU fuses this better than flax's
+  (x - mean) * multiplier + bias); on one CPU device in float32 with the kernel's gradient sums."""
+  if cpu_kernels.applies(x, multiplier, shift):
+    return kernel_scale_and_shift(x, multiplier, shift)
+  return x * multiplier + shift
 
 
 class BatchNorm(nn.Module):
@@ -90,6 +128,6 @@ class BatchNorm(nn.Module):
         running_mean.value = self.momentum * running_mean.value + (1.0 - self.momentum) * mean
         running_var.value = self.momentum * running_var.value + (1.0 - self.momentum) * var
     multiplier = jax.lax.rsqrt(var + self.epsilon) * scale
-    # One multiply-add per element (XLA:CPU fuses this better than flax's (x - mean) * multiplier + bias),
-    # in the promoted dtype (float32 for bf16 inputs) as flax does, then cast.
-    return (x * multiplier + (bias - mean * multiplier)).astype(self.dtype)
+    # In the promoted dtype (float32 for bf16 inputs) as flax does, then cast.
+    return scale_and_shift(x.astype(jnp.promote_types(x.dtype, jnp.float32)), multiplier,
+                           bias - mean * multiplier).astype(self.dtype)

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mer_jax import batch_norm, depthwise_cpu
+from mer_jax import batch_norm, cpu_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,15 +188,14 @@ shifted_slices_depthwise_conv.defvjp(_depthwise_conv_forward, _depthwise_conv_ba
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
   """Depthwise conv (N, H, W, C) x (k, k, 1, C) -> (N, Ho, Wo, C), zero padding `pad`.
 
-  On one CPU device in float32: the FFI kernels of `depthwise_cpu` (train step 0.78x the time of the
+  On one CPU device in float32: the FFI kernels of `cpu_kernels` (train step 0.78x the time of the
   XLA-op form below, 2-core x86). Elsewhere: `shifted_slices_depthwise_conv`, which XLA partitions over a
   mesh (the FFI call has no partitioning rule, so on several devices XLA would gather the whole batch to
   each), runs on GPUs/TPUs, computes in bf16, and needs no C++ compiler (MER_JAX_NATIVE_KERNELS=0 selects
   it too). Both give the same values and gradients (test_mobilenet_v3).
   """
-  if (on_cpu() and jax.device_count() == 1 and x.dtype == kernel.dtype == jnp.float32
-      and depthwise_cpu.available()):
-    return depthwise_cpu.depthwise_conv(x, kernel, stride, pad)
+  if cpu_kernels.applies(x, kernel):
+    return cpu_kernels.depthwise_conv(x, kernel, stride, pad)
   return shifted_slices_depthwise_conv(x, kernel, stride, pad)
 
 

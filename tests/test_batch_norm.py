@@ -6,7 +6,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mer_jax import batch_norm
+from mer_jax import batch_norm, cpu_kernels
+
+
+@pytest.fixture(params=["kernels", "xla_ops"])
+def form(request, monkeypatch):
+  """Both forms of the statistics and of the parameter gradients: the FFI kernels (where this machine can
+  build them) and the XLA ops that every other backend runs."""
+  if request.param == "xla_ops":
+    monkeypatch.setenv(cpu_kernels.ENABLE_VARIABLE, "0")
+  elif not cpu_kernels.available():
+    pytest.skip("no C++ compiler here: the kernels cannot be built")
+  return request.param
 
 
 def _pair(momentum=0.99, epsilon=1e-3, dtype=jnp.float32):
@@ -16,7 +27,7 @@ def _pair(momentum=0.99, epsilon=1e-3, dtype=jnp.float32):
 
 # (2, 4, 4, 5): the fully unrolled path (16 positions per image); (3, 6, 9, 5): columns only, H != W.
 @pytest.mark.parametrize("shape", [(2, 4, 4, 5), (3, 6, 9, 5), (4, 1, 1, 3)])
-def test_matches_flax_batchnorm_in_train_and_eval(shape):
+def test_matches_flax_batchnorm_in_train_and_eval(shape, form):
   rng = np.random.default_rng(sum(shape))
   # A channel offset and spread so that mean and variance both matter.
   x = jnp.asarray(rng.normal(size=shape) * np.arange(1, shape[-1] + 1) + 3.0, jnp.float32)
@@ -30,6 +41,8 @@ def test_matches_flax_batchnorm_in_train_and_eval(shape):
   out, updates = ours.apply(variables, x, mutable=["batch_stats"])
   expected, expected_updates = flax_bn.apply(variables, x, mutable=["batch_stats"])
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  traced = str(jax.make_jaxpr(lambda x: ours.apply(variables, x, mutable=["batch_stats"]))(x))
+  assert (cpu_kernels.CHANNEL_SUMS_TARGET in traced) == (form == "kernels")
   for name in ("mean", "var"):
     np.testing.assert_allclose(updates["batch_stats"][name], expected_updates["batch_stats"][name],
                                rtol=1e-5, atol=1e-6)
@@ -49,6 +62,8 @@ def test_matches_flax_batchnorm_in_train_and_eval(shape):
     return jnp.sum(jnp.sin(y) * weights)
 
   ours_grads = jax.grad(loss, argnums=(1, 2))(ours, variables["params"], x)
+  assert (cpu_kernels.CHANNEL_SUMS_TARGET in str(jax.make_jaxpr(
+      lambda p, x: jax.grad(loss, argnums=(1, 2))(ours, p, x))(variables["params"], x))) == (form == "kernels")
   flax_grads = jax.grad(loss, argnums=(1, 2))(flax_bn, variables["params"], x)
   for got, want in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(flax_grads)):
     assert float(jnp.abs(want).max()) > 1e-3
@@ -66,9 +81,12 @@ def test_bfloat16_compute_keeps_float32_statistics():
   np.testing.assert_allclose(updates["batch_stats"]["var"], expected_updates["batch_stats"]["var"], rtol=1e-3)
 
 
-def test_channel_moments_and_their_gradient():
+@pytest.mark.parametrize("moments", [batch_norm.column_channel_moments, batch_norm.kernel_channel_moments])
+def test_channel_moments_and_their_gradient(moments):
+  if moments is batch_norm.kernel_channel_moments and not cpu_kernels.available():
+    pytest.skip("no C++ compiler here: the kernels cannot be built")
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 7, 4)), jnp.float32)
-  total, square_total = batch_norm.channel_moments(x)
+  total, square_total = moments(x)
   np.testing.assert_allclose(total, np.sum(np.asarray(x), axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(square_total, np.sum(np.asarray(x) ** 2, axis=(0, 1, 2)), rtol=1e-5)
 
@@ -77,5 +95,5 @@ def test_channel_moments_and_their_gradient():
     return jnp.sum(first * jnp.arange(4.0)) + jnp.sum(second * jnp.arange(1.0, 5.0))
 
   reference = lambda x: (jnp.sum(x, axis=(0, 1, 2)), jnp.sum(x * x, axis=(0, 1, 2)))
-  np.testing.assert_allclose(jax.grad(loss, argnums=1)(batch_norm.channel_moments, x),
+  np.testing.assert_allclose(jax.grad(loss, argnums=1)(moments, x),
                              jax.grad(loss, argnums=1)(reference, x), rtol=1e-5, atol=1e-5)

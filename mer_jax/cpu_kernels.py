@@ -1,15 +1,17 @@
-"""Depthwise convs on the CPU as XLA FFI kernels (`depthwise_cpu.cc`), compiled on first use.
+"""C++ kernels for XLA:CPU behind the XLA FFI (`cpu_kernels.cc`), compiled on first use: depthwise convs
+and BatchNorm's per-channel sums.
 
 XLA:CPU has no fast depthwise conv: the grouped conv takes a generic path, and the shifted-slice form
 (`mobilenet_v3.shifted_slices_depthwise_conv`) needs k*k passes over the output gradient in the
 backward. The C++ kernels read each image once per pass: the forward sums its taps per output position,
-and one backward pass gives both the input and the kernel gradient. They run on XLA's intra-op threads.
+and one backward pass gives both the input and the kernel gradient. XLA:CPU's long reductions are slow
+too (`batch_norm`): `channel_sums` gives a BatchNorm's statistics, or its parameter gradients, in one read.
+All run on XLA's intra-op threads and add their per-thread partial sums in a fixed order (deterministic).
 
 The kernels are built with the system's C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`) against the FFI
 headers that jaxlib ships, and cached under `$MER_JAX_KERNEL_CACHE` (default `~/.cache/mer_jax/kernels`),
 keyed by the source, the jaxlib version and the CPU. Without a compiler, or with `MER_JAX_NATIVE_KERNELS=0`,
-`available()` is False and the model keeps the shifted-slice form: same values, slower training.
-"""
+`available()` is False and the model keeps its XLA-op forms: same values, slower training."""
 
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).with_name("depthwise_cpu.cc")
+SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 FORWARD_TARGET, BACKWARD_TARGET = "mer_jax_depthwise_forward", "mer_jax_depthwise_backward"
+CHANNEL_SUMS_TARGET = "mer_jax_channel_sums"
 ENABLE_VARIABLE = "MER_JAX_NATIVE_KERNELS"
 
 
@@ -79,18 +82,18 @@ def library_path() -> pathlib.Path | None:
   """The built kernel library, building it if needed; None (with a logged reason) when that fails."""
   compiler = find_compiler()
   if compiler is None:
-    logging.warning("No C++ compiler found (set $CXX or install g++): depthwise convs on the CPU use the "
-                    "slower shifted-slice form.")
+    logging.warning("No C++ compiler found (set $CXX or install g++): depthwise convs and BatchNorm on the "
+                    "CPU use their slower XLA-op forms.")
     return None
   import jaxlib
   key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(),
                                    _cpu_signature().encode()])).hexdigest()[:16]
-  path = cache_dir() / f"depthwise_cpu-{key}.so"
+  path = cache_dir() / f"cpu_kernels-{key}.so"
   if not path.exists():
     try:
       _compile(compiler, path)
     except (OSError, RuntimeError) as error:
-      logging.warning("Depthwise CPU kernels not built, using the shifted-slice form: %s", error)
+      logging.warning("CPU kernels not built, using the XLA-op forms: %s", error)
       return None
   return path
 
@@ -105,6 +108,7 @@ def _register() -> bool:
   jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(library.MerJaxDepthwiseForward), platform="cpu")
   jax.ffi.register_ffi_target(BACKWARD_TARGET, jax.ffi.pycapsule(library.MerJaxDepthwiseBackward),
                               platform="cpu")
+  jax.ffi.register_ffi_target(CHANNEL_SUMS_TARGET, jax.ffi.pycapsule(library.MerJaxChannelSums), platform="cpu")
   return True
 
 
@@ -113,8 +117,17 @@ def available() -> bool:
   return enabled() and _register()
 
 
+def applies(*arrays: jax.Array) -> bool:
+  """Whether the model should call the kernels for these operands: on one CPU device, all float32,
+  kernels available. (An FFI call has no partitioning rule: on a mesh of several devices XLA would gather
+  the whole batch to each, so the XLA-op forms, which it partitions, are kept there.)"""
+  return (jax.default_backend() == "cpu" and jax.device_count() == 1
+          and all(a.dtype == jnp.float32 for a in arrays) and available())
+
+
 def describe() -> str:
-  """For the launch log: the depthwise form CPU training runs, and how to get the fast one."""
+  """For the launch log: which form CPU training runs (depthwise convs, BatchNorm sums), and how to get the
+  fast one."""
   if not enabled():
     return f"XLA ops ({ENABLE_VARIABLE}=0)"
   if jax.device_count() > 1:
@@ -162,3 +175,10 @@ def _depthwise_conv_backward(stride, pad, residuals, output_grad):
 
 
 depthwise_conv.defvjp(_depthwise_conv_forward, _depthwise_conv_backward)
+
+
+def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(..., C) float32 twice -> (sum of a, sum of a * b) over all positions, each (C,) float32."""
+  channels = a.shape[-1]
+  out = jax.ShapeDtypeStruct((channels,), jnp.float32)
+  return jax.ffi.ffi_call(CHANNEL_SUMS_TARGET, (out, out), vmap_method="sequential")(a, b)

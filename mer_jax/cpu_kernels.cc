@@ -1,6 +1,7 @@
-// Depthwise conv kernels for XLA:CPU, called through the XLA FFI (see depthwise_cpu.py).
+// Kernels for XLA:CPU, called through the XLA FFI (see cpu_kernels.py): depthwise conv forward and
+// backward, and per-channel sums for BatchNorm (at the end).
 //
-// Layout: x (N, H, W, C) float32, kernel (k, k, 1, C), output (N, Ho, Wo, C); zero padding `pad` on
+// Depthwise layout: x (N, H, W, C) float32, kernel (k, k, 1, C), output (N, Ho, Wo, C); zero padding `pad` on
 // each side, the same stride on both axes. Channels are contiguous, so every inner loop runs over a block
 // of channels and the compiler vectorises it.
 //
@@ -72,8 +73,9 @@ int64_t NumChunks(ffi::ThreadPool& pool, int64_t batch) {
 }
 
 // Eight floats as one value: GCC/Clang vector extensions, which become AVX registers with -march=native
-// on x86 (two SSE or NEON registers elsewhere). aligned(4): channel blocks need not be 32-byte aligned.
-typedef float Vec8 __attribute__((vector_size(32), aligned(4)));
+// on x86 (two SSE or NEON registers elsewhere). Memory is only read and written through memcpy (Load,
+// Store), since channel blocks need not be 32-byte aligned.
+typedef float Vec8 __attribute__((vector_size(32)));
 constexpr int kLanes = 8;
 
 template <typename T> inline T Load(const float* p) { T v; std::memcpy(&v, p, sizeof(T)); return v; }
@@ -89,19 +91,35 @@ inline void ValidRange(int64_t offset, const Geometry& g, int64_t size, int64_t 
   *last = std::max(*first, std::min(out_size, hi <= 0 ? 0 : (hi + g.stride - 1) / g.stride));
 }
 
+// Stride and kernel size as compile-time constants for the model's layers (0: read them from Geometry),
+// so that tap loops unroll and the stride's divisions become shifts.
+template <int S, int K> struct Fixed {
+  static int64_t Stride(const Geometry& g) { return S ? S : g.stride; }
+  static int64_t Kernel(const Geometry& g) { return K ? K : g.kernel; }
+};
+
+template <typename F>
+void WithFixedGeometry(const Geometry& g, F body) {
+  if (g.stride == 1 && g.kernel == 3) return body(Fixed<1, 3>());
+  if (g.stride == 2 && g.kernel == 3) return body(Fixed<2, 3>());
+  if (g.stride == 1 && g.kernel == 5) return body(Fixed<1, 5>());
+  if (g.stride == 2 && g.kernel == 5) return body(Fixed<2, 5>());
+  body(Fixed<0, 0>());
+}
+
 // One image, channels [c0, c0 + V * width of T): each output position sums its taps in registers.
-template <typename T, int V>
+template <typename T, int V, typename F>
 void ForwardBlock(const Geometry& g, const float* x, const float* kernel, float* out, int64_t c0) {
   constexpr int L = Width<T>();
-  const int64_t k = g.kernel, C = g.channels;
+  const int64_t k = F::Kernel(g), C = g.channels, s = F::Stride(g);
   for (int64_t oy = 0; oy < g.out_height; ++oy) {
     for (int64_t ox = 0; ox < g.out_width; ++ox) {
       T acc[V] = {};
       for (int64_t ky = 0; ky < k; ++ky) {
-        const int64_t iy = oy * g.stride - g.pad + ky;
+        const int64_t iy = oy * s - g.pad + ky;
         if (iy < 0 || iy >= g.height) continue;
         for (int64_t kx = 0; kx < k; ++kx) {
-          const int64_t ix = ox * g.stride - g.pad + kx;
+          const int64_t ix = ox * s - g.pad + kx;
           if (ix < 0 || ix >= g.width) continue;
           const float* xi = x + (iy * g.width + ix) * C + c0;
           const float* w = kernel + (ky * k + kx) * C + c0;
@@ -117,10 +135,10 @@ void ForwardBlock(const Geometry& g, const float* x, const float* kernel, float*
 // One image's input gradient for a channel block, in gather form: each input position sums, in
 // registers, the output gradients of the positions whose window covers it, times the tap that links them.
 // Every input value is written once (no zeroing, no read-modify-write).
-template <typename T, int V>
+template <typename T, int V, typename F>
 void InputGradBlock(const Geometry& g, const float* kernel, const float* out_grad, float* in_grad, int64_t c0) {
   constexpr int L = Width<T>();
-  const int64_t k = g.kernel, C = g.channels, s = g.stride;
+  const int64_t k = F::Kernel(g), C = g.channels, s = F::Stride(g);
   for (int64_t iy = 0; iy < g.height; ++iy) {
     for (int64_t ix = 0; ix < g.width; ++ix) {
       T acc[V] = {};
@@ -148,10 +166,10 @@ void InputGradBlock(const Geometry& g, const float* kernel, const float* out_gra
 // One image's kernel gradient for a channel block: tap by tap, the products of output gradient and input
 // summed in registers over the positions where the tap is inside the image, then added to `sums`
 // (k*k, C).
-template <typename T, int V>
+template <typename T, int V, typename F>
 void KernelGradBlock(const Geometry& g, const float* x, const float* out_grad, float* sums, int64_t c0) {
   constexpr int L = Width<T>();
-  const int64_t k = g.kernel, C = g.channels, s = g.stride;
+  const int64_t k = F::Kernel(g), C = g.channels, s = F::Stride(g);
   for (int64_t ky = 0; ky < k; ++ky) {
     int64_t oy0, oy1;
     ValidRange(ky, g, g.height, g.out_height, &oy0, &oy1);
@@ -214,12 +232,15 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   float* os = out->typed_data();
   const int64_t in_image = g.height * g.width * g.channels;
   const int64_t out_image = g.out_height * g.out_width * g.channels;
-  ParallelFor(pool, g.batch, [&](int64_t n) {
-    const float* xn = xs + n * in_image;
-    float* on = os + n * out_image;
-    ForChannelBlocks(g.channels, [&](auto block, int64_t c0) {
-      using B = decltype(block);
-      ForwardBlock<typename B::Type, B::kVectors>(g, xn, ws, on, c0);
+  WithFixedGeometry(g, [&](auto fixed) {
+    using F = decltype(fixed);
+    ParallelFor(pool, g.batch, [&](int64_t n) {
+      const float* xn = xs + n * in_image;
+      float* on = os + n * out_image;
+      ForChannelBlocks(g.channels, [&](auto block, int64_t c0) {
+        using B = decltype(block);
+        ForwardBlock<typename B::Type, B::kVectors, F>(g, xn, ws, on, c0);
+      });
     });
   });
   return ffi::Error::Success();
@@ -239,25 +260,100 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const float* ws = kernel.typed_data();
   const float* gs = out_grad.typed_data();
   float* dxs = in_grad->typed_data();
-  ParallelFor(pool, chunks, [&](int64_t chunk) {
-    const int64_t first = g.batch * chunk / chunks, last = g.batch * (chunk + 1) / chunks;
-    float* partial = partials.data() + chunk * taps * C;
-    for (int64_t n = first; n < last; ++n) {
-      const float* xn = xs + n * in_image;
-      const float* gn = gs + n * out_image;
-      float* dxn = dxs + n * in_image;
-      ForChannelBlocks(C, [&](auto block, int64_t c0) {
-        using B = decltype(block);
-        InputGradBlock<typename B::Type, B::kVectors>(g, ws, gn, dxn, c0);
-        KernelGradBlock<typename B::Type, B::kVectors>(g, xn, gn, partial, c0);
-      });
-    }
+  WithFixedGeometry(g, [&](auto fixed) {
+    using F = decltype(fixed);
+    ParallelFor(pool, chunks, [&](int64_t chunk) {
+      const int64_t first = g.batch * chunk / chunks, last = g.batch * (chunk + 1) / chunks;
+      float* partial = partials.data() + chunk * taps * C;
+      for (int64_t n = first; n < last; ++n) {
+        const float* xn = xs + n * in_image;
+        const float* gn = gs + n * out_image;
+        float* dxn = dxs + n * in_image;
+        ForChannelBlocks(C, [&](auto block, int64_t c0) {
+          using B = decltype(block);
+          InputGradBlock<typename B::Type, B::kVectors, F>(g, ws, gn, dxn, c0);
+          KernelGradBlock<typename B::Type, B::kVectors, F>(g, xn, gn, partial, c0);
+        });
+      }
+    });
   });
   float* dw = kernel_grad->typed_data();
   std::memcpy(dw, partials.data(), sizeof(float) * taps * C);
   for (int64_t chunk = 1; chunk < chunks; ++chunk) {
     const float* partial = partials.data() + chunk * taps * C;
     for (int64_t i = 0; i < taps * C; ++i) dw[i] += partial[i];
+  }
+  return ffi::Error::Success();
+}
+
+
+// Channel sums: over every position of a and b, both (..., C), per channel, sum(a) and sum(a * b).
+// BatchNorm's statistics are (sum x, sum x*x) = ChannelSums(x, x); the gradients of its scale-and-shift
+// are (sum g, sum g*x) = ChannelSums(g, x). Positions go in tiles of kTilePositions, so a tile's rows stay
+// in cache while each channel block reads them; a block sums its tile in float32 registers and adds the
+// result to the chunk's float64 totals, which keeps long sums (N*H*W ~ 400k terms) accurate.
+constexpr int64_t kTilePositions = 128;
+
+template <typename T> inline void AddTo(double* out, T v) {
+  float lanes[Width<T>()];
+  std::memcpy(lanes, &v, sizeof(T));
+  for (int i = 0; i < Width<T>(); ++i) out[i] += lanes[i];
+}
+
+template <typename T, int V>
+void ChannelSumsBlock(const float* a, const float* b, int64_t positions, int64_t C, int64_t c0, double* sum_a,
+                      double* sum_ab) {
+  constexpr int L = Width<T>();
+  T acc_a[V] = {}, acc_ab[V] = {};
+  for (int64_t p = 0; p < positions; ++p) {
+    const float* ap = a + p * C + c0;
+    const float* bp = b + p * C + c0;
+    for (int v = 0; v < V; ++v) {
+      const T av = Load<T>(ap + v * L);
+      acc_a[v] += av;
+      acc_ab[v] += av * Load<T>(bp + v * L);
+    }
+  }
+  for (int v = 0; v < V; ++v) {
+    AddTo(sum_a + c0 + v * L, acc_a[v]);
+    AddTo(sum_ab + c0 + v * L, acc_ab[v]);
+  }
+}
+
+ffi::Error ChannelSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                           ffi::ResultBuffer<ffi::F32> sum_a, ffi::ResultBuffer<ffi::F32> sum_ab) {
+  auto dims = a.dimensions();
+  if (dims.size() < 1 || b.element_count() != a.element_count() || b.dimensions().back() != dims.back())
+    return ffi::Error::InvalidArgument("channel sums: a and b must both be (..., C) of the same shape");
+  const int64_t C = dims.back();
+  const int64_t positions = C == 0 ? 0 : a.element_count() / C;
+  const int64_t tiles = (positions + kTilePositions - 1) / kTilePositions;
+  const int64_t chunks = std::max<int64_t>(1, NumChunks(pool, tiles));
+  std::vector<double> partials(chunks * 2 * C, 0.0);  // (chunk, {a, ab}, C)
+  const float* as = a.typed_data();
+  const float* bs = b.typed_data();
+  ParallelFor(pool, chunks, [&](int64_t chunk) {
+    double* partial_a = partials.data() + chunk * 2 * C;
+    double* partial_ab = partial_a + C;
+    for (int64_t tile = tiles * chunk / chunks; tile < tiles * (chunk + 1) / chunks; ++tile) {
+      const int64_t p0 = tile * kTilePositions, count = std::min(kTilePositions, positions - p0);
+      ForChannelBlocks(C, [&](auto block, int64_t c0) {
+        using B = decltype(block);
+        ChannelSumsBlock<typename B::Type, B::kVectors>(as + p0 * C, bs + p0 * C, count, C, c0, partial_a,
+                                                         partial_ab);
+      });
+    }
+  });
+  float* out_a = sum_a->typed_data();
+  float* out_ab = sum_ab->typed_data();
+  for (int64_t c = 0; c < C; ++c) {
+    double total_a = 0.0, total_ab = 0.0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      total_a += partials[chunk * 2 * C + c];
+      total_ab += partials[chunk * 2 * C + C + c];
+    }
+    out_a[c] = static_cast<float>(total_a);
+    out_ab[c] = static_cast<float>(total_ab);
   }
   return ffi::Error::Success();
 }
@@ -283,3 +379,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxDepthwiseBackward, BackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxChannelSums, ChannelSumsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mer_jax import depthwise_cpu, mobilenet_v3
+from mer_jax import cpu_kernels, mobilenet_v3
 
-needs_compiler = pytest.mark.skipif(depthwise_cpu.find_compiler() is None, reason="no C++ compiler here")
+needs_compiler = pytest.mark.skipif(cpu_kernels.find_compiler() is None, reason="no C++ compiler here")
 
 
 def _inputs(shape, kernel_size, seed):
@@ -26,7 +26,7 @@ def _inputs(shape, kernel_size, seed):
     ((3, 9, 7, 45), 3, 2), ((2, 8, 8, 16), 3, 1), ((2, 7, 7, 40), 5, 1), ((2, 14, 11, 24), 5, 2),
     ((1, 4, 4, 3), 5, 1), ((2, 5, 6, 72), 3, 2), ((2, 3, 3, 8), 5, 2)])
 def test_kernels_equal_the_xla_op_form(shape, kernel_size, stride):
-  assert depthwise_cpu.available()
+  assert cpu_kernels.available()
   x, kernel = _inputs(shape, kernel_size, seed=sum(shape) + kernel_size)
   pad = (kernel_size - 1) // 2
 
@@ -35,10 +35,10 @@ def test_kernels_equal_the_xla_op_form(shape, kernel_size, stride):
     return jnp.sum(jnp.sin(y) * jnp.arange(y.shape[-1], dtype=y.dtype))
 
   expected = mobilenet_v3.shifted_slices_depthwise_conv(x, kernel, stride, pad)
-  got = jax.jit(depthwise_cpu.depthwise_conv, static_argnums=(2, 3))(x, kernel, stride, pad)
-  assert got.shape == expected.shape == depthwise_cpu.output_shape(shape, kernel_size, stride, pad)
+  got = jax.jit(cpu_kernels.depthwise_conv, static_argnums=(2, 3))(x, kernel, stride, pad)
+  assert got.shape == expected.shape == cpu_kernels.output_shape(shape, kernel_size, stride, pad)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-  ours = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)(depthwise_cpu.depthwise_conv, x, kernel)
+  ours = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)(cpu_kernels.depthwise_conv, x, kernel)
   reference = jax.grad(loss, argnums=(1, 2))(mobilenet_v3.shifted_slices_depthwise_conv, x, kernel)
   np.testing.assert_allclose(ours[0], reference[0], rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(ours[1], reference[1], rtol=1e-5, atol=1e-3)
@@ -50,10 +50,28 @@ def test_backward_is_deterministic_across_threads():
   """Images are split between threads; the kernel-gradient partials are added in a fixed order."""
   x, kernel = _inputs((64, 14, 14, 40), 5, seed=1)
   output_grad = jnp.asarray(np.random.default_rng(2).normal(size=(64, 7, 7, 40)), jnp.float32)
-  backward = jax.jit(depthwise_cpu.backward, static_argnums=(3, 4))
+  backward = jax.jit(cpu_kernels.backward, static_argnums=(3, 4))
   first, second = backward(x, kernel, output_grad, 2, 2), backward(x, kernel, output_grad, 2, 2)
   for a, b in zip(first, second):
     np.testing.assert_array_equal(a, b)
+
+
+# Positions not a multiple of the kernel's 128-position tiles; channels through every block path; one
+# (N, H, W, C) map as BatchNorm passes them; offsets so that sums of squares are large.
+@needs_compiler
+@pytest.mark.parametrize("shape", [(3, 5, 7, 45), (1000, 3), (2, 130, 72), (64, 14, 14, 40), (7, 1)])
+def test_channel_sums_equal_float64_sums(shape):
+  rng = np.random.default_rng(sum(shape))
+  a = rng.normal(size=shape) * 2.0 + 5.0
+  b = rng.normal(size=shape)
+  sums = jax.jit(cpu_kernels.channel_sums)(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+  a32, b32 = np.asarray(a, np.float32).astype(np.float64), np.asarray(b, np.float32).astype(np.float64)
+  axes = tuple(range(len(shape) - 1))
+  np.testing.assert_allclose(sums[0], a32.sum(axes), rtol=1e-6)
+  np.testing.assert_allclose(sums[1], (a32 * b32).sum(axes), rtol=1e-5, atol=1e-3)
+  again = jax.jit(cpu_kernels.channel_sums)(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+  for first, second in zip(sums, again):  # partial sums added in a fixed order
+    np.testing.assert_array_equal(first, second)
 
 
 def _traced(x, kernel):
@@ -64,26 +82,26 @@ def _traced(x, kernel):
 @needs_compiler
 def test_model_uses_the_kernels_on_the_cpu_and_not_when_turned_off(monkeypatch):
   x, kernel = _inputs((2, 8, 8, 16), 3, seed=3)
-  assert depthwise_cpu.FORWARD_TARGET in _traced(x, kernel)
-  assert depthwise_cpu.describe() == "FFI kernels"  # what launch.py logs
+  assert cpu_kernels.FORWARD_TARGET in _traced(x, kernel)
+  assert cpu_kernels.describe() == "FFI kernels"  # what launch.py logs
   # bf16 compute keeps the XLA-op form.
-  assert depthwise_cpu.FORWARD_TARGET not in _traced(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
-  monkeypatch.setenv(depthwise_cpu.ENABLE_VARIABLE, "0")
-  assert not depthwise_cpu.available()
-  assert depthwise_cpu.describe() == "XLA ops (MER_JAX_NATIVE_KERNELS=0)"
-  assert depthwise_cpu.FORWARD_TARGET not in _traced(x, kernel)
+  assert cpu_kernels.FORWARD_TARGET not in _traced(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  monkeypatch.setenv(cpu_kernels.ENABLE_VARIABLE, "0")
+  assert not cpu_kernels.available()
+  assert cpu_kernels.describe() == "XLA ops (MER_JAX_NATIVE_KERNELS=0)"
+  assert cpu_kernels.FORWARD_TARGET not in _traced(x, kernel)
 
 
 @needs_compiler
 def test_build_is_cached_and_a_broken_compiler_falls_back(tmp_path, monkeypatch, caplog):
   monkeypatch.setenv("MER_JAX_KERNEL_CACHE", str(tmp_path / "cache"))
-  depthwise_cpu.library_path.cache_clear()
+  cpu_kernels.library_path.cache_clear()
   try:
-    path = depthwise_cpu.library_path()
+    path = cpu_kernels.library_path()
     assert path is not None and path.parent == tmp_path / "cache" and path.stat().st_size > 0
     built_at = path.stat().st_mtime_ns
-    depthwise_cpu.library_path.cache_clear()
-    assert depthwise_cpu.library_path() == path and path.stat().st_mtime_ns == built_at  # not rebuilt
+    cpu_kernels.library_path.cache_clear()
+    assert cpu_kernels.library_path() == path and path.stat().st_mtime_ns == built_at  # not rebuilt
 
     # A compiler that fails: no library, a warning that says which form runs instead.
     monkeypatch.setenv("MER_JAX_KERNEL_CACHE", str(tmp_path / "other"))
@@ -91,10 +109,10 @@ def test_build_is_cached_and_a_broken_compiler_falls_back(tmp_path, monkeypatch,
     broken.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
     broken.chmod(0o755)
     monkeypatch.setenv("CXX", str(broken))
-    depthwise_cpu.library_path.cache_clear()
+    cpu_kernels.library_path.cache_clear()
     with caplog.at_level(logging.WARNING):
-      assert depthwise_cpu.library_path() is None
-    assert "shifted-slice form" in caplog.text and "broken compiler" in caplog.text
+      assert cpu_kernels.library_path() is None
+    assert "XLA-op forms" in caplog.text and "broken compiler" in caplog.text
     assert not list((tmp_path / "other").glob("*.so"))
   finally:
-    depthwise_cpu.library_path.cache_clear()
+    cpu_kernels.library_path.cache_clear()
