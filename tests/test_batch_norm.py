@@ -9,17 +9,6 @@ import pytest
 from mer_jax import batch_norm, cpu_kernels
 
 
-@pytest.fixture(params=["kernels", "xla_ops"])
-def form(request, monkeypatch):
-  """Both forms of the statistics and of the parameter gradients: the FFI kernels (where this machine can
-  build them) and the XLA ops that every other backend runs."""
-  if request.param == "xla_ops":
-    monkeypatch.setenv(cpu_kernels.ENABLE_VARIABLE, "0")
-  elif not cpu_kernels.available():
-    pytest.skip("no C++ compiler here: the kernels cannot be built")
-  return request.param
-
-
 def _pair(momentum=0.99, epsilon=1e-3, dtype=jnp.float32):
   return (batch_norm.BatchNorm(use_running_average=False, momentum=momentum, epsilon=epsilon, dtype=dtype),
           nn.BatchNorm(use_running_average=False, momentum=momentum, epsilon=epsilon, dtype=dtype))
