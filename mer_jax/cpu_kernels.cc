@@ -82,6 +82,16 @@ template <typename T> inline T Load(const float* p) { T v; std::memcpy(&v, p, si
 template <typename T> inline void Store(float* p, T v) { std::memcpy(p, &v, sizeof(T)); }
 template <typename T> constexpr int Width() { return sizeof(T) / sizeof(float); }
 
+// The input at p as T: its channels, or for a one-channel input (grey pixels) its value in every lane.
+template <typename T, bool kOneChannel> inline T LoadInput(const float* p) {
+  if constexpr (kOneChannel) {
+    T v = {};
+    return v + *p;
+  } else {
+    return Load<T>(p);
+  }
+}
+
 // Output positions [first, last) along one axis whose tap `offset` reads an input index inside [0, size):
 // o * stride - pad + offset in [0, size).
 inline void ValidRange(int64_t offset, const Geometry& g, int64_t size, int64_t out_size, int64_t* first,
@@ -165,11 +175,13 @@ void InputGradBlock(const Geometry& g, const float* kernel, const float* out_gra
 
 // One image's kernel gradient for a channel block: tap by tap, the products of output gradient and input
 // summed in registers over the positions where the tap is inside the image, then added to `sums`
-// (k*k, C).
-template <typename T, int V, typename F>
+// (k*k, C). kOneChannel: x is (H, W, 1) and every channel's tap reads its one value (a grey-input conv);
+// else x is (H, W, C) and channel c reads channel c (depthwise).
+template <typename T, int V, typename F, bool kOneChannel = false>
 void KernelGradBlock(const Geometry& g, const float* x, const float* out_grad, float* sums, int64_t c0) {
   constexpr int L = Width<T>();
   const int64_t k = F::Kernel(g), C = g.channels, s = F::Stride(g);
+  const int64_t x_channels = kOneChannel ? 1 : C, x_c0 = kOneChannel ? 0 : c0, x_lane = kOneChannel ? 0 : L;
   for (int64_t ky = 0; ky < k; ++ky) {
     int64_t oy0, oy1;
     ValidRange(ky, g, g.height, g.out_height, &oy0, &oy1);
@@ -179,9 +191,9 @@ void KernelGradBlock(const Geometry& g, const float* x, const float* out_grad, f
       T acc[V] = {};
       for (int64_t oy = oy0; oy < oy1; ++oy) {
         const float* go = out_grad + (oy * g.out_width + ox0) * C + c0;
-        const float* xi = x + ((oy * s - g.pad + ky) * g.width + ox0 * s - g.pad + kx) * C + c0;
-        for (int64_t ox = ox0; ox < ox1; ++ox, go += C, xi += s * C)
-          for (int v = 0; v < V; ++v) acc[v] += Load<T>(go + v * L) * Load<T>(xi + v * L);
+        const float* xi = x + ((oy * s - g.pad + ky) * g.width + ox0 * s - g.pad + kx) * x_channels + x_c0;
+        for (int64_t ox = ox0; ox < ox1; ++ox, go += C, xi += s * x_channels)
+          for (int v = 0; v < V; ++v) acc[v] += Load<T>(go + v * L) * LoadInput<T, kOneChannel>(xi + v * x_lane);
       }
       float* sum = sums + (ky * k + kx) * C + c0;
       for (int v = 0; v < V; ++v) Store<T>(sum + v * L, Load<T>(sum + v * L) + acc[v]);
@@ -203,29 +215,40 @@ void ForChannelBlocks(int64_t channels, F block) {
   for (; c0 < channels; ++c0) block(Block<float, 1>(), c0);
 }
 
+// Adds the per-chunk partials (chunks, size) in chunk order into out (size): the same result whatever the
+// thread schedule was.
+void SumPartials(const std::vector<float>& partials, int64_t chunks, int64_t size, float* out) {
+  std::memcpy(out, partials.data(), sizeof(float) * size);
+  for (int64_t chunk = 1; chunk < chunks; ++chunk)
+    for (int64_t i = 0; i < size; ++i) out[i] += partials[chunk * size + i];
+}
+
 Geometry MakeGeometry(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& kernel, int64_t stride,
                       int64_t pad) {
   auto dims = x.dimensions();
   Geometry g;
-  g.batch = dims[0], g.height = dims[1], g.width = dims[2], g.channels = dims[3];
+  g.batch = dims[0], g.height = dims[1], g.width = dims[2], g.channels = kernel.dimensions()[3];
   g.kernel = kernel.dimensions()[0], g.stride = stride, g.pad = pad;
   g.out_height = (g.height + 2 * pad - g.kernel) / stride + 1;
   g.out_width = (g.width + 2 * pad - g.kernel) / stride + 1;
   return g;
 }
 
+template <bool kOneChannel>
 ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& kernel, int64_t stride) {
   if (x.dimensions().size() != 4 || kernel.dimensions().size() != 4)
-    return ffi::Error::InvalidArgument("depthwise: x must be (N, H, W, C) and kernel (k, k, 1, C)");
+    return ffi::Error::InvalidArgument("conv: x must be (N, H, W, C or 1) and kernel (k, k, 1, C)");
   auto k = kernel.dimensions();
-  if (k[0] != k[1] || k[2] != 1 || k[3] != x.dimensions()[3] || stride < 1)
-    return ffi::Error::InvalidArgument("depthwise: kernel must be (k, k, 1, C) with C = x's channels");
+  if (k[0] != k[1] || k[2] != 1 || x.dimensions()[3] != (kOneChannel ? 1 : k[3]) || stride < 1)
+    return ffi::Error::InvalidArgument(kOneChannel
+                                           ? "grey-input conv: x must be (N, H, W, 1) and kernel (k, k, 1, C)"
+                                           : "depthwise: kernel must be (k, k, 1, C) with C = x's channels");
   return ffi::Error::Success();
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                        ffi::ResultBuffer<ffi::F32> out, int64_t stride, int64_t pad) {
-  if (ffi::Error error = CheckShapes(x, kernel, stride); error.failure()) return error;
+  if (ffi::Error error = CheckShapes<false>(x, kernel, stride); error.failure()) return error;
   const Geometry g = MakeGeometry(x, kernel, stride, pad);
   const float* xs = x.typed_data();
   const float* ws = kernel.typed_data();
@@ -249,7 +272,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                         ffi::Buffer<ffi::F32> out_grad, ffi::ResultBuffer<ffi::F32> in_grad,
                         ffi::ResultBuffer<ffi::F32> kernel_grad, int64_t stride, int64_t pad) {
-  if (ffi::Error error = CheckShapes(x, kernel, stride); error.failure()) return error;
+  if (ffi::Error error = CheckShapes<false>(x, kernel, stride); error.failure()) return error;
   const Geometry g = MakeGeometry(x, kernel, stride, pad);
   const int64_t taps = g.kernel * g.kernel, C = g.channels;
   const int64_t in_image = g.height * g.width * C;
@@ -277,15 +300,40 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       }
     });
   });
-  float* dw = kernel_grad->typed_data();
-  std::memcpy(dw, partials.data(), sizeof(float) * taps * C);
-  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-    const float* partial = partials.data() + chunk * taps * C;
-    for (int64_t i = 0; i < taps * C; ++i) dw[i] += partial[i];
-  }
+  SumPartials(partials, chunks, taps * C, kernel_grad->typed_data());
   return ffi::Error::Success();
 }
 
+// The kernel gradient alone of a grey-input conv, x (N, H, W, 1): for the convs whose input gradient XLA
+// computes itself (fused with the work around it) or does not need (pixels).
+ffi::Error OneChannelKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                                    ffi::Buffer<ffi::F32> out_grad, ffi::ResultBuffer<ffi::F32> kernel_grad,
+                                    int64_t stride, int64_t pad) {
+  if (ffi::Error error = CheckShapes<true>(x, kernel, stride); error.failure()) return error;
+  const Geometry g = MakeGeometry(x, kernel, stride, pad);
+  const int64_t taps = g.kernel * g.kernel, C = g.channels;
+  const int64_t in_image = g.height * g.width;
+  const int64_t out_image = g.out_height * g.out_width * C;
+  const int64_t chunks = NumChunks(pool, g.batch);
+  std::vector<float> partials(chunks * taps * C, 0.0f);  // (chunk, tap, C)
+  const float* xs = x.typed_data();
+  const float* gs = out_grad.typed_data();
+  WithFixedGeometry(g, [&](auto fixed) {
+    using F = decltype(fixed);
+    ParallelFor(pool, chunks, [&](int64_t chunk) {
+      float* partial = partials.data() + chunk * taps * C;
+      for (int64_t n = g.batch * chunk / chunks; n < g.batch * (chunk + 1) / chunks; ++n) {
+        ForChannelBlocks(C, [&](auto block, int64_t c0) {
+          using B = decltype(block);
+          KernelGradBlock<typename B::Type, B::kVectors, F, true>(g, xs + n * in_image, gs + n * out_image,
+                                                                   partial, c0);
+        });
+      }
+    });
+  });
+  SumPartials(partials, chunks, taps * C, kernel_grad->typed_data());
+  return ffi::Error::Success();
+}
 
 // Channel sums: over every position of a and b, both (..., C), per channel, sum(a) and sum(a * b).
 // BatchNorm's statistics are (sum x, sum x*x) = ChannelSums(x, x); the gradients of its scale-and-shift
@@ -387,3 +435,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxChannelSums, ChannelSumsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxOneChannelKernelGrad, OneChannelKernelGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));

@@ -1,11 +1,13 @@
-"""C++ kernels for XLA:CPU behind the XLA FFI (`cpu_kernels.cc`), compiled on first use: depthwise convs
-and BatchNorm's per-channel sums.
+"""C++ kernels for XLA:CPU behind the XLA FFI (`cpu_kernels.cc`), compiled on first use: depthwise convs,
+BatchNorm's per-channel sums and the grey-input convs' kernel gradient.
 
 XLA:CPU has no fast depthwise conv: the grouped conv takes a generic path, and the shifted-slice form
 (`mobilenet_v3.shifted_slices_depthwise_conv`) needs k*k passes over the output gradient in the
 backward. The C++ kernels read each image once per pass: the forward sums its taps per output position,
 and one backward pass gives both the input and the kernel gradient. XLA:CPU's long reductions are slow
 too (`batch_norm`): `channel_sums` gives a BatchNorm's statistics, or its parameter gradients, in one read.
+`one_channel_kernel_grad` is the kernel gradient of the grey-input convs (stem, frame scorer), which XLA
+computes as a conv with the batch as features after transposing both operands.
 All run on XLA's intra-op threads and add their per-thread partial sums in a fixed order (deterministic).
 
 The kernels are built with the system's C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`) against the FFI
@@ -31,6 +33,7 @@ import numpy as np
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 FORWARD_TARGET, BACKWARD_TARGET = "mer_jax_depthwise_forward", "mer_jax_depthwise_backward"
+ONE_CHANNEL_KERNEL_GRAD_TARGET = "mer_jax_one_channel_kernel_grad"
 CHANNEL_SUMS_TARGET = "mer_jax_channel_sums"
 ENABLE_VARIABLE = "MER_JAX_NATIVE_KERNELS"
 
@@ -105,10 +108,11 @@ def _register() -> bool:
   if path is None:
     return False
   library = ctypes.cdll.LoadLibrary(str(path))
-  jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(library.MerJaxDepthwiseForward), platform="cpu")
-  jax.ffi.register_ffi_target(BACKWARD_TARGET, jax.ffi.pycapsule(library.MerJaxDepthwiseBackward),
-                              platform="cpu")
-  jax.ffi.register_ffi_target(CHANNEL_SUMS_TARGET, jax.ffi.pycapsule(library.MerJaxChannelSums), platform="cpu")
+  for target, symbol in ((FORWARD_TARGET, library.MerJaxDepthwiseForward),
+                         (BACKWARD_TARGET, library.MerJaxDepthwiseBackward),
+                         (ONE_CHANNEL_KERNEL_GRAD_TARGET, library.MerJaxOneChannelKernelGrad),
+                         (CHANNEL_SUMS_TARGET, library.MerJaxChannelSums)):
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
   return True
 
 
@@ -137,26 +141,35 @@ def describe() -> str:
   return f"XLA ops (could not build {SOURCE.name}: install a C++ compiler, e.g. g++, for faster CPU training)"
 
 
-def output_shape(x_shape, kernel_size: int, stride: int, pad: int) -> tuple[int, int, int, int]:
-  batch, height, width, channels = x_shape
+def output_shape(x_shape, kernel_size: int, stride: int, pad: int, channels: int | None = None):
+  """(N, Ho, Wo, C) of a conv of (N, H, W, C) (or, given `channels`, of a one-channel input)."""
+  batch, height, width, x_channels = x_shape
   return (batch, (height + 2 * pad - kernel_size) // stride + 1, (width + 2 * pad - kernel_size) // stride + 1,
-          channels)
+          channels or x_channels)
+
+
+def _forward(target: str, x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  shape = output_shape(x.shape, kernel.shape[0], stride, pad, kernel.shape[-1])
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
+  return call(x, kernel, stride=np.int64(stride), pad=np.int64(pad))
+
+
+def _backward(target: str, x: jax.Array, kernel: jax.Array, output_grad: jax.Array, stride: int,
+              pad: int) -> tuple[jax.Array, jax.Array]:
+  call = jax.ffi.ffi_call(target, (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                                   jax.ShapeDtypeStruct(kernel.shape, jnp.float32)), vmap_method="sequential")
+  return call(x, kernel, output_grad, stride=np.int64(stride), pad=np.int64(pad))
 
 
 def forward(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-  """(N, H, W, C) float32 x (k, k, 1, C) -> (N, Ho, Wo, C), zero padding `pad`."""
-  shape = output_shape(x.shape, kernel.shape[0], stride, pad)
-  call = jax.ffi.ffi_call(FORWARD_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
-  return call(x, kernel, stride=np.int64(stride), pad=np.int64(pad))
+  """Depthwise: (N, H, W, C) float32 x (k, k, 1, C) -> (N, Ho, Wo, C), zero padding `pad`."""
+  return _forward(FORWARD_TARGET, x, kernel, stride, pad)
 
 
 def backward(x: jax.Array, kernel: jax.Array, output_grad: jax.Array, stride: int,
              pad: int) -> tuple[jax.Array, jax.Array]:
-  """(input gradient (N, H, W, C), kernel gradient (k, k, 1, C)) in one pass over each image."""
-  call = jax.ffi.ffi_call(BACKWARD_TARGET, (jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                                            jax.ShapeDtypeStruct(kernel.shape, jnp.float32)),
-                          vmap_method="sequential")
-  return call(x, kernel, output_grad, stride=np.int64(stride), pad=np.int64(pad))
+  """Depthwise: (input gradient (N, H, W, C), kernel gradient (k, k, 1, C)) in one pass over each image."""
+  return _backward(BACKWARD_TARGET, x, kernel, output_grad, stride, pad)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -182,3 +195,13 @@ def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   channels = a.shape[-1]
   out = jax.ShapeDtypeStruct((channels,), jnp.float32)
   return jax.ffi.ffi_call(CHANNEL_SUMS_TARGET, (out, out), vmap_method="sequential")(a, b)
+
+
+
+def one_channel_kernel_grad(x: jax.Array, kernel: jax.Array, output_grad: jax.Array, stride: int,
+                            pad: int) -> jax.Array:
+  """Kernel gradient (k, k, 1, C) of a conv from one input channel, x (N, H, W, 1) float32, given its output
+  gradient (N, Ho, Wo, C); `kernel` gives the shape."""
+  call = jax.ffi.ffi_call(ONE_CHANNEL_KERNEL_GRAD_TARGET, jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
+                          vmap_method="sequential")
+  return call(x, kernel, output_grad, stride=np.int64(stride), pad=np.int64(pad))

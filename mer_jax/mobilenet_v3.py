@@ -261,12 +261,14 @@ def plain_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int, groups: i
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def single_channel_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
   """Conv from one input channel, (N, H, W, 1) x (k, k, 1, C) -> (N, Ho, Wo, C): forward as k*k shifted
-  slices times each tap's C weights; input gradient by `single_channel_input_grad`; kernel gradient XLA's.
+  slices times each tap's C weights; input gradient by `single_channel_input_grad`; kernel gradient by the
+  FFI kernel `cpu_kernels.one_channel_kernel_grad` on one CPU device in float32 (paired A/B of the train
+  step 0.97), else XLA's conv gradient.
 
   XLA:CPU runs a conv with a single input channel (grey pixels) through its generic path at a few GFLOP/s:
   the stem on 128 frames of 112 px took 13 ms on 2 cores, the slices, fused into one loop, 1.8 ms; the
   conv's input gradient 11.9 ms, the form below 4.4 ms. The slices' autodiff kernel gradient would be k*k
-  strided reductions that XLA copies out first, so the kernel gradient stays the conv's. Export traces
+  strided reductions that XLA copies out first, hence the conv's gradient or the FFI kernel. Export traces
   `plain_conv` instead (export.export_friendly_ops): edge runtimes have fast conv kernels.
   """
   return shifted_slices_conv(x, kernel, stride, pad)
@@ -301,9 +303,13 @@ def single_channel_input_grad(output_grad: jax.Array, kernel: jax.Array, stride:
 
 def _single_channel_conv_backward(stride, pad, residuals, output_grad):
   x, kernel = residuals
-  _, kernel_vjp = jax.vjp(lambda kernel: plain_conv(x, kernel, stride, pad), kernel)
   input_grad = single_channel_input_grad(output_grad, kernel, stride, pad, x.shape[1], x.shape[2])
-  return input_grad.astype(x.dtype), kernel_vjp(output_grad)[0]
+  if cpu_kernels.applies(x, kernel, output_grad):
+    kernel_grad = cpu_kernels.one_channel_kernel_grad(x, kernel, output_grad, stride, pad)
+  else:
+    _, kernel_vjp = jax.vjp(lambda kernel: plain_conv(x, kernel, stride, pad), kernel)
+    kernel_grad = kernel_vjp(output_grad)[0]
+  return input_grad.astype(x.dtype), kernel_grad
 
 
 single_channel_conv.defvjp(_single_channel_conv_forward, _single_channel_conv_backward)

@@ -56,6 +56,22 @@ def test_backward_is_deterministic_across_threads():
     np.testing.assert_array_equal(a, b)
 
 
+@needs_compiler
+@pytest.mark.parametrize("shape,channels,kernel_size,stride", [
+    ((2, 9, 7, 1), 45, 3, 2), ((2, 8, 8, 1), 16, 3, 1), ((3, 11, 12, 1), 8, 5, 2), ((2, 6, 6, 1), 3, 3, 2)])
+def test_one_channel_kernel_grad_equals_the_conv_gradient(shape, channels, kernel_size, stride):
+  """The grey-input conv's kernel gradient (stem, frame scorer) equals autodiff of XLA's conv."""
+  rng = np.random.default_rng(channels + kernel_size)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, channels)), jnp.float32)
+  pad = (kernel_size - 1) // 2
+  output, conv_vjp = jax.vjp(lambda kernel: mobilenet_v3.plain_conv(x, kernel, stride, pad), kernel)
+  output_grad = jnp.asarray(rng.normal(size=output.shape), jnp.float32)
+  got = jax.jit(cpu_kernels.one_channel_kernel_grad, static_argnums=(3, 4))(x, kernel, output_grad, stride, pad)
+  np.testing.assert_allclose(got, conv_vjp(output_grad)[0], rtol=1e-5, atol=1e-4)
+  assert float(jnp.abs(got).max()) > 0.1
+
+
 # Positions not a multiple of the kernel's 128-position tiles; channels through every block path; one
 # (N, H, W, C) map as BatchNorm passes them; offsets so that sums of squares are large.
 @needs_compiler

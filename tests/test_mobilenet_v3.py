@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mer_jax import mobilenet_v3
+from mer_jax import cpu_kernels, mobilenet_v3
 
 
 @pytest.fixture(scope="module")
@@ -182,9 +182,11 @@ def test_pointwise_conv_equals_nn_conv_forward_and_backward():
 
 @pytest.mark.parametrize("height,width,kernel_size,stride,use_bias", [
     (12, 12, 3, 2, False), (9, 7, 3, 2, True), (8, 11, 3, 1, True), (10, 10, 5, 2, False), (11, 6, 5, 1, True)])
-def test_single_channel_conv_equals_nn_conv_forward_and_backward(height, width, kernel_size, stride, use_bias):
-  """The grey-input conv as shifted slices is nn.Conv's math and parameters: same variables (shapes and
-  initial values), same outputs, same kernel, bias and input gradients, odd sizes included."""
+def test_single_channel_conv_equals_nn_conv_forward_and_backward(height, width, kernel_size, stride, use_bias,
+                                                                  form):
+  """The grey-input conv as shifted slices (kernel gradient by the FFI kernel or by XLA's conv) is nn.Conv's
+  math and parameters: same variables (shapes and initial values), same outputs, same kernel, bias and input
+  gradients, odd sizes included."""
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.normal(size=(3, height, width, 1)), jnp.float32)
   pad = (kernel_size - 1) // 2
@@ -202,6 +204,8 @@ def test_single_channel_conv_equals_nn_conv_forward_and_backward(height, width, 
 
   np.testing.assert_allclose(ours.apply({"params": params}, x), reference.apply({"params": params}, x),
                              rtol=1e-5, atol=1e-5)
+  traced = str(jax.make_jaxpr(lambda p, x: jax.grad(loss, argnums=(1, 2))(ours, p, x))(params, x))
+  assert (cpu_kernels.ONE_CHANNEL_KERNEL_GRAD_TARGET in traced) == (form == "kernels")
   ours_grads = jax.grad(loss, argnums=(1, 2))(ours, params, x)
   reference_grads = jax.grad(loss, argnums=(1, 2))(reference, params, x)
   for got, expected in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(reference_grads)):
