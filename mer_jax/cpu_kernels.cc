@@ -72,11 +72,18 @@ int64_t NumChunks(ffi::ThreadPool& pool, int64_t batch) {
   return std::max<int64_t>(1, std::min<int64_t>(batch, 4 * std::max<int64_t>(1, pool.num_threads())));
 }
 
-// Eight floats as one value: GCC/Clang vector extensions, which become AVX registers with -march=native
-// on x86 (two SSE or NEON registers elsewhere). Memory is only read and written through memcpy (Load,
-// Store), since channel blocks need not be 32-byte aligned.
+// Floats as one value: GCC/Clang vector extensions, which become SIMD registers with -march=native. Vec is
+// as wide as the CPU's registers: 16 floats where AVX-512 is there (one zmm), else 8 (one AVX register,
+// or two SSE or NEON registers). Memory is only read and written through memcpy (Load, Store), since
+// channel blocks need not be aligned.
 typedef float Vec8 __attribute__((vector_size(32)));
+#if defined(__AVX512F__)
+typedef float Vec __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+#else
+typedef Vec8 Vec;
 constexpr int kLanes = 8;
+#endif
 
 template <typename T> inline T Load(const float* p) { T v; std::memcpy(&v, p, sizeof(T)); return v; }
 template <typename T> inline void Store(float* p, T v) { std::memcpy(p, &v, sizeof(T)); }
@@ -201,17 +208,20 @@ void KernelGradBlock(const Geometry& g, const float* x, const float* out_grad, f
   }
 }
 
-// Channel blocks of 4, 2 and 1 vectors of 8, then single channels, so that any channel count works and
-// the common ones (multiples of 8) run vector code only. block(tag, c0) is called with a tag whose type
+// Channel blocks of 4, 2 and 1 full vectors, one of 8 (with 16 lanes), then single channels, so that any
+// channel count works and the common ones (multiples of 8) run vector code only. block(tag, c0) is called with a tag whose type
 // names the block (T, V).
 template <typename T, int V> struct Block { using Type = T; static constexpr int kVectors = V; };
 
 template <typename F>
 void ForChannelBlocks(int64_t channels, F block) {
   int64_t c0 = 0;
-  for (; c0 + 4 * kLanes <= channels; c0 += 4 * kLanes) block(Block<Vec8, 4>(), c0);
-  for (; c0 + 2 * kLanes <= channels; c0 += 2 * kLanes) block(Block<Vec8, 2>(), c0);
-  for (; c0 + kLanes <= channels; c0 += kLanes) block(Block<Vec8, 1>(), c0);
+  for (; c0 + 4 * kLanes <= channels; c0 += 4 * kLanes) block(Block<Vec, 4>(), c0);
+  for (; c0 + 2 * kLanes <= channels; c0 += 2 * kLanes) block(Block<Vec, 2>(), c0);
+  for (; c0 + kLanes <= channels; c0 += kLanes) block(Block<Vec, 1>(), c0);
+  if constexpr (kLanes > 8) {
+    for (; c0 + 8 <= channels; c0 += 8) block(Block<Vec8, 1>(), c0);
+  }
   for (; c0 < channels; ++c0) block(Block<float, 1>(), c0);
 }
 
