@@ -89,13 +89,18 @@ class Worker:
 
 
 def interleaved(runners: dict, repeats: int, calls: int) -> dict:
-  """runners: label -> (worker, op). Alternate them over `repeats` rounds, the order rotating each round.
+  """runners: label -> (worker, op). Alternate them over `repeats` rounds, the order rotating each round,
+  after one untimed round: the workers' warm-up runs every op once in turn, so each op's first round
+  would otherwise start with caches and allocator pools that another executable just used (JAX's first
+  train round measured 224-240 ms against 167-196 ms for the rest).
 
   -> {label: {'wall': [s per call, one per round], 'cpu': [...]}, 'load': [1-min load average per round]}.
   """
   labels = list(runners)
   samples = {label: {"wall": [], "cpu": []} for label in labels}
   samples["load"] = []
+  for worker, op in runners.values():
+    worker.request(op, 1)
   for round_index in range(repeats):
     shift = round_index % len(labels)
     for label in labels[shift:] + labels[:shift]:
@@ -266,7 +271,8 @@ def markdown(results: dict) -> str:
       f"`{r['machine']}` ({r['cpu_model']}); jax {r['versions']['jax']}, torch {r['versions']['torch']}; "
       f"torch {r['torch_threads']} threads, XLA all cores; load average {fmt(r['load_average_start'], '.1f')} at "
       f"start, {fmt(r['load_average_end'], '.1f')} at end. Edge model, T=12 frames of 112 px, K=4, batch {b}; "
-      f"one process per framework, {r['rounds']} interleaved rounds of {r['steps_per_round']} steps, medians; "
+      f"one process per framework, {r['rounds']} interleaved rounds of {r['steps_per_round']} steps after an "
+      f"untimed one, medians; "
       f"Host malloc: {r['malloc_jax']} (JAX); {r['malloc_torch']} (PyTorch).",
       "",
       "| | JAX | PyTorch | JAX / PyTorch |",
@@ -327,8 +333,9 @@ def parse_args(argv):
   quick = args.quick
   args.batch_size = args.batch_size or (8 if quick else 32)
   args.steps = args.steps or (2 if quick else 3)
-  # 8 rounds in full mode: the first round after setup runs slower for most settings of both frameworks
-  # (up to 30% on the shared 2-core machine), and with 5 rounds one or two slow ones moved the median.
+  # 8 rounds in full mode: the first round after setup ran slower for most settings of both frameworks
+  # (up to 30% on the shared 2-core machine), and with 5 rounds one or two slow ones moved the median. An
+  # untimed round now comes first as well (`interleaved`).
   args.repeats = args.repeats or (3 if quick else 8)
   args.forward_calls = 2 if quick else 4
   args.pipeline_batches = 3 if quick else 8
