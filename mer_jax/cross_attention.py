@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mer_jax import dropout
+
 
 class TextToAudioVisualAttention(nn.Module):
   """(B, L, D) text states, (B, N, D) keys, (B, L) text mask, (B, N) key mask -> (B, L, D), weights."""
@@ -41,6 +43,6 @@ class TextToAudioVisualAttention(nn.Module):
     attended = nn.DenseGeneral(features, axis=(-2, -1), dtype=self.dtype, name="out")(attended)
     # No MLP after the attention: the classifier's hidden layer follows right after pooling, and the
     # edge model's FLOPs budget is better spent on the backbone.
-    x = text_states + nn.Dropout(self.dropout_rate, deterministic=not train)(attended)
+    x = text_states + dropout.Dropout(self.dropout_rate, deterministic=not train)(attended)
     x = x * text_mask[..., None].astype(x.dtype)
     return x, weights

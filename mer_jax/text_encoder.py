@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mer_jax import dropout
 from mer_jax import minilm
 from mer_jax.audio_encoder import masked_mean
 
@@ -30,11 +31,11 @@ class TransformerLayer(nn.Module):
     y = nn.LayerNorm(dtype=self.dtype, name="attention_norm")(x)
     y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, dropout_rate=0.0,
                                         name="attention")(y, y, mask=attention_mask)
-    x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    x = x + dropout.Dropout(self.dropout_rate, deterministic=not train)(y)
     y = nn.LayerNorm(dtype=self.dtype, name="mlp_norm")(x)
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp_in")(y)
     y = nn.Dense(x.shape[-1], dtype=self.dtype, name="mlp_out")(nn.gelu(y))
-    return x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    return x + dropout.Dropout(self.dropout_rate, deterministic=not train)(y)
 
 
 class CompactTextEncoder(nn.Module):
@@ -57,7 +58,7 @@ class CompactTextEncoder(nn.Module):
     x = nn.Embed(self.vocab_size, self.features, dtype=self.dtype, name="token_embedding")(token_ids)
     positions = self.param("position_embedding", nn.initializers.normal(0.02), (self.max_length, self.features))
     x = x + positions[None, :length].astype(self.dtype)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = dropout.Dropout(self.dropout_rate, deterministic=not train)(x)
     for index in range(self.num_layers):
       x = TransformerLayer(self.num_heads, self.mlp_dim, self.dropout_rate, dtype=self.dtype,
                            name=f"layer{index}")(x, mask, train=train)
