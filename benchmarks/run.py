@@ -90,9 +90,9 @@ class Worker:
 
 def interleaved(runners: dict, repeats: int, calls: int) -> dict:
   """runners: label -> (worker, op). Alternate them over `repeats` rounds, the order rotating each round,
-  after one untimed round: the workers' warm-up runs every op once in turn, so each op's first round
-  would otherwise start with caches and allocator pools that another executable just used (JAX's first
-  train round measured 224-240 ms against 167-196 ms for the rest).
+  after one untimed round (each worker's own warm-up ran its ops once, long before). Even so, JAX's first
+  timed train round is the slowest in every run (210-240 ms against 160-196 ms on the Zen 5 host), which
+  is one reason the table reports medians over 8 rounds.
 
   -> {label: {'wall': [s per call, one per round], 'cpu': [...]}, 'load': [1-min load average per round]}.
   """
