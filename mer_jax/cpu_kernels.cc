@@ -22,6 +22,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -209,8 +210,8 @@ void KernelGradBlock(const Geometry& g, const float* x, const float* out_grad, f
 }
 
 // Channel blocks of 4, 2 and 1 full vectors, one of 8 (with 16 lanes), then single channels, so that any
-// channel count works and the common ones (multiples of 8) run vector code only. block(tag, c0) is called with a tag whose type
-// names the block (T, V).
+// channel count works and the common ones (multiples of 8) run vector code only. block(tag, c0) is called
+// with a tag whose type names the block (T, V).
 template <typename T, int V> struct Block { using Type = T; static constexpr int kVectors = V; };
 
 template <typename F>
@@ -416,42 +417,38 @@ ffi::Error ChannelSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::B
   return ffi::Error::Success();
 }
 
+// The handlers' signatures: XLA's intra-op pool, then float32 buffers: `kArgs` operands and `kResults`
+// (>= 1) results, in order; the convs add their stride and pad attributes. (A binding can only be extended,
+// not copied or moved, hence the recursion ends on the last result.)
+template <int kArgs, int kResults, typename Binding>
+auto WithBuffers(Binding&& binding) {
+  static_assert(kResults >= 1, "every handler returns a buffer");
+  if constexpr (kArgs > 0) {
+    return WithBuffers<kArgs - 1, kResults>(std::move(binding).template Arg<ffi::Buffer<ffi::F32>>());
+  } else if constexpr (kResults > 1) {
+    return WithBuffers<0, kResults - 1>(std::move(binding).template Ret<ffi::Buffer<ffi::F32>>());
+  } else {
+    return std::move(binding).template Ret<ffi::Buffer<ffi::F32>>();
+  }
+}
+
+template <int kArgs, int kResults>
+auto Signature() {
+  return WithBuffers<kArgs, kResults>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>());
+}
+
+template <int kArgs, int kResults>
+auto ConvSignature() {
+  return Signature<kArgs, kResults>().template Attr<int64_t>("stride").template Attr<int64_t>("pad");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxDepthwiseForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxDepthwiseBackward, BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxChannelSums, ChannelSumsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxOneChannelKernelGrad, OneChannelKernelGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad"));
+// x, kernel -> out.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxDepthwiseForward, ForwardImpl, (ConvSignature<2, 1>()));
+// x, kernel, out_grad -> in_grad, kernel_grad.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxDepthwiseBackward, BackwardImpl, (ConvSignature<3, 2>()));
+// x (N, H, W, 1), kernel, out_grad -> kernel_grad.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxOneChannelKernelGrad, OneChannelKernelGradImpl, (ConvSignature<3, 1>()));
+// a, b -> sum a, sum a*b.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxChannelSums, ChannelSumsImpl, (Signature<2, 2>()));
