@@ -141,35 +141,26 @@ def describe() -> str:
   return f"XLA ops (could not build {SOURCE.name}: install a C++ compiler, e.g. g++, for faster CPU training)"
 
 
-def output_shape(x_shape, kernel_size: int, stride: int, pad: int, channels: int | None = None):
-  """(N, Ho, Wo, C) of a conv of (N, H, W, C) (or, given `channels`, of a one-channel input)."""
-  batch, height, width, x_channels = x_shape
+def output_shape(x_shape, kernel_size: int, stride: int, pad: int) -> tuple[int, int, int, int]:
+  batch, height, width, channels = x_shape
   return (batch, (height + 2 * pad - kernel_size) // stride + 1, (width + 2 * pad - kernel_size) // stride + 1,
-          channels or x_channels)
-
-
-def _forward(target: str, x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-  shape = output_shape(x.shape, kernel.shape[0], stride, pad, kernel.shape[-1])
-  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
-  return call(x, kernel, stride=np.int64(stride), pad=np.int64(pad))
-
-
-def _backward(target: str, x: jax.Array, kernel: jax.Array, output_grad: jax.Array, stride: int,
-              pad: int) -> tuple[jax.Array, jax.Array]:
-  call = jax.ffi.ffi_call(target, (jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                                   jax.ShapeDtypeStruct(kernel.shape, jnp.float32)), vmap_method="sequential")
-  return call(x, kernel, output_grad, stride=np.int64(stride), pad=np.int64(pad))
+          channels)
 
 
 def forward(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
   """Depthwise: (N, H, W, C) float32 x (k, k, 1, C) -> (N, Ho, Wo, C), zero padding `pad`."""
-  return _forward(FORWARD_TARGET, x, kernel, stride, pad)
+  shape = output_shape(x.shape, kernel.shape[0], stride, pad)
+  call = jax.ffi.ffi_call(FORWARD_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
+  return call(x, kernel, stride=np.int64(stride), pad=np.int64(pad))
 
 
 def backward(x: jax.Array, kernel: jax.Array, output_grad: jax.Array, stride: int,
              pad: int) -> tuple[jax.Array, jax.Array]:
   """Depthwise: (input gradient (N, H, W, C), kernel gradient (k, k, 1, C)) in one pass over each image."""
-  return _backward(BACKWARD_TARGET, x, kernel, output_grad, stride, pad)
+  call = jax.ffi.ffi_call(BACKWARD_TARGET, (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                                            jax.ShapeDtypeStruct(kernel.shape, jnp.float32)),
+                          vmap_method="sequential")
+  return call(x, kernel, output_grad, stride=np.int64(stride), pad=np.int64(pad))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -195,7 +186,6 @@ def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   channels = a.shape[-1]
   out = jax.ShapeDtypeStruct((channels,), jnp.float32)
   return jax.ffi.ffi_call(CHANNEL_SUMS_TARGET, (out, out), vmap_method="sequential")(a, b)
-
 
 
 def one_channel_kernel_grad(x: jax.Array, kernel: jax.Array, output_grad: jax.Array, stride: int,

@@ -2,7 +2,7 @@
 
 flax's nn.Dropout draws its mask with `jax.random.bernoulli`: threefry2x32 over every element, which
 XLA:CPU runs as a rolled loop (5 iterations of ~10 small kernels) and writes out as a separate array. The
-edge model draws eight such masks per train step; with all dropout removed the step took 0.972 of the time
+edge model draws seven such masks per train step; with all dropout removed the step took 0.972 of the time
 (docs/PERFORMANCE.md). Here the module's dropout key (flax's `make_rng`, as nn.Dropout) is read as two
 32-bit words, and each element's 32-bit draw is a counter-based hash of its flat index and those words
 (murmur3's finaliser twice): plain integer arithmetic that XLA fuses into the multiply. The draws are
