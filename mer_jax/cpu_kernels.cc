@@ -90,16 +90,6 @@ template <typename T> inline T Load(const float* p) { T v; std::memcpy(&v, p, si
 template <typename T> inline void Store(float* p, T v) { std::memcpy(p, &v, sizeof(T)); }
 template <typename T> constexpr int Width() { return sizeof(T) / sizeof(float); }
 
-// The input at p as T: its channels, or for a one-channel input (grey pixels) its value in every lane.
-template <typename T, bool kOneChannel> inline T LoadInput(const float* p) {
-  if constexpr (kOneChannel) {
-    T v = {};
-    return v + *p;
-  } else {
-    return Load<T>(p);
-  }
-}
-
 // Output positions [first, last) along one axis whose tap `offset` reads an input index inside [0, size):
 // o * stride - pad + offset in [0, size).
 inline void ValidRange(int64_t offset, const Geometry& g, int64_t size, int64_t out_size, int64_t* first,
@@ -181,32 +171,60 @@ void InputGradBlock(const Geometry& g, const float* kernel, const float* out_gra
   }
 }
 
-// One image's kernel gradient for a channel block: tap by tap, the products of output gradient and input
-// summed in registers over the positions where the tap is inside the image, then added to `sums`
-// (k*k, C). kOneChannel: x is (H, W, 1) and every channel's tap reads its one value (a grey-input conv);
-// else x is (H, W, C) and channel c reads channel c (depthwise).
-template <typename T, int V, typename F, bool kOneChannel = false>
+// One image's depthwise kernel gradient for a channel block: tap by tap, the products of output gradient
+// and input summed in registers over the positions where the tap is inside the image, then added to `sums`
+// (k*k, C). Positions go round-robin to kChains sets of accumulators: with one set, every product waits
+// for the previous add (a chain of FMA latencies) when the block is only one or two vectors wide.
+template <typename T, int V, typename F>
 void KernelGradBlock(const Geometry& g, const float* x, const float* out_grad, float* sums, int64_t c0) {
   constexpr int L = Width<T>();
+  constexpr int kChains = V >= 4 ? 1 : 4 / V;
   const int64_t k = F::Kernel(g), C = g.channels, s = F::Stride(g);
-  const int64_t x_channels = kOneChannel ? 1 : C, x_c0 = kOneChannel ? 0 : c0, x_lane = kOneChannel ? 0 : L;
   for (int64_t ky = 0; ky < k; ++ky) {
     int64_t oy0, oy1;
     ValidRange(ky, g, g.height, g.out_height, &oy0, &oy1);
     for (int64_t kx = 0; kx < k; ++kx) {
       int64_t ox0, ox1;
       ValidRange(kx, g, g.width, g.out_width, &ox0, &ox1);
-      T acc[V] = {};
+      T acc[kChains][V] = {};
       for (int64_t oy = oy0; oy < oy1; ++oy) {
         const float* go = out_grad + (oy * g.out_width + ox0) * C + c0;
-        const float* xi = x + ((oy * s - g.pad + ky) * g.width + ox0 * s - g.pad + kx) * x_channels + x_c0;
-        for (int64_t ox = ox0; ox < ox1; ++ox, go += C, xi += s * x_channels)
-          for (int v = 0; v < V; ++v) acc[v] += Load<T>(go + v * L) * LoadInput<T, kOneChannel>(xi + v * x_lane);
+        const float* xi = x + ((oy * s - g.pad + ky) * g.width + ox0 * s - g.pad + kx) * C + c0;
+        int64_t ox = ox0;
+        for (; ox + kChains <= ox1; ox += kChains, go += kChains * C, xi += kChains * s * C)
+          for (int u = 0; u < kChains; ++u)
+            for (int v = 0; v < V; ++v) acc[u][v] += Load<T>(go + u * C + v * L) * Load<T>(xi + u * s * C + v * L);
+        for (; ox < ox1; ++ox, go += C, xi += s * C)
+          for (int v = 0; v < V; ++v) acc[0][v] += Load<T>(go + v * L) * Load<T>(xi + v * L);
       }
+      for (int u = 1; u < kChains; ++u)
+        for (int v = 0; v < V; ++v) acc[0][v] += acc[u][v];
       float* sum = sums + (ky * k + kx) * C + c0;
-      for (int v = 0; v < V; ++v) Store<T>(sum + v * L, Load<T>(sum + v * L) + acc[v]);
+      for (int v = 0; v < V; ++v) Store<T>(sum + v * L, Load<T>(sum + v * L) + acc[0][v]);
     }
   }
+}
+
+// One image's kernel gradient for a grey-input conv, one vector of channels [c0, c0 + width of T): every
+// output position reads its output gradient once and adds its product with each of the k*k taps' pixels to
+// that tap's accumulator (k*k independent sums in registers). `padded` is the image with its zero border,
+// (padded_height, padded_width), so no tap needs a bounds check.
+template <typename T, typename F>
+void OneChannelKernelGradBlock(const Geometry& g, const float* padded, int64_t padded_width, const float* out_grad,
+                               float* sums, int64_t c0) {
+  constexpr int kMaxTaps = 25;
+  const int64_t k = F::Kernel(g), C = g.channels, s = F::Stride(g);
+  T acc[kMaxTaps] = {};
+  for (int64_t oy = 0; oy < g.out_height; ++oy) {
+    const float* go = out_grad + oy * g.out_width * C + c0;
+    const float* row = padded + oy * s * padded_width;
+    for (int64_t ox = 0; ox < g.out_width; ++ox, go += C, row += s) {
+      const T grad = Load<T>(go);
+      for (int64_t ky = 0; ky < k; ++ky)
+        for (int64_t kx = 0; kx < k; ++kx) acc[ky * k + kx] += grad * row[ky * padded_width + kx];
+    }
+  }
+  for (int64_t t = 0; t < k * k; ++t) Store<T>(sums + t * C + c0, Load<T>(sums + t * C + c0) + acc[t]);
 }
 
 // Channel blocks of 4, 2 and 1 full vectors, one of 8 (with 16 lanes), then single channels, so that any
@@ -322,9 +340,13 @@ ffi::Error OneChannelKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
                                     int64_t stride, int64_t pad) {
   if (ffi::Error error = CheckShapes<true>(x, kernel, stride); error.failure()) return error;
   const Geometry g = MakeGeometry(x, kernel, stride, pad);
+  if (g.kernel > 5) return ffi::Error::InvalidArgument("grey-input conv kernel gradient: kernel size above 5");
   const int64_t taps = g.kernel * g.kernel, C = g.channels;
   const int64_t in_image = g.height * g.width;
   const int64_t out_image = g.out_height * g.out_width * C;
+  // Every tap of every output position lies inside the padded image.
+  const int64_t padded_height = (g.out_height - 1) * g.stride + g.kernel;
+  const int64_t padded_width = (g.out_width - 1) * g.stride + g.kernel;
   const int64_t chunks = NumChunks(pool, g.batch);
   std::vector<float> partials(chunks * taps * C, 0.0f);  // (chunk, tap, C)
   const float* xs = x.typed_data();
@@ -333,12 +355,22 @@ ffi::Error OneChannelKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
     using F = decltype(fixed);
     ParallelFor(pool, chunks, [&](int64_t chunk) {
       float* partial = partials.data() + chunk * taps * C;
+      std::vector<float> padded(padded_height * padded_width, 0.0f);
+      const int64_t rows = std::max<int64_t>(0, std::min(g.height, padded_height - g.pad));
+      const int64_t cols = std::max<int64_t>(0, std::min(g.width, padded_width - g.pad));
       for (int64_t n = g.batch * chunk / chunks; n < g.batch * (chunk + 1) / chunks; ++n) {
-        ForChannelBlocks(C, [&](auto block, int64_t c0) {
-          using B = decltype(block);
-          KernelGradBlock<typename B::Type, B::kVectors, F, true>(g, xs + n * in_image, gs + n * out_image,
-                                                                   partial, c0);
-        });
+        for (int64_t y = 0; y < rows; ++y)  // the border stays zero from the allocation
+          std::memcpy(&padded[(y + g.pad) * padded_width + g.pad], xs + n * in_image + y * g.width,
+                      sizeof(float) * cols);
+        const float* gn = gs + n * out_image;
+        int64_t c0 = 0;
+        for (; c0 + kLanes <= C; c0 += kLanes)
+          OneChannelKernelGradBlock<Vec, F>(g, padded.data(), padded_width, gn, partial, c0);
+        if constexpr (kLanes > 8) {
+          for (; c0 + 8 <= C; c0 += 8)
+            OneChannelKernelGradBlock<Vec8, F>(g, padded.data(), padded_width, gn, partial, c0);
+        }
+        for (; c0 < C; ++c0) OneChannelKernelGradBlock<float, F>(g, padded.data(), padded_width, gn, partial, c0);
       }
     });
   });
