@@ -299,6 +299,33 @@ def test_nan_stops_training_naming_the_step(data_dir, tmp_path, monkeypatch):
   assert _checkpoint_steps(workdir) == [2]
 
 
+def test_a_non_finite_step_leaves_the_whole_state_unchanged(data_dir, straight_run):
+  """train_step skips the optimizer when the loss or gradients are not finite (a lax.cond, so the optimizer
+  updates its buffers in place on good steps): params, optimizer state, BatchNorm statistics and step stay
+  bit for bit what they were; a finite step on the same state moves them on."""
+  config = tiny_config(data_dir)
+  options = train.step_options(config, losses_lib.class_weights_for(config, data_dir))
+  mesh = train.make_mesh()
+  train_fn, _ = train.compiled_steps(options, mesh)  # the straight run's compiled step
+  batch = next(iter(input_pipeline.make_dataset(config, "train", train=True).as_numpy_iterator()))
+  poisoned = dict(batch, audio=np.full_like(batch["audio"], np.nan))
+  rng = train.replicated_key(0, mesh)
+
+  def fresh_state():  # the step donates its state, so each call gets its own
+    return train.create_train_state(options, mesh, config.seed)
+
+  before = jax.device_get(fresh_state())
+  after, _, status = train_fn(fresh_state(), train.global_batch(poisoned, mesh), rng)
+  assert not bool(status["finite"]) and not np.isfinite(float(status["loss"]))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(after), before)
+  moved, _, status = train_fn(fresh_state(), train.global_batch(batch, mesh), rng)
+  assert bool(status["finite"]) and int(moved.step) == int(before.step) + 1
+  # Step 0's learning rate is 0 (warmup), so the params stay; the optimizer's moments move.
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), jax.device_get(moved.opt_state),
+                                         before.opt_state))
+  assert sum(changed) > len(changed) // 2
+
+
 def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path, monkeypatch):
   global_batch, calls = train.global_batch, []
 
