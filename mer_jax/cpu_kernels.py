@@ -7,7 +7,9 @@ backward. The C++ kernels read each image once per pass: the forward sums its ta
 and one backward pass gives both the input and the kernel gradient. XLA:CPU's long reductions are slow
 too (`batch_norm`): `channel_sums` gives a BatchNorm's statistics, or its parameter gradients, in one read.
 `one_channel_kernel_grad` is the kernel gradient of the grey-input convs (stem, frame scorer), which XLA
-computes as a conv with the batch as features after transposing both operands.
+computes as a conv with the batch as features after transposing both operands. `frame_gather` is the top-K
+frame selection's product with the uint8 frames (and its gradient), which XLA runs on a float copy of all
+frames.
 All run on XLA's intra-op threads and add their per-thread partial sums in a fixed order (deterministic).
 
 The kernels are built with the system's C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`) against the FFI
@@ -35,6 +37,8 @@ SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 FORWARD_TARGET, BACKWARD_TARGET = "mer_jax_depthwise_forward", "mer_jax_depthwise_backward"
 ONE_CHANNEL_KERNEL_GRAD_TARGET = "mer_jax_one_channel_kernel_grad"
 CHANNEL_SUMS_TARGET = "mer_jax_channel_sums"
+FRAME_GATHER_TARGET = "mer_jax_frame_gather"
+FRAME_GATHER_SELECTION_GRAD_TARGET = "mer_jax_frame_gather_selection_grad"
 ENABLE_VARIABLE = "MER_JAX_NATIVE_KERNELS"
 
 
@@ -111,7 +115,9 @@ def _register() -> bool:
   for target, symbol in ((FORWARD_TARGET, library.MerJaxDepthwiseForward),
                          (BACKWARD_TARGET, library.MerJaxDepthwiseBackward),
                          (ONE_CHANNEL_KERNEL_GRAD_TARGET, library.MerJaxOneChannelKernelGrad),
-                         (CHANNEL_SUMS_TARGET, library.MerJaxChannelSums)):
+                         (CHANNEL_SUMS_TARGET, library.MerJaxChannelSums),
+                         (FRAME_GATHER_TARGET, library.MerJaxFrameGather),
+                         (FRAME_GATHER_SELECTION_GRAD_TARGET, library.MerJaxFrameGatherSelectionGrad)):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
   return True
 
@@ -195,3 +201,34 @@ def one_channel_kernel_grad(x: jax.Array, kernel: jax.Array, output_grad: jax.Ar
   call = jax.ffi.ffi_call(ONE_CHANNEL_KERNEL_GRAD_TARGET, jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
                           vmap_method="sequential")
   return call(x, kernel, output_grad, stride=np.int64(stride), pad=np.int64(pad))
+
+
+def _frame_gather(selection: jax.Array, frames: jax.Array) -> jax.Array:
+  batch, slots, _ = selection.shape
+  pixels = int(np.prod(frames.shape[2:]))
+  call = jax.ffi.ffi_call(FRAME_GATHER_TARGET, jax.ShapeDtypeStruct((batch, slots, pixels), jnp.float32),
+                          vmap_method="sequential")
+  return call(selection, frames).reshape((batch, slots) + frames.shape[2:])
+
+
+@jax.custom_vjp
+def frame_gather(selection: jax.Array, frames: jax.Array) -> jax.Array:
+  """(B, K, T) float32 selection, (B, T, ...) uint8 frames -> (B, K, ...) float32: each slot's weighted sum
+  of the frames, read as bytes. Differentiable in the selection (the frames are integers)."""
+  return _frame_gather(selection, frames)
+
+
+def _frame_gather_forward(selection, frames):
+  return _frame_gather(selection, frames), (selection, frames)
+
+
+def _frame_gather_backward(residuals, output_grad):
+  selection, frames = residuals
+  batch, slots, _ = selection.shape
+  call = jax.ffi.ffi_call(FRAME_GATHER_SELECTION_GRAD_TARGET, jax.ShapeDtypeStruct(selection.shape, jnp.float32),
+                          vmap_method="sequential")
+  selection_grad = call(selection, frames, output_grad.reshape(batch, slots, -1))
+  return selection_grad, np.zeros(frames.shape, jax.dtypes.float0)
+
+
+frame_gather.defvjp(_frame_gather_forward, _frame_gather_backward)

@@ -106,12 +106,13 @@ def grouped_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: in
 @contextlib.contextmanager
 def export_friendly_ops():
   """While tracing an export: top-k without sort (its forward value), depthwise convs as grouped convs,
-  grey-input convs as plain convs.
+  grey-input convs as plain convs, the frame gather as an einsum (not the CPU's FFI kernel).
 
   Export needs no gradient, and a fresh plain function (not the custom_vjp, whose traced forward jax may
   cache) guarantees the sort-free version is the one traced. Both compute the same values (test_export).
   """
-  originals = topk.straight_through_topk, mobilenet_v3.depthwise_conv, mobilenet_v3.single_channel_conv
+  originals = (topk.straight_through_topk, mobilenet_v3.depthwise_conv, mobilenet_v3.single_channel_conv,
+               topk.gather_frames)
 
   def forward_only(scores, k, temperature):
     del temperature
@@ -119,10 +120,12 @@ def export_friendly_ops():
 
   topk.straight_through_topk, mobilenet_v3.depthwise_conv = forward_only, grouped_depthwise_conv
   mobilenet_v3.single_channel_conv = mobilenet_v3.plain_conv
+  topk.gather_frames = topk.einsum_gather_frames
   try:
     yield
   finally:
-    topk.straight_through_topk, mobilenet_v3.depthwise_conv, mobilenet_v3.single_channel_conv = originals
+    (topk.straight_through_topk, mobilenet_v3.depthwise_conv, mobilenet_v3.single_channel_conv,
+     topk.gather_frames) = originals
 
 
 def _int8_embedding_interceptor(next_fun, args, kwargs, context):

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mer_jax import cpu_kernels
 from mer_jax import mobilenet_v3
 
 
@@ -54,13 +55,22 @@ def _straight_through_backward(k, temperature, scores, cotangent):
 straight_through_topk.defvjp(_straight_through_forward, _straight_through_backward)
 
 
-def gather_frames(selection: jax.Array, frames: jax.Array) -> jax.Array:
+def einsum_gather_frames(selection: jax.Array, frames: jax.Array) -> jax.Array:
   """P @ frames: (B, K, T) selection, (B, T, H, W, C) frames -> (B, K, H, W, C) in the selection's dtype.
 
   With an exactly one-hot P each output is a copy of one frame; frames not chosen are multiplied by 0 and
   cannot change the result. Gradients reach P through the frames' pixels (the straight-through path).
   """
   return jnp.einsum("bkt,bthwc->bkhwc", selection, frames.astype(selection.dtype))
+
+
+def gather_frames(selection: jax.Array, frames: jax.Array) -> jax.Array:
+  """`einsum_gather_frames`; on one CPU device with a float32 selection and uint8 frames, the FFI kernel
+  `cpu_kernels.frame_gather` instead, which reads the frames as bytes and skips zero weights (XLA's dot
+  works on a float copy of all T frames, forward and backward). Same values (test_cpu_kernels)."""
+  if frames.dtype == jnp.uint8 and cpu_kernels.applies(selection):
+    return cpu_kernels.frame_gather(selection, frames)
+  return einsum_gather_frames(selection, frames)
 
 
 class WordQuery(nn.Module):

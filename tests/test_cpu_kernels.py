@@ -1,5 +1,7 @@
-"""The FFI depthwise kernels: built from source here, equal to the XLA-op form, chosen by the model on the CPU."""
+"""The FFI kernels (depthwise convs, channel sums, grey-input kernel gradient, frame gather): built from source
+here, equal to the XLA-op forms, chosen by the model on the CPU."""
 
+import functools
 import logging
 
 import jax
@@ -7,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mer_jax import cpu_kernels, mobilenet_v3
+from mer_jax import cpu_kernels, mobilenet_v3, topk
 
 needs_compiler = pytest.mark.skipif(cpu_kernels.find_compiler() is None, reason="no C++ compiler here")
 
@@ -88,6 +90,43 @@ def test_channel_sums_equal_float64_sums(shape):
   again = jax.jit(cpu_kernels.channel_sums)(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
   for first, second in zip(sums, again):  # partial sums added in a fixed order
     np.testing.assert_array_equal(first, second)
+
+
+# Pixels per frame not a multiple of the vector width (7 x 9 x 3 = 189); more slots than frames; one frame.
+@needs_compiler
+@pytest.mark.parametrize("batch,slots,frames,frame_shape", [
+    (3, 4, 12, (16, 16, 1)), (2, 5, 3, (7, 9, 3)), (2, 2, 1, (5, 5, 1))])
+def test_frame_gather_equals_the_einsum_and_its_selection_gradient(batch, slots, frames, frame_shape):
+  rng = np.random.default_rng(batch * slots + frames)
+  pixels = jnp.asarray(rng.integers(0, 256, (batch, frames) + frame_shape), jnp.uint8)
+  selection = jnp.asarray(rng.normal(size=(batch, slots, frames)), jnp.float32)
+  selection = selection.at[0, 0].set(0.0)  # a slot with no frame at all: zeros
+  output_grad = jnp.asarray(rng.normal(size=(batch, slots) + frame_shape), jnp.float32)
+
+  def vjp(gather, selection):
+    out, pullback = jax.vjp(lambda s: gather(s, pixels), selection)
+    return out, pullback(output_grad)[0]
+
+  got, got_grad = jax.jit(functools.partial(vjp, cpu_kernels.frame_gather))(selection)
+  expected, expected_grad = vjp(topk.einsum_gather_frames, selection)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
+  np.testing.assert_array_equal(got[0, 0], 0.0)
+  np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-5, atol=1e-2)
+  assert float(jnp.abs(got_grad).max()) > 1.0
+  # A one-hot selection (the hard top-K) copies the chosen frames exactly.
+  one_hot = jax.nn.one_hot(rng.integers(0, frames, (batch, slots)), frames, dtype=jnp.float32)
+  np.testing.assert_array_equal(cpu_kernels.frame_gather(one_hot, pixels),
+                                topk.einsum_gather_frames(one_hot, pixels))
+
+
+@needs_compiler
+def test_the_model_gathers_uint8_frames_with_the_kernel_and_float_frames_with_the_einsum(monkeypatch):
+  selection = jnp.ones((1, 2, 3), jnp.float32)
+  trace = lambda frames: str(jax.make_jaxpr(lambda s, f: topk.gather_frames(s, f))(selection, frames))
+  assert cpu_kernels.FRAME_GATHER_TARGET in trace(jnp.zeros((1, 3, 4, 4, 1), jnp.uint8))
+  assert cpu_kernels.FRAME_GATHER_TARGET not in trace(jnp.zeros((1, 3, 4, 4, 1), jnp.float32))
+  monkeypatch.setenv(cpu_kernels.ENABLE_VARIABLE, "0")
+  assert cpu_kernels.FRAME_GATHER_TARGET not in trace(jnp.zeros((1, 3, 4, 4, 1), jnp.uint8))
 
 
 def _traced(x, kernel):

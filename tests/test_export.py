@@ -68,7 +68,9 @@ def test_grouped_depthwise_conv_matches_the_shifted_slices():
   with export.export_friendly_ops():
     assert mobilenet_v3.depthwise_conv is export.grouped_depthwise_conv
     assert mobilenet_v3.single_channel_conv is mobilenet_v3.plain_conv  # grey-input convs: one Conv node
+    assert topk.gather_frames is topk.einsum_gather_frames  # no FFI custom call in the exported graph
   assert mobilenet_v3.depthwise_conv is not export.grouped_depthwise_conv
+  assert topk.gather_frames is not topk.einsum_gather_frames
   assert mobilenet_v3.single_channel_conv is not mobilenet_v3.plain_conv
 
 
