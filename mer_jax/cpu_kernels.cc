@@ -382,6 +382,65 @@ ffi::Error OneChannelKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   return ffi::Error::Success();
 }
 
+// The input gradient of a grey-input conv from its taps' shares: tap_grads (N, Ho, Wo, k*k), where
+// tap_grads[n, oy, ox, ky*k + kx] is what output position (oy, ox) passes to the input pixel its tap
+// (ky, kx) read -> in_grad (N, H, W, 1), the sum over every tap that read each pixel. Gather form: which
+// (tap row, output row) pairs reach an input row depends only on the row (likewise for columns), so the
+// pairs are listed once per call and each pixel adds its few shares in registers and is written once.
+struct TapReach {
+  int64_t count = 0;
+  int64_t tap[8], out[8];  // at most ceil(k / stride) <= k <= 7 pairs
+};
+
+std::vector<TapReach> ReachingTaps(int64_t size, int64_t out_size, int64_t kernel, int64_t stride, int64_t pad) {
+  std::vector<TapReach> reach(size);
+  for (int64_t i = 0; i < size; ++i)
+    for (int64_t k = 0; k < kernel; ++k) {
+      const int64_t shifted = i + pad - k;  // = output index * stride
+      if (shifted < 0 || shifted % stride || shifted / stride >= out_size) continue;
+      reach[i].tap[reach[i].count] = k;
+      reach[i].out[reach[i].count++] = shifted / stride;
+    }
+  return reach;
+}
+
+ffi::Error OneChannelInputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> tap_grads,
+                                   ffi::ResultBuffer<ffi::F32> in_grad, int64_t stride, int64_t pad) {
+  auto t = tap_grads.dimensions();
+  auto x = in_grad->dimensions();
+  int64_t kernel = 0;
+  while (t.size() == 4 && (kernel + 1) * (kernel + 1) <= t[3]) ++kernel;
+  if (t.size() != 4 || x.size() != 4 || x[3] != 1 || x[0] != t[0] || kernel * kernel != t[3] || stride < 1 ||
+      kernel > 7)
+    return ffi::Error::InvalidArgument("grey-input conv input gradient: tap_grads must be (N, Ho, Wo, k*k) "
+                                       "with k <= 7 and the input gradient (N, H, W, 1)");
+  const int64_t batch = x[0], height = x[1], width = x[2], out_height = t[1], out_width = t[2];
+  const int64_t taps = kernel * kernel;
+  const std::vector<TapReach> rows = ReachingTaps(height, out_height, kernel, stride, pad);
+  const float* shares = tap_grads.typed_data();
+  float* result = in_grad->typed_data();
+  ParallelFor(pool, batch, [&](int64_t n) {
+    const float* image_shares = shares + n * out_height * out_width * taps;
+    float* image = result + n * height * width;
+    // One input row at a time in a buffer with the padding columns on both sides (and room for the last
+    // output column's taps): each (tap row, tap column) pair adds one strided run of shares to it.
+    std::vector<float> line(std::max(width + 2 * pad, (out_width - 1) * stride + kernel), 0.0f);
+    for (int64_t iy = 0; iy < height; ++iy) {
+      std::fill(line.begin(), line.end(), 0.0f);
+      const TapReach& row = rows[iy];
+      for (int64_t r = 0; r < row.count; ++r) {
+        const float* share = image_shares + row.out[r] * out_width * taps + row.tap[r] * kernel;
+        for (int64_t kx = 0; kx < kernel; ++kx) {
+          float* to = line.data() + kx;
+          for (int64_t ox = 0; ox < out_width; ++ox) to[ox * stride] += share[ox * taps + kx];
+        }
+      }
+      std::memcpy(image + iy * width, line.data() + pad, sizeof(float) * width);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // Channel sums: over every position of a and b, both (..., C), per channel, sum(a) and sum(a * b).
 // BatchNorm's statistics are (sum x, sum x*x) = ChannelSums(x, x); the gradients of its scale-and-shift
 // are (sum g, sum g*x) = ChannelSums(g, x). Positions go in tiles of kTilePositions, so a tile's rows stay
@@ -595,6 +654,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxDepthwiseForward, ForwardImpl, (ConvSignatur
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxDepthwiseBackward, BackwardImpl, (ConvSignature<3, 2>()));
 // x (N, H, W, 1), kernel, out_grad -> kernel_grad.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxOneChannelKernelGrad, OneChannelKernelGradImpl, (ConvSignature<3, 1>()));
+// tap_grads (N, Ho, Wo, k*k) -> in_grad (N, H, W, 1).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxOneChannelInputGrad, OneChannelInputGradImpl, (ConvSignature<1, 1>()));
 // a, b -> sum a, sum a*b.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxChannelSums, ChannelSumsImpl, (Signature<2, 2>()));
 // selection (B, K, T), frames (B, T, ...) uint8 -> (B, K, pixels).

@@ -7,9 +7,10 @@ backward. The C++ kernels read each image once per pass: the forward sums its ta
 and one backward pass gives both the input and the kernel gradient. XLA:CPU's long reductions are slow
 too (`batch_norm`): `channel_sums` gives a BatchNorm's statistics, or its parameter gradients, in one read.
 `one_channel_kernel_grad` is the kernel gradient of the grey-input convs (stem, frame scorer), which XLA
-computes as a conv with the batch as features after transposing both operands. `frame_gather` is the top-K
-frame selection's product with the uint8 frames (and its gradient), which XLA runs on a float copy of all
-frames.
+computes as a conv with the batch as features after transposing both operands, and `one_channel_input_grad`
+places the stem's input-gradient shares, which XLA did as k*k padded planes in one slow loop. `frame_gather`
+is the top-K frame selection's product with the uint8 frames (and its gradient), which XLA runs on a float
+copy of all frames.
 All run on XLA's intra-op threads and add their per-thread partial sums in a fixed order (deterministic).
 
 The kernels are built with the system's C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`) against the FFI
@@ -36,6 +37,7 @@ import numpy as np
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 FORWARD_TARGET, BACKWARD_TARGET = "mer_jax_depthwise_forward", "mer_jax_depthwise_backward"
 ONE_CHANNEL_KERNEL_GRAD_TARGET = "mer_jax_one_channel_kernel_grad"
+ONE_CHANNEL_INPUT_GRAD_TARGET = "mer_jax_one_channel_input_grad"
 CHANNEL_SUMS_TARGET = "mer_jax_channel_sums"
 FRAME_GATHER_TARGET = "mer_jax_frame_gather"
 FRAME_GATHER_SELECTION_GRAD_TARGET = "mer_jax_frame_gather_selection_grad"
@@ -115,6 +117,7 @@ def _register() -> bool:
   for target, symbol in ((FORWARD_TARGET, library.MerJaxDepthwiseForward),
                          (BACKWARD_TARGET, library.MerJaxDepthwiseBackward),
                          (ONE_CHANNEL_KERNEL_GRAD_TARGET, library.MerJaxOneChannelKernelGrad),
+                         (ONE_CHANNEL_INPUT_GRAD_TARGET, library.MerJaxOneChannelInputGrad),
                          (CHANNEL_SUMS_TARGET, library.MerJaxChannelSums),
                          (FRAME_GATHER_TARGET, library.MerJaxFrameGather),
                          (FRAME_GATHER_SELECTION_GRAD_TARGET, library.MerJaxFrameGatherSelectionGrad)):
@@ -202,6 +205,15 @@ def one_channel_kernel_grad(x: jax.Array, kernel: jax.Array, output_grad: jax.Ar
                           vmap_method="sequential")
   return call(x, kernel, output_grad, stride=np.int64(stride), pad=np.int64(pad))
 
+
+
+def one_channel_input_grad(tap_grads: jax.Array, stride: int, pad: int, height: int, width: int) -> jax.Array:
+  """Input gradient (N, H, W, 1) of a grey-input conv from its taps' shares (N, Ho, Wo, k*k): each share
+  added to the pixel its tap read (`mobilenet_v3.single_channel_input_grad`'s placing of the k*k planes)."""
+  call = jax.ffi.ffi_call(ONE_CHANNEL_INPUT_GRAD_TARGET,
+                          jax.ShapeDtypeStruct((tap_grads.shape[0], height, width, 1), jnp.float32),
+                          vmap_method="sequential")
+  return call(tap_grads, stride=np.int64(stride), pad=np.int64(pad))
 
 def _frame_gather(selection: jax.Array, frames: jax.Array) -> jax.Array:
   batch, slots, _ = selection.shape

@@ -263,7 +263,7 @@ def single_channel_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) 
   """Conv from one input channel, (N, H, W, 1) x (k, k, 1, C) -> (N, Ho, Wo, C): forward as k*k shifted
   slices times each tap's C weights; input gradient by `single_channel_input_grad`; kernel gradient by the
   FFI kernel `cpu_kernels.one_channel_kernel_grad` on one CPU device in float32 (paired A/B of the train
-  step 0.97), else XLA's conv gradient.
+  step 0.97; then 0.97-0.98 more, reading each output gradient once for all taps), else XLA's conv gradient.
 
   XLA:CPU runs a conv with a single input channel (grey pixels) through its generic path at a few GFLOP/s:
   the stem on 128 frames of 112 px took 13 ms on 2 cores, the slices, fused into one loop, 1.8 ms; the
@@ -284,11 +284,16 @@ def single_channel_input_grad(output_grad: jax.Array, kernel: jax.Array, stride:
 
   One dot over the C channels gives each tap's share of every output position, (N, Ho, Wo, k*k); each
   tap's plane is then placed where that tap reads the input (a pad with stride - 1 zeros between
-  positions) and the k*k planes are added, one fused loop over the input.
+  positions) and the k*k planes are added, one fused loop over the input. On one CPU device in float32 the
+  FFI kernel `cpu_kernels.one_channel_input_grad` places the shares instead: for the stem (128 frames of
+  112 px) 0.6 against ~1.9 ms, at the end of the backward where nothing runs beside it (paired A/B of the
+  train step 0.971).
   """
   kernel_size, channels = kernel.shape[0], kernel.shape[-1]
   _, out_height, out_width, _ = output_grad.shape
   tap_grads = jnp.einsum("nijc,tc->nijt", output_grad, kernel.reshape(kernel_size * kernel_size, channels))
+  if cpu_kernels.applies(tap_grads) and kernel_size <= 7:
+    return cpu_kernels.one_channel_input_grad(tap_grads, stride, pad, height, width)
   padded_height, padded_width = height + 2 * pad, width + 2 * pad
   total = None
   for tap in range(kernel_size * kernel_size):

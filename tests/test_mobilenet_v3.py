@@ -184,7 +184,7 @@ def test_pointwise_conv_equals_nn_conv_forward_and_backward():
     (12, 12, 3, 2, False), (9, 7, 3, 2, True), (8, 11, 3, 1, True), (10, 10, 5, 2, False), (11, 6, 5, 1, True)])
 def test_single_channel_conv_equals_nn_conv_forward_and_backward(height, width, kernel_size, stride, use_bias,
                                                                   form):
-  """The grey-input conv as shifted slices (kernel gradient by the FFI kernel or by XLA's conv) is nn.Conv's
+  """The grey-input conv as shifted slices (kernel and input gradients by FFI kernels, or by XLA) is nn.Conv's
   math and parameters: same variables (shapes and initial values), same outputs, same kernel, bias and input
   gradients, odd sizes included."""
   rng = np.random.default_rng(7)
@@ -206,6 +206,7 @@ def test_single_channel_conv_equals_nn_conv_forward_and_backward(height, width, 
                              rtol=1e-5, atol=1e-5)
   traced = str(jax.make_jaxpr(lambda p, x: jax.grad(loss, argnums=(1, 2))(ours, p, x))(params, x))
   assert (cpu_kernels.ONE_CHANNEL_KERNEL_GRAD_TARGET in traced) == (form == "kernels")
+  assert (cpu_kernels.ONE_CHANNEL_INPUT_GRAD_TARGET in traced) == (form == "kernels")
   ours_grads = jax.grad(loss, argnums=(1, 2))(ours, params, x)
   reference_grads = jax.grad(loss, argnums=(1, 2))(reference, params, x)
   for got, expected in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(reference_grads)):
