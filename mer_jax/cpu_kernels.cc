@@ -382,6 +382,82 @@ ffi::Error OneChannelKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   return ffi::Error::Success();
 }
 
+// One image's kernel gradient of a conv with several input channels, x (H, W, Ci) and out_grad (Ho, Wo, Co),
+// for input channels [ci0, ci0 + kInputs) and a block of output channels from co0: tap by tap, each output
+// position's gradient vector times each of its input pixel's kInputs channels, summed in registers, then
+// added to `sums` (k, k, Ci, Co). g.channels is Co.
+template <typename T, int V, typename F, int kInputs>
+void ConvKernelGradBlock(const Geometry& g, int64_t in_channels, const float* x, const float* out_grad,
+                         float* sums, int64_t ci0, int64_t co0) {
+  constexpr int L = Width<T>();
+  const int64_t k = F::Kernel(g), C = g.channels, s = F::Stride(g), Ci = in_channels;
+  for (int64_t ky = 0; ky < k; ++ky) {
+    int64_t oy0, oy1;
+    ValidRange(ky, g, g.height, g.out_height, &oy0, &oy1);
+    for (int64_t kx = 0; kx < k; ++kx) {
+      int64_t ox0, ox1;
+      ValidRange(kx, g, g.width, g.out_width, &ox0, &ox1);
+      T acc[kInputs][V] = {};
+      for (int64_t oy = oy0; oy < oy1; ++oy) {
+        const float* go = out_grad + (oy * g.out_width + ox0) * C + co0;
+        const float* xi = x + ((oy * s - g.pad + ky) * g.width + ox0 * s - g.pad + kx) * Ci + ci0;
+        for (int64_t ox = ox0; ox < ox1; ++ox, go += C, xi += s * Ci) {
+          T grad[V];
+          for (int v = 0; v < V; ++v) grad[v] = Load<T>(go + v * L);
+          for (int c = 0; c < kInputs; ++c)
+            for (int v = 0; v < V; ++v) acc[c][v] += grad[v] * xi[c];
+        }
+      }
+      for (int c = 0; c < kInputs; ++c) {
+        float* sum = sums + ((ky * k + kx) * Ci + ci0 + c) * C + co0;
+        for (int v = 0; v < V; ++v) Store<T>(sum + v * L, Load<T>(sum + v * L) + acc[c][v]);
+      }
+    }
+  }
+}
+
+ffi::Error ConvKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                              ffi::Buffer<ffi::F32> out_grad, ffi::ResultBuffer<ffi::F32> kernel_grad,
+                              int64_t stride, int64_t pad) {
+  auto xd = x.dimensions();
+  auto kd = kernel.dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || kd[0] != kd[1] || kd[2] != xd[3] || stride < 1)
+    return ffi::Error::InvalidArgument("conv kernel gradient: x must be (N, H, W, Ci) and kernel (k, k, Ci, Co)");
+  Geometry g;
+  g.batch = xd[0], g.height = xd[1], g.width = xd[2], g.channels = kd[3], g.kernel = kd[0];
+  g.stride = stride, g.pad = pad;
+  g.out_height = (g.height + 2 * pad - g.kernel) / stride + 1;
+  g.out_width = (g.width + 2 * pad - g.kernel) / stride + 1;
+  const int64_t Ci = xd[3], C = g.channels, size = g.kernel * g.kernel * Ci * C;
+  if (out_grad.element_count() != g.batch * g.out_height * g.out_width * C)
+    return ffi::Error::InvalidArgument("conv kernel gradient: out_grad must be (N, Ho, Wo, Co)");
+  const int64_t in_image = g.height * g.width * Ci, out_image = g.out_height * g.out_width * C;
+  const int64_t chunks = NumChunks(pool, g.batch);
+  std::vector<float> partials(chunks * size, 0.0f);  // (chunk, k, k, Ci, Co)
+  const float* xs = x.typed_data();
+  const float* gs = out_grad.typed_data();
+  WithFixedGeometry(g, [&](auto fixed) {
+    using F = decltype(fixed);
+    ParallelFor(pool, chunks, [&](int64_t chunk) {
+      float* partial = partials.data() + chunk * size;
+      for (int64_t n = g.batch * chunk / chunks; n < g.batch * (chunk + 1) / chunks; ++n) {
+        ForChannelBlocks(C, [&](auto block, int64_t co0) {
+          using B = decltype(block);
+          int64_t ci0 = 0;
+          for (; ci0 + 4 <= Ci; ci0 += 4)
+            ConvKernelGradBlock<typename B::Type, B::kVectors, F, 4>(g, Ci, xs + n * in_image, gs + n * out_image,
+                                                                     partial, ci0, co0);
+          for (; ci0 < Ci; ++ci0)
+            ConvKernelGradBlock<typename B::Type, B::kVectors, F, 1>(g, Ci, xs + n * in_image, gs + n * out_image,
+                                                                     partial, ci0, co0);
+        });
+      }
+    });
+  });
+  SumPartials(partials, chunks, size, kernel_grad->typed_data());
+  return ffi::Error::Success();
+}
+
 // The input gradient of a grey-input conv from its taps' shares: tap_grads (N, Ho, Wo, k*k), where
 // tap_grads[n, oy, ox, ky*k + kx] is what output position (oy, ox) passes to the input pixel its tap
 // (ky, kx) read -> in_grad (N, H, W, 1), the sum over every tap that read each pixel. Gather form: which
@@ -654,6 +730,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxDepthwiseForward, ForwardImpl, (ConvSignatur
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxDepthwiseBackward, BackwardImpl, (ConvSignature<3, 2>()));
 // x (N, H, W, 1), kernel, out_grad -> kernel_grad.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxOneChannelKernelGrad, OneChannelKernelGradImpl, (ConvSignature<3, 1>()));
+// x (N, H, W, Ci), kernel (k, k, Ci, Co), out_grad -> kernel_grad.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxConvKernelGrad, ConvKernelGradImpl, (ConvSignature<3, 1>()));
 // tap_grads (N, Ho, Wo, k*k) -> in_grad (N, H, W, 1).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxOneChannelInputGrad, OneChannelInputGradImpl, (ConvSignature<1, 1>()));
 // a, b -> sum a, sum a*b.

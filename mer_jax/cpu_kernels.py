@@ -38,6 +38,7 @@ SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 FORWARD_TARGET, BACKWARD_TARGET = "mer_jax_depthwise_forward", "mer_jax_depthwise_backward"
 ONE_CHANNEL_KERNEL_GRAD_TARGET = "mer_jax_one_channel_kernel_grad"
 ONE_CHANNEL_INPUT_GRAD_TARGET = "mer_jax_one_channel_input_grad"
+CONV_KERNEL_GRAD_TARGET = "mer_jax_conv_kernel_grad"
 CHANNEL_SUMS_TARGET = "mer_jax_channel_sums"
 FRAME_GATHER_TARGET = "mer_jax_frame_gather"
 FRAME_GATHER_SELECTION_GRAD_TARGET = "mer_jax_frame_gather_selection_grad"
@@ -118,6 +119,7 @@ def _register() -> bool:
                          (BACKWARD_TARGET, library.MerJaxDepthwiseBackward),
                          (ONE_CHANNEL_KERNEL_GRAD_TARGET, library.MerJaxOneChannelKernelGrad),
                          (ONE_CHANNEL_INPUT_GRAD_TARGET, library.MerJaxOneChannelInputGrad),
+                         (CONV_KERNEL_GRAD_TARGET, library.MerJaxConvKernelGrad),
                          (CHANNEL_SUMS_TARGET, library.MerJaxChannelSums),
                          (FRAME_GATHER_TARGET, library.MerJaxFrameGather),
                          (FRAME_GATHER_SELECTION_GRAD_TARGET, library.MerJaxFrameGatherSelectionGrad)):
@@ -214,6 +216,15 @@ def one_channel_input_grad(tap_grads: jax.Array, stride: int, pad: int, height: 
                           jax.ShapeDtypeStruct((tap_grads.shape[0], height, width, 1), jnp.float32),
                           vmap_method="sequential")
   return call(tap_grads, stride=np.int64(stride), pad=np.int64(pad))
+
+
+def conv_kernel_grad(x: jax.Array, kernel: jax.Array, output_grad: jax.Array, stride: int, pad: int) -> jax.Array:
+  """Kernel gradient (k, k, Ci, Co) of a conv, x (N, H, W, Ci) float32, from its output gradient
+  (N, Ho, Wo, Co); `kernel` gives the shape. For convs over few channels, where XLA:CPU's conv gradient
+  transposes both operands first."""
+  call = jax.ffi.ffi_call(CONV_KERNEL_GRAD_TARGET, jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
+                          vmap_method="sequential")
+  return call(x, kernel, output_grad, stride=np.int64(stride), pad=np.int64(pad))
 
 def _frame_gather(selection: jax.Array, frames: jax.Array) -> jax.Array:
   batch, slots, _ = selection.shape

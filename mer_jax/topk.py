@@ -137,12 +137,15 @@ def _scorer_trunk(frames, channels, downscale, dtype):
   """(B, T, H, W, 1) uint8 -> (B*T, h, w, channels[-1]): centred, average-pooled pixels; 3x3 stride-2 convs.
 
   The first conv reads one grey channel; on CPU it runs as `mobilenet_v3.SingleChannelConv` (nn.Conv's
-  parameters), whose forward XLA:CPU runs ~7x faster than nn.Conv's generic path.
+  parameters), whose forward XLA:CPU runs ~7x faster than nn.Conv's generic path, and the others as
+  `mobilenet_v3.SmallConv` (nn.Conv's parameters and forward, an FFI kernel gradient).
   """
   x = downscaled_pixels(frames, downscale, dtype)
   for index, features in enumerate(channels):
     if index == 0 and x.shape[-1] == 1 and mobilenet_v3.on_cpu():
       x = mobilenet_v3.SingleChannelConv(features, 3, 2, dtype=dtype, name=f"conv{index}")(x)
+    elif mobilenet_v3.on_cpu():
+      x = mobilenet_v3.SmallConv(features, 3, 2, dtype=dtype, name=f"conv{index}")(x)
     else:
       x = nn.Conv(features, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=dtype,
                   name=f"conv{index}")(x)

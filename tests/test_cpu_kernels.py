@@ -74,6 +74,25 @@ def test_one_channel_kernel_grad_equals_the_conv_gradient(shape, channels, kerne
   assert float(jnp.abs(got).max()) > 0.1
 
 
+# Input channels in blocks of 4 and single ones (5 = 4 + 1, 3 = singles); output channels through every block
+# path (45 = 32 + 8 + 5); odd and non-square maps; the trunks' shapes (8 -> 16, 16 -> 32, stride 2).
+@needs_compiler
+@pytest.mark.parametrize("shape,out_channels,kernel_size,stride", [
+    ((3, 9, 7, 5), 45, 3, 2), ((2, 8, 8, 3), 16, 3, 1), ((2, 11, 10, 6), 24, 5, 2), ((4, 14, 14, 8), 16, 3, 2),
+    ((2, 7, 7, 16), 32, 3, 2)])
+def test_conv_kernel_grad_equals_the_conv_gradient(shape, out_channels, kernel_size, stride):
+  assert cpu_kernels.available()
+  rng = np.random.default_rng(out_channels + kernel_size)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, shape[-1], out_channels)), jnp.float32)
+  pad = (kernel_size - 1) // 2
+  output, conv_vjp = jax.vjp(lambda kernel: mobilenet_v3.plain_conv(x, kernel, stride, pad), kernel)
+  output_grad = jnp.asarray(rng.normal(size=output.shape), jnp.float32)
+  got = jax.jit(cpu_kernels.conv_kernel_grad, static_argnums=(3, 4))(x, kernel, output_grad, stride, pad)
+  np.testing.assert_allclose(got, conv_vjp(output_grad)[0], rtol=1e-5, atol=1e-4)
+  assert float(jnp.abs(got).max()) > 0.1
+
+
 # Positions not a multiple of the kernel's 128-position tiles; channels through every block path; one
 # (N, H, W, C) map as BatchNorm passes them; offsets so that sums of squares are large.
 @needs_compiler

@@ -216,6 +216,33 @@ def test_single_channel_conv_equals_nn_conv_forward_and_backward(height, width, 
     ours.apply({"params": params}, jnp.zeros((1, height, width, 2)))
 
 
+@pytest.mark.parametrize("shape,features,stride", [((3, 9, 7, 8), 16, 2), ((2, 8, 8, 5), 6, 1)])
+def test_small_conv_equals_nn_conv_forward_and_backward(shape, features, stride, form):
+  """SmallConv (the frame trunks' later convs; kernel gradient by the FFI kernel or by XLA) is nn.Conv: same
+  variables, outputs, and kernel, bias and input gradients."""
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  ours = mobilenet_v3.SmallConv(features, 3, stride)
+  reference = nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))
+  variables, reference_variables = ours.init(jax.random.key(5), x), reference.init(jax.random.key(5), x)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, reference_variables)
+  np.testing.assert_array_equal(variables["params"]["kernel"], reference_variables["params"]["kernel"])
+  params = jax.tree.map(lambda v: v + 0.1, variables["params"])
+
+  def loss(module, params, inputs):
+    return jnp.sum(jnp.sin(module.apply({"params": params}, inputs)) * jnp.arange(features, dtype=jnp.float32))
+
+  traced = str(jax.make_jaxpr(lambda p, x: jax.grad(loss, argnums=(1, 2))(ours, p, x))(params, x))
+  assert (cpu_kernels.CONV_KERNEL_GRAD_TARGET in traced) == (form == "kernels")
+  np.testing.assert_allclose(ours.apply({"params": params}, x), reference.apply({"params": params}, x),
+                             rtol=1e-5, atol=1e-5)
+  ours_grads = jax.grad(loss, argnums=(1, 2))(ours, params, x)
+  reference_grads = jax.grad(loss, argnums=(1, 2))(reference, params, x)
+  for got, expected in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(reference_grads)):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+  assert float(jnp.abs(ours_grads[0]["kernel"]).max()) > 0.1
+
+
 def test_backbone_train_gradients_do_not_depend_on_the_cpu_paths(backbone_and_variables, monkeypatch):
   """On the CPU, training takes PointwiseConv for the 1x1 convs and SingleChannelConv for the grey stem; the
   nn.Conv path (other backends) gives the same loss and parameter gradients."""
