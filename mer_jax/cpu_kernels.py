@@ -1,21 +1,23 @@
-"""C++ kernels for XLA:CPU behind the XLA FFI (`cpu_kernels.cc`), compiled on first use: depthwise convs,
-BatchNorm's per-channel sums and the grey-input convs' kernel gradient.
+"""C++ kernels for XLA:CPU behind the XLA FFI (`cpu_kernels_convs.cc`, `cpu_kernels_sums.cc`, sharing
+`cpu_kernels.h`), compiled on first use, for the places where XLA:CPU is slow on this model.
 
-XLA:CPU has no fast depthwise conv: the grouped conv takes a generic path, and the shifted-slice form
-(`mobilenet_v3.shifted_slices_depthwise_conv`) needs k*k passes over the output gradient in the
-backward. The C++ kernels read each image once per pass: the forward sums its taps per output position,
-and one backward pass gives both the input and the kernel gradient. XLA:CPU's long reductions are slow
-too (`batch_norm`): `channel_sums` gives a BatchNorm's statistics, or its parameter gradients, in one read.
-`one_channel_kernel_grad` is the kernel gradient of the grey-input convs (stem, frame scorer), which XLA
-computes as a conv with the batch as features after transposing both operands, and `one_channel_input_grad`
-places the stem's input-gradient shares, which XLA did as k*k padded planes in one slow loop. `frame_gather`
-is the top-K frame selection's product with the uint8 frames (and its gradient), which XLA runs on a float
-copy of all frames.
+- Depthwise convs: XLA:CPU has no fast depthwise conv. The grouped conv takes a generic path, and the
+  shifted-slice form (`mobilenet_v3.shifted_slices_depthwise_conv`) needs k*k passes over the output gradient
+  in the backward. The kernels read each image once per pass: the forward sums its taps per output position,
+  and one backward pass gives both the input and the kernel gradient.
+- `channel_sums`: XLA:CPU's long reductions are slow too (`batch_norm`); this gives a BatchNorm's statistics,
+  or its parameter gradients, in one read.
+- The frame trunks' convs: `one_channel_kernel_grad` (grey-input convs: stem, frame scorer, evidence trunk)
+  and `conv_kernel_grad` (their later convs over 8-32 channels), where XLA transposes both operands first;
+  `one_channel_input_grad` places the stem's input-gradient shares, which XLA did as k*k padded planes.
+- `frame_gather`: the top-K selection's product with the uint8 frames, and its gradient, where XLA works on
+  a float copy of all frames.
+
 All run on XLA's intra-op threads and add their per-thread partial sums in a fixed order (deterministic).
 
 The kernels are built with the system's C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`) against the FFI
 headers that jaxlib ships, and cached under `$MER_JAX_KERNEL_CACHE` (default `~/.cache/mer_jax/kernels`),
-keyed by the source, the jaxlib version and the CPU. Without a compiler, or with `MER_JAX_NATIVE_KERNELS=0`,
+keyed by the sources, the jaxlib version and the CPU. Without a compiler, or with `MER_JAX_NATIVE_KERNELS=0`,
 `available()` is False and the model keeps its XLA-op forms: same values, slower training."""
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
+SOURCES = tuple(pathlib.Path(__file__).with_name(name)
+                for name in ("cpu_kernels.h", "cpu_kernels_convs.cc", "cpu_kernels_sums.cc"))
 FORWARD_TARGET, BACKWARD_TARGET = "mer_jax_depthwise_forward", "mer_jax_depthwise_backward"
 ONE_CHANNEL_KERNEL_GRAD_TARGET = "mer_jax_one_channel_kernel_grad"
 ONE_CHANNEL_INPUT_GRAD_TARGET = "mer_jax_one_channel_input_grad"
@@ -73,7 +76,8 @@ def _cpu_signature() -> str:
 
 def _compile(compiler: str, output: pathlib.Path) -> None:
   """Builds the shared library at `output` (atomically: concurrent processes may build it too)."""
-  base = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir(), str(SOURCE)]
+  base = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir(),
+          *(str(path) for path in SOURCES if path.suffix == ".cc")]
   output.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
     built = pathlib.Path(scratch) / output.name
@@ -84,7 +88,7 @@ def _compile(compiler: str, output: pathlib.Path) -> None:
         os.replace(built, output)
         return
       errors = result.stderr
-    raise RuntimeError(f"{compiler} could not build {SOURCE.name}:\n{errors[-2000:]}")
+    raise RuntimeError(f"{compiler} could not build the CPU kernels:\n{errors[-2000:]}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,7 +100,8 @@ def library_path() -> pathlib.Path | None:
                     "CPU use their slower XLA-op forms.")
     return None
   import jaxlib
-  key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(),
+  key = hashlib.sha256(b"\0".join([*(path.read_bytes() for path in SOURCES), jaxlib.__version__.encode(),
+                                   compiler.encode(),
                                    _cpu_signature().encode()])).hexdigest()[:16]
   path = cache_dir() / f"cpu_kernels-{key}.so"
   if not path.exists():
@@ -149,7 +154,7 @@ def describe() -> str:
     return "XLA ops (several devices: XLA partitions those over the mesh, not the FFI kernels)"
   if available():
     return "FFI kernels"
-  return f"XLA ops (could not build {SOURCE.name}: install a C++ compiler, e.g. g++, for faster CPU training)"
+  return "XLA ops (could not build the CPU kernels: install a C++ compiler, e.g. g++, for faster CPU training)"
 
 
 def output_shape(x_shape, kernel_size: int, stride: int, pad: int) -> tuple[int, int, int, int]:

@@ -1,5 +1,6 @@
-// Kernels for XLA:CPU, called through the XLA FFI (see cpu_kernels.py): depthwise conv forward and
-// backward, and per-channel sums for BatchNorm (at the end).
+// Conv kernels for XLA:CPU behind the XLA FFI (see cpu_kernels.py): depthwise conv forward and backward,
+// and the gradients of the frame trunks' convs (grey-input kernel and input gradients, a small conv's
+// kernel gradient).
 //
 // Depthwise layout: x (N, H, W, C) float32, kernel (k, k, 1, C), output (N, Ho, Wo, C); zero padding `pad` on
 // each side, the same stride on both axes. Channels are contiguous, so every inner loop runs over a block
@@ -9,115 +10,11 @@
 // loops that each read the whole output gradient again from memory. Here each image is done in one go,
 // a block of channels at a time, while its slice of the input and the output gradient sit in cache;
 // every sum is kept in registers and every output value is written once.
-//
-// Images are split between the threads of XLA's intra-op pool. Each chunk of images writes its own
-// kernel-gradient partial, and the partials are added up in chunk order, so results do not depend on
-// the schedule.
 
-#include <algorithm>
-#include <atomic>
-#include <condition_variable>
-#include <cstdint>
-#include <cstring>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <utility>
-#include <vector>
+#include "cpu_kernels.h"
 
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
-
+namespace mer_jax_kernels {
 namespace {
-
-struct Geometry {
-  int64_t batch, height, width, channels, kernel, stride, pad, out_height, out_width;
-};
-
-// Runs body(i) for i in [0, count) on the caller and on the pool's threads. Items are claimed from an
-// atomic counter, so a task that starts late finds nothing left and returns; the caller waits only for
-// items that were claimed, which are running.
-struct ParallelState {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> finished{0};
-  int64_t count = 0;
-  std::function<void(int64_t)> body;
-  std::mutex mutex;
-  std::condition_variable all_finished;
-};
-
-void Drain(const std::shared_ptr<ParallelState>& state) {
-  for (int64_t i = state->next.fetch_add(1); i < state->count; i = state->next.fetch_add(1)) {
-    state->body(i);
-    if (state->finished.fetch_add(1) + 1 == state->count) {
-      std::lock_guard<std::mutex> lock(state->mutex);
-      state->all_finished.notify_all();
-    }
-  }
-}
-
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> body) {
-  auto state = std::make_shared<ParallelState>();
-  state->count = count;
-  state->body = std::move(body);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([state] { Drain(state); });
-  Drain(state);
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->all_finished.wait(lock, [&] { return state->finished.load() == state->count; });
-}
-
-// How many chunks of images: enough to balance two threads, few enough to keep partials small.
-int64_t NumChunks(ffi::ThreadPool& pool, int64_t batch) {
-  return std::max<int64_t>(1, std::min<int64_t>(batch, 4 * std::max<int64_t>(1, pool.num_threads())));
-}
-
-// Floats as one value: GCC/Clang vector extensions, which become SIMD registers with -march=native. Vec is
-// as wide as the CPU's registers: 16 floats where AVX-512 is there (one zmm), else 8 (one AVX register,
-// or two SSE or NEON registers). Memory is only read and written through memcpy (Load, Store), since
-// channel blocks need not be aligned.
-typedef float Vec8 __attribute__((vector_size(32)));
-#if defined(__AVX512F__)
-typedef float Vec __attribute__((vector_size(64)));
-constexpr int kLanes = 16;
-#else
-typedef Vec8 Vec;
-constexpr int kLanes = 8;
-#endif
-
-template <typename T> inline T Load(const float* p) { T v; std::memcpy(&v, p, sizeof(T)); return v; }
-template <typename T> inline void Store(float* p, T v) { std::memcpy(p, &v, sizeof(T)); }
-template <typename T> constexpr int Width() { return sizeof(T) / sizeof(float); }
-
-// Output positions [first, last) along one axis whose tap `offset` reads an input index inside [0, size):
-// o * stride - pad + offset in [0, size).
-inline void ValidRange(int64_t offset, const Geometry& g, int64_t size, int64_t out_size, int64_t* first,
-                       int64_t* last) {
-  const int64_t lo = g.pad - offset, hi = size + g.pad - offset;  // lo <= o * stride < hi
-  *first = lo <= 0 ? 0 : (lo + g.stride - 1) / g.stride;
-  *last = std::max(*first, std::min(out_size, hi <= 0 ? 0 : (hi + g.stride - 1) / g.stride));
-}
-
-// Stride and kernel size as compile-time constants for the model's layers (0: read them from Geometry),
-// so that tap loops unroll and the stride's divisions become shifts.
-template <int S, int K> struct Fixed {
-  static int64_t Stride(const Geometry& g) { return S ? S : g.stride; }
-  static int64_t Kernel(const Geometry& g) { return K ? K : g.kernel; }
-};
-
-template <typename F>
-void WithFixedGeometry(const Geometry& g, F body) {
-  if (g.stride == 1 && g.kernel == 3) return body(Fixed<1, 3>());
-  if (g.stride == 2 && g.kernel == 3) return body(Fixed<2, 3>());
-  if (g.stride == 1 && g.kernel == 5) return body(Fixed<1, 5>());
-  if (g.stride == 2 && g.kernel == 5) return body(Fixed<2, 5>());
-  body(Fixed<0, 0>());
-}
 
 // One image, channels [c0, c0 + V * width of T): each output position sums its taps in registers.
 template <typename T, int V, typename F>
@@ -229,31 +126,6 @@ void OneChannelKernelGradBlock(const Geometry& g, const float* padded, int64_t p
     }
   }
   for (int64_t t = 0; t < k * k; ++t) Store<T>(sums + t * C + c0, Load<T>(sums + t * C + c0) + acc[t]);
-}
-
-// Channel blocks of 4, 2 and 1 full vectors, one of 8 (with 16 lanes), then single channels, so that any
-// channel count works and the common ones (multiples of 8) run vector code only. block(tag, c0) is called
-// with a tag whose type names the block (T, V).
-template <typename T, int V> struct Block { using Type = T; static constexpr int kVectors = V; };
-
-template <typename F>
-void ForChannelBlocks(int64_t channels, F block) {
-  int64_t c0 = 0;
-  for (; c0 + 4 * kLanes <= channels; c0 += 4 * kLanes) block(Block<Vec, 4>(), c0);
-  for (; c0 + 2 * kLanes <= channels; c0 += 2 * kLanes) block(Block<Vec, 2>(), c0);
-  for (; c0 + kLanes <= channels; c0 += kLanes) block(Block<Vec, 1>(), c0);
-  if constexpr (kLanes > 8) {
-    for (; c0 + 8 <= channels; c0 += 8) block(Block<Vec8, 1>(), c0);
-  }
-  for (; c0 < channels; ++c0) block(Block<float, 1>(), c0);
-}
-
-// Adds the per-chunk partials (chunks, size) in chunk order into out (size): the same result whatever the
-// thread schedule was.
-void SumPartials(const std::vector<float>& partials, int64_t chunks, int64_t size, float* out) {
-  std::memcpy(out, partials.data(), sizeof(float) * size);
-  for (int64_t chunk = 1; chunk < chunks; ++chunk)
-    for (int64_t i = 0; i < size; ++i) out[i] += partials[chunk * size + i];
 }
 
 Geometry MakeGeometry(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& kernel, int64_t stride,
@@ -460,9 +332,9 @@ ffi::Error ConvKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
 
 // The input gradient of a grey-input conv from its taps' shares: tap_grads (N, Ho, Wo, k*k), where
 // tap_grads[n, oy, ox, ky*k + kx] is what output position (oy, ox) passes to the input pixel its tap
-// (ky, kx) read -> in_grad (N, H, W, 1), the sum over every tap that read each pixel. Gather form: which
-// (tap row, output row) pairs reach an input row depends only on the row (likewise for columns), so the
-// pairs are listed once per call and each pixel adds its few shares in registers and is written once.
+// (ky, kx) read -> in_grad (N, H, W, 1), the sum over every tap that read each pixel. Which (tap row,
+// output row) pairs reach an input row depends only on the row, so the pairs are listed once per call; each
+// input row's shares are added into a row buffer with the padding columns, then copied out.
 struct TapReach {
   int64_t count = 0;
   int64_t tap[8], out[8];  // at most ceil(k / stride) <= k <= 7 pairs
@@ -517,237 +389,20 @@ ffi::Error OneChannelInputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> t
   return ffi::Error::Success();
 }
 
-// Channel sums: over every position of a and b, both (..., C), per channel, sum(a) and sum(a * b).
-// BatchNorm's statistics are (sum x, sum x*x) = ChannelSums(x, x); the gradients of its scale-and-shift
-// are (sum g, sum g*x) = ChannelSums(g, x). Positions go in tiles of kTilePositions, so a tile's rows stay
-// in cache while each channel block reads them; a block sums its tile in float32 registers and adds the
-// result to the chunk's float64 totals, which keeps long sums (N*H*W ~ 400k terms) accurate.
-constexpr int64_t kTilePositions = 128;
-
-template <typename T> inline void AddTo(double* out, T v) {
-  float lanes[Width<T>()];
-  std::memcpy(lanes, &v, sizeof(T));
-  for (int i = 0; i < Width<T>(); ++i) out[i] += lanes[i];
-}
-
-template <typename T, int V>
-void ChannelSumsBlock(const float* a, const float* b, int64_t positions, int64_t C, int64_t c0, double* sum_a,
-                      double* sum_ab) {
-  constexpr int L = Width<T>();
-  T acc_a[V] = {}, acc_ab[V] = {};
-  for (int64_t p = 0; p < positions; ++p) {
-    const float* ap = a + p * C + c0;
-    const float* bp = b + p * C + c0;
-    for (int v = 0; v < V; ++v) {
-      const T av = Load<T>(ap + v * L);
-      acc_a[v] += av;
-      acc_ab[v] += av * Load<T>(bp + v * L);
-    }
-  }
-  for (int v = 0; v < V; ++v) {
-    AddTo(sum_a + c0 + v * L, acc_a[v]);
-    AddTo(sum_ab + c0 + v * L, acc_ab[v]);
-  }
-}
-
-ffi::Error ChannelSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                           ffi::ResultBuffer<ffi::F32> sum_a, ffi::ResultBuffer<ffi::F32> sum_ab) {
-  auto dims = a.dimensions();
-  if (dims.size() < 1 || b.element_count() != a.element_count() || b.dimensions().back() != dims.back())
-    return ffi::Error::InvalidArgument("channel sums: a and b must both be (..., C) of the same shape");
-  const int64_t C = dims.back();
-  const int64_t positions = C == 0 ? 0 : a.element_count() / C;
-  const int64_t tiles = (positions + kTilePositions - 1) / kTilePositions;
-  const int64_t chunks = std::max<int64_t>(1, NumChunks(pool, tiles));
-  std::vector<double> partials(chunks * 2 * C, 0.0);  // (chunk, {a, ab}, C)
-  const float* as = a.typed_data();
-  const float* bs = b.typed_data();
-  ParallelFor(pool, chunks, [&](int64_t chunk) {
-    double* partial_a = partials.data() + chunk * 2 * C;
-    double* partial_ab = partial_a + C;
-    for (int64_t tile = tiles * chunk / chunks; tile < tiles * (chunk + 1) / chunks; ++tile) {
-      const int64_t p0 = tile * kTilePositions, count = std::min(kTilePositions, positions - p0);
-      ForChannelBlocks(C, [&](auto block, int64_t c0) {
-        using B = decltype(block);
-        ChannelSumsBlock<typename B::Type, B::kVectors>(as + p0 * C, bs + p0 * C, count, C, c0, partial_a,
-                                                         partial_ab);
-      });
-    }
-  });
-  float* out_a = sum_a->typed_data();
-  float* out_ab = sum_ab->typed_data();
-  for (int64_t c = 0; c < C; ++c) {
-    double total_a = 0.0, total_ab = 0.0;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      total_a += partials[chunk * 2 * C + c];
-      total_ab += partials[chunk * 2 * C + C + c];
-    }
-    out_a[c] = static_cast<float>(total_a);
-    out_ab[c] = static_cast<float>(total_ab);
-  }
-  return ffi::Error::Success();
-}
-
-// Frame gather: selection (B, K, T) float32 and frames (B, T, P) uint8 (P = pixels of a frame, any trailing
-// dims) -> (B, K, P) float32, out[b, k] = sum over t of selection[b, k, t] * frames[b, t]. The pixels are
-// converted to float in registers, so the frames are read as bytes once and never written out as floats.
-constexpr int64_t kGatherPixels = 2048;  // pixels per work item: a few items per image for two threads
-
-// kLanes pixels (bytes) as floats. GCC scalarises __builtin_convertvector from bytes, hence the intrinsics.
-inline Vec LoadPixels(const uint8_t* p) {
-#if defined(__AVX512F__)
-  return (Vec)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#elif defined(__AVX2__)
-  return (Vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-#else
-  float lanes[kLanes];
-  for (int i = 0; i < kLanes; ++i) lanes[i] = p[i];
-  return Load<Vec>(lanes);
-#endif
-}
-
-struct GatherShape {
-  int64_t batch, slots, frames, pixels;
-};
-
-ffi::Error CheckGather(ffi::Buffer<ffi::F32>& selection, ffi::Buffer<ffi::U8>& frames, GatherShape* shape) {
-  auto s = selection.dimensions();
-  auto f = frames.dimensions();
-  if (s.size() != 3 || f.size() < 2 || f[0] != s[0] || f[1] != s[2])
-    return ffi::Error::InvalidArgument("frame gather: selection must be (B, K, T) and frames (B, T, ...)");
-  shape->batch = s[0], shape->slots = s[1], shape->frames = s[2];
-  shape->pixels = s[0] * s[2] == 0 ? 0 : frames.element_count() / (s[0] * s[2]);
-  return ffi::Error::Success();
-}
-
-ffi::Error FrameGatherImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> selection, ffi::Buffer<ffi::U8> frames,
-                           ffi::ResultBuffer<ffi::F32> out) {
-  GatherShape d;
-  if (ffi::Error error = CheckGather(selection, frames, &d); error.failure()) return error;
-  const int64_t pieces = (d.pixels + kGatherPixels - 1) / kGatherPixels;
-  const float* weights = selection.typed_data();
-  const uint8_t* pixels = frames.typed_data();
-  float* result = out->typed_data();
-  ParallelFor(pool, d.batch * pieces, [&](int64_t item) {
-    const int64_t b = item / pieces, p0 = (item % pieces) * kGatherPixels;
-    const int64_t p1 = std::min(d.pixels, p0 + kGatherPixels);
-    const uint8_t* image = pixels + b * d.frames * d.pixels;
-    const float* w = weights + b * d.slots * d.frames;  // (K, T)
-    float* o = result + b * d.slots * d.pixels;         // (K, P)
-    for (int64_t k = 0; k < d.slots; ++k) {
-      // Frames with weight 0 add exactly 0 (pixels are finite), so they are skipped: a hard top-K selection
-      // is one-hot, and each slot then costs one read of one frame.
-      const float* wk = w + k * d.frames;
-      float* ok = o + k * d.pixels;
-      std::vector<int64_t> used;
-      for (int64_t t = 0; t < d.frames; ++t)
-        if (wk[t] != 0.0f) used.push_back(t);
-      int64_t p = p0;
-      for (; p + kLanes <= p1; p += kLanes) {
-        Vec acc = {};
-        for (int64_t t : used) acc += wk[t] * LoadPixels(image + t * d.pixels + p);
-        Store<Vec>(ok + p, acc);
-      }
-      for (; p < p1; ++p) {
-        float acc = 0.0f;
-        for (int64_t t : used) acc += wk[t] * image[t * d.pixels + p];
-        ok[p] = acc;
-      }
-    }
-  });
-  return ffi::Error::Success();
-}
-
-// The frame gather's gradient with respect to the selection: out_grad (B, K, P) float32 and the frames ->
-// (B, K, T), the dot product of each slot's output gradient with each frame's pixels. One image per work
-// item, so each sum is added in one fixed order.
-ffi::Error FrameGatherSelectionGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> selection,
-                                        ffi::Buffer<ffi::U8> frames, ffi::Buffer<ffi::F32> out_grad,
-                                        ffi::ResultBuffer<ffi::F32> selection_grad) {
-  GatherShape d;
-  if (ffi::Error error = CheckGather(selection, frames, &d); error.failure()) return error;
-  if (out_grad.element_count() != d.batch * d.slots * d.pixels)
-    return ffi::Error::InvalidArgument("frame gather gradient: out_grad must be (B, K, pixels of a frame)");
-  const uint8_t* pixels = frames.typed_data();
-  const float* grads = out_grad.typed_data();
-  float* result = selection_grad->typed_data();
-  constexpr int kChains = 4;
-  ParallelFor(pool, d.batch, [&](int64_t b) {
-    const uint8_t* image = pixels + b * d.frames * d.pixels;
-    for (int64_t k = 0; k < d.slots; ++k) {
-      const float* g = grads + (b * d.slots + k) * d.pixels;
-      for (int64_t t = 0; t < d.frames; ++t) {
-        const uint8_t* f = image + t * d.pixels;
-        Vec acc[kChains] = {};
-        int64_t p = 0;
-        for (; p + kChains * kLanes <= d.pixels; p += kChains * kLanes)
-          for (int u = 0; u < kChains; ++u)
-            acc[u] += Load<Vec>(g + p + u * kLanes) * LoadPixels(f + p + u * kLanes);
-        for (; p + kLanes <= d.pixels; p += kLanes) acc[0] += Load<Vec>(g + p) * LoadPixels(f + p);
-        Vec total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-        float lanes[kLanes];
-        std::memcpy(lanes, &total, sizeof(Vec));
-        float sum = 0.0f;
-        for (int i = 0; i < kLanes; ++i) sum += lanes[i];
-        for (; p < d.pixels; ++p) sum += g[p] * f[p];
-        result[(b * d.slots + k) * d.frames + t] = sum;
-      }
-    }
-  });
-  return ffi::Error::Success();
-}
-
-// The handlers' signatures: XLA's intra-op pool, then float32 buffers: `kArgs` operands and `kResults`
-// (>= 1) results, in order; the convs add their stride and pad attributes. (A binding can only be extended,
-// not copied or moved, hence the recursion ends on the last result.)
-template <int kArgs, int kResults, typename Binding>
-auto WithBuffers(Binding&& binding) {
-  static_assert(kResults >= 1, "every handler returns a buffer");
-  if constexpr (kArgs > 0) {
-    return WithBuffers<kArgs - 1, kResults>(std::move(binding).template Arg<ffi::Buffer<ffi::F32>>());
-  } else if constexpr (kResults > 1) {
-    return WithBuffers<0, kResults - 1>(std::move(binding).template Ret<ffi::Buffer<ffi::F32>>());
-  } else {
-    return std::move(binding).template Ret<ffi::Buffer<ffi::F32>>();
-  }
-}
-
-template <int kArgs, int kResults>
-auto Signature() {
-  return WithBuffers<kArgs, kResults>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>());
-}
-
-template <int kArgs, int kResults>
-auto ConvSignature() {
-  return Signature<kArgs, kResults>().template Attr<int64_t>("stride").template Attr<int64_t>("pad");
-}
-
 }  // namespace
+}  // namespace mer_jax_kernels
+
+using mer_jax_kernels::ConvSignature;
 
 // x, kernel -> out.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxDepthwiseForward, ForwardImpl, (ConvSignature<2, 1>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxDepthwiseForward, mer_jax_kernels::ForwardImpl, (ConvSignature<2, 1>()));
 // x, kernel, out_grad -> in_grad, kernel_grad.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxDepthwiseBackward, BackwardImpl, (ConvSignature<3, 2>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxDepthwiseBackward, mer_jax_kernels::BackwardImpl, (ConvSignature<3, 2>()));
 // x (N, H, W, 1), kernel, out_grad -> kernel_grad.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxOneChannelKernelGrad, OneChannelKernelGradImpl, (ConvSignature<3, 1>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxOneChannelKernelGrad, mer_jax_kernels::OneChannelKernelGradImpl,
+                              (ConvSignature<3, 1>()));
 // x (N, H, W, Ci), kernel (k, k, Ci, Co), out_grad -> kernel_grad.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxConvKernelGrad, ConvKernelGradImpl, (ConvSignature<3, 1>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxConvKernelGrad, mer_jax_kernels::ConvKernelGradImpl, (ConvSignature<3, 1>()));
 // tap_grads (N, Ho, Wo, k*k) -> in_grad (N, H, W, 1).
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxOneChannelInputGrad, OneChannelInputGradImpl, (ConvSignature<1, 1>()));
-// a, b -> sum a, sum a*b.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxChannelSums, ChannelSumsImpl, (Signature<2, 2>()));
-// selection (B, K, T), frames (B, T, ...) uint8 -> (B, K, pixels).
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxFrameGather, FrameGatherImpl,
-                              (ffi::Ffi::Bind()
-                                   .Ctx<ffi::ThreadPool>()
-                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                   .Arg<ffi::Buffer<ffi::U8>>()
-                                   .Ret<ffi::Buffer<ffi::F32>>()));
-// selection (B, K, T), frames (B, T, ...) uint8, out_grad (B, K, pixels) -> selection_grad (B, K, T).
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxFrameGatherSelectionGrad, FrameGatherSelectionGradImpl,
-                              (ffi::Ffi::Bind()
-                                   .Ctx<ffi::ThreadPool>()
-                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                   .Arg<ffi::Buffer<ffi::U8>>()
-                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                   .Ret<ffi::Buffer<ffi::F32>>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MerJaxOneChannelInputGrad, mer_jax_kernels::OneChannelInputGradImpl,
+                              (ConvSignature<1, 1>()));
