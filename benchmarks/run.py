@@ -90,9 +90,9 @@ class Worker:
 
 def interleaved(runners: dict, repeats: int, calls: int) -> dict:
   """runners: label -> (worker, op). Alternate them over `repeats` rounds, the order rotating each round,
-  after one untimed round (each worker's own warm-up ran its ops once, long before). Even so, JAX's first
-  timed train round is the slowest in every run (210-240 ms against 160-196 ms on the Zen 5 host), which
-  is one reason the table reports medians over 8 rounds.
+  after one untimed round of the same length (each worker's own warm-up ran its ops once, long before).
+  With an untimed round of one call, JAX's first timed train round was the slowest in every run (210-290
+  ms against 160-196 ms on the Zen 5 host): its first few calls back to back are slower.
 
   -> {label: {'wall': [s per call, one per round], 'cpu': [...]}, 'load': [1-min load average per round]}.
   """
@@ -100,7 +100,7 @@ def interleaved(runners: dict, repeats: int, calls: int) -> dict:
   samples = {label: {"wall": [], "cpu": []} for label in labels}
   samples["load"] = []
   for worker, op in runners.values():
-    worker.request(op, 1)
+    worker.request(op, calls)
   for round_index in range(repeats):
     shift = round_index % len(labels)
     for label in labels[shift:] + labels[:shift]:
