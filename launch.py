@@ -156,7 +156,7 @@ def main(argv):
   import jax
   if jax.default_backend() == "cpu":
     from mer_jax import cpu_kernels
-    logging.info("CPU kernels (depthwise convs, BatchNorm sums): %s", cpu_kernels.describe())
+    logging.info("CPU kernels (convs, BatchNorm sums, frame gather): %s", cpu_kernels.describe())
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
   if not FLAGS.verbose_checkpointing:

@@ -89,13 +89,20 @@ def model_inputs(batch: dict) -> dict:
 
 
 def cost_flops(lowered) -> float:
-  """FLOPs from XLA's HloCostAnalysis of a lowered computation."""
+  """FLOPs from XLA's HloCostAnalysis of a lowered computation. It counts nothing inside an FFI call, so
+  lower the model under `model_math()` for the model's FLOPs."""
   cost = lowered.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per device
     cost = cost[0]
   # None where the backend only analyses compiled executables (GPU): benchmarks/accelerator.py counts the
   # step lowered for the CPU instead.
   return float(cost["flops"]) if cost else float("nan")
+
+
+def model_math():
+  """Context for lowering a model to count its FLOPs: the XLA-op forms instead of the CPU's FFI kernels."""
+  from mer_jax import cpu_kernels
+  return cpu_kernels.xla_op_forms()
 
 
 def init_train_state(options, mesh, seed: int):
@@ -134,8 +141,10 @@ class JaxTrainer:
           in_shardings=(replicated, data, replicated), out_shardings=(replicated,) * 3, donate_argnums=(0,))
     start, wall = time.process_time(), time.perf_counter()
     lowered = step.lower(self.state, self.batch, self.rng)
-    self.flops_per_step = cost_flops(lowered)
     self.step = lowered.compile()  # one executable for the one static shape: it can never recompile
+    with model_math():  # a fresh function, so not the trace above (jax caches traces by function)
+      counted = jax.jit(functools.partial(train.train_step, options=self.options))
+      self.flops_per_step = cost_flops(counted.lower(self.state, self.batch, self.rng))
     self.compile_cpu_s, self.compile_wall_s = time.process_time() - start, time.perf_counter() - wall
     self.status = None
 
@@ -164,7 +173,8 @@ def forward_flops(config) -> float:
   model = model_lib.EmotionModel(config.model)
   batch = model_lib.zeros_batch(config, 1)
   variables = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, batch, train=False))
-  return cost_flops(jax.jit(lambda v, b: model.apply(v, b, train=False)).lower(variables, batch))
+  with model_math():
+    return cost_flops(jax.jit(lambda v, b: model.apply(v, b, train=False)).lower(variables, batch))
 
 
 def synthetic_examples(config, count: int, seed: int = 0):

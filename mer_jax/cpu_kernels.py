@@ -22,6 +22,7 @@ keyed by the sources, the jaxlib version and the CPU. Without a compiler, or wit
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -132,6 +133,22 @@ def _register() -> bool:
   return True
 
 
+@contextlib.contextmanager
+def xla_op_forms():
+  """While tracing inside this block, the model takes its XLA-op forms, not the FFI kernels (same math). For
+  FLOP counts: XLA's cost analysis counts nothing inside an FFI call. Trace a fresh function in it (jax
+  caches traces by function)."""
+  previous = os.environ.get(ENABLE_VARIABLE)
+  os.environ[ENABLE_VARIABLE] = "0"
+  try:
+    yield
+  finally:
+    if previous is None:
+      os.environ.pop(ENABLE_VARIABLE, None)
+    else:
+      os.environ[ENABLE_VARIABLE] = previous
+
+
 def available() -> bool:
   """Whether the kernels can run here: enabled, built, registered with XLA."""
   return enabled() and _register()
@@ -146,7 +163,7 @@ def applies(*arrays: jax.Array) -> bool:
 
 
 def describe() -> str:
-  """For the launch log: which form CPU training runs (depthwise convs, BatchNorm sums), and how to get the
+  """For the launch log: which form CPU training runs (the FFI kernels or the XLA-op forms), and how to get the
   fast one."""
   if not enabled():
     return f"XLA ops ({ENABLE_VARIABLE}=0)"

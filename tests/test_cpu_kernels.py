@@ -167,6 +167,20 @@ def test_model_uses_the_kernels_on_the_cpu_and_not_when_turned_off(monkeypatch):
 
 
 @needs_compiler
+def test_xla_op_forms_trace_no_ffi_call_and_restore_the_setting(monkeypatch):
+  """FLOP counts (benchmarks) trace the model under xla_op_forms(): XLA's cost analysis sees into no FFI call."""
+  monkeypatch.delenv(cpu_kernels.ENABLE_VARIABLE, raising=False)
+  x, kernel = _inputs((2, 8, 8, 16), 3, seed=4)
+  with cpu_kernels.xla_op_forms():
+    assert "mer_jax_" not in _traced(x, kernel)
+  assert cpu_kernels.FORWARD_TARGET in _traced(x, kernel)  # the setting is back
+  monkeypatch.setenv(cpu_kernels.ENABLE_VARIABLE, "1")
+  with cpu_kernels.xla_op_forms():
+    assert not cpu_kernels.available()
+  assert cpu_kernels.available()
+
+
+@needs_compiler
 def test_build_is_cached_and_a_broken_compiler_falls_back(tmp_path, monkeypatch, caplog):
   monkeypatch.setenv("MER_JAX_KERNEL_CACHE", str(tmp_path / "cache"))
   cpu_kernels.library_path.cache_clear()
