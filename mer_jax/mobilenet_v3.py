@@ -320,28 +320,6 @@ def _single_channel_conv_backward(stride, pad, residuals, output_grad):
 single_channel_conv.defvjp(_single_channel_conv_forward, _single_channel_conv_backward)
 
 
-class SingleChannelConv(nn.Module):
-  """kxk conv from a single input channel with nn.Conv's parameters (`kernel` (k, k, 1, C), `bias` (C,)),
-  laid out and initialised the same, run as `single_channel_conv`; padding `(k - 1) // 2` on each side."""
-  features: int
-  kernel_size: int
-  stride: int = 1
-  use_bias: bool = True
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    if x.shape[-1] != 1:
-      raise ValueError(f"SingleChannelConv takes (N, H, W, 1) inputs, got {x.shape}.")
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (self.kernel_size, self.kernel_size, 1, self.features))
-    y = single_channel_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
-                            (self.kernel_size - 1) // 2)
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,)).astype(self.dtype)
-    return y
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def small_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
   """`plain_conv` (N, H, W, Ci) x (k, k, Ci, Co) -> (N, Ho, Wo, Co), whose kernel gradient is the FFI kernel
@@ -378,14 +356,33 @@ class SmallConv(nn.Module):
   use_bias: bool = True
   dtype: Any = jnp.float32
 
+  def check_input(self, x) -> None:
+    """Raises ValueError for inputs the conv cannot take."""
+
+  def convolve(self, x, kernel, pad):
+    return small_conv(x, kernel, self.stride, pad)
+
   @nn.compact
   def __call__(self, x):
+    self.check_input(x)
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
-    y = small_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, (self.kernel_size - 1) // 2)
+    y = self.convolve(x.astype(self.dtype), kernel.astype(self.dtype), (self.kernel_size - 1) // 2)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,)).astype(self.dtype)
     return y
+
+
+class SingleChannelConv(SmallConv):
+  """kxk conv from a single input channel with nn.Conv's parameters (`kernel` (k, k, 1, C), `bias` (C,)),
+  laid out and initialised the same, run as `single_channel_conv`; padding `(k - 1) // 2` on each side."""
+
+  def check_input(self, x) -> None:
+    if x.shape[-1] != 1:
+      raise ValueError(f"SingleChannelConv takes (N, H, W, 1) inputs, got {x.shape}.")
+
+  def convolve(self, x, kernel, pad):
+    return single_channel_conv(x, kernel, self.stride, pad)
 
 
 def on_cpu() -> bool:
