@@ -306,14 +306,19 @@ def single_channel_input_grad(output_grad: jax.Array, kernel: jax.Array, stride:
   return total[:, pad:pad + height, pad:pad + width]
 
 
+def _conv_kernel_grad(ffi_kernel_grad, x, kernel, output_grad, stride, pad):
+  """`plain_conv`'s kernel gradient: by `ffi_kernel_grad` (a `cpu_kernels` function) where the kernels apply,
+  else by XLA's conv gradient."""
+  if cpu_kernels.applies(x, kernel, output_grad):
+    return ffi_kernel_grad(x, kernel, output_grad, stride, pad)
+  _, kernel_vjp = jax.vjp(lambda kernel: plain_conv(x, kernel, stride, pad), kernel)
+  return kernel_vjp(output_grad)[0]
+
+
 def _single_channel_conv_backward(stride, pad, residuals, output_grad):
   x, kernel = residuals
   input_grad = single_channel_input_grad(output_grad, kernel, stride, pad, x.shape[1], x.shape[2])
-  if cpu_kernels.applies(x, kernel, output_grad):
-    kernel_grad = cpu_kernels.one_channel_kernel_grad(x, kernel, output_grad, stride, pad)
-  else:
-    _, kernel_vjp = jax.vjp(lambda kernel: plain_conv(x, kernel, stride, pad), kernel)
-    kernel_grad = kernel_vjp(output_grad)[0]
+  kernel_grad = _conv_kernel_grad(cpu_kernels.one_channel_kernel_grad, x, kernel, output_grad, stride, pad)
   return input_grad.astype(x.dtype), kernel_grad
 
 
@@ -336,11 +341,7 @@ def _small_conv_forward(x, kernel, stride, pad):
 def _small_conv_backward(stride, pad, residuals, output_grad):
   x, kernel = residuals
   _, input_vjp = jax.vjp(lambda x: plain_conv(x, kernel, stride, pad), x)
-  if cpu_kernels.applies(x, kernel, output_grad):
-    kernel_grad = cpu_kernels.conv_kernel_grad(x, kernel, output_grad, stride, pad)
-  else:
-    _, kernel_vjp = jax.vjp(lambda kernel: plain_conv(x, kernel, stride, pad), kernel)
-    kernel_grad = kernel_vjp(output_grad)[0]
+  kernel_grad = _conv_kernel_grad(cpu_kernels.conv_kernel_grad, x, kernel, output_grad, stride, pad)
   return input_vjp(output_grad)[0], kernel_grad
 
 

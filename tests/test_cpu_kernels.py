@@ -58,29 +58,18 @@ def test_backward_is_deterministic_across_threads():
     np.testing.assert_array_equal(a, b)
 
 
+# Grey inputs (Ci = 1: `one_channel_kernel_grad`) and several input channels (`conv_kernel_grad`: blocks of 4
+# and single ones, 5 = 4 + 1, 3 = singles); output channels through every block path (45 = 32 + 8 + 5); odd
+# and non-square maps; the frame trunks' shapes (8 -> 16, 16 -> 32, stride 2).
 @needs_compiler
-@pytest.mark.parametrize("shape,channels,kernel_size,stride", [
-    ((2, 9, 7, 1), 45, 3, 2), ((2, 8, 8, 1), 16, 3, 1), ((3, 11, 12, 1), 8, 5, 2), ((2, 6, 6, 1), 3, 3, 2)])
-def test_one_channel_kernel_grad_equals_the_conv_gradient(shape, channels, kernel_size, stride):
-  """The grey-input conv's kernel gradient (stem, frame scorer) equals autodiff of XLA's conv."""
-  rng = np.random.default_rng(channels + kernel_size)
-  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, channels)), jnp.float32)
-  pad = (kernel_size - 1) // 2
-  output, conv_vjp = jax.vjp(lambda kernel: mobilenet_v3.plain_conv(x, kernel, stride, pad), kernel)
-  output_grad = jnp.asarray(rng.normal(size=output.shape), jnp.float32)
-  got = jax.jit(cpu_kernels.one_channel_kernel_grad, static_argnums=(3, 4))(x, kernel, output_grad, stride, pad)
-  np.testing.assert_allclose(got, conv_vjp(output_grad)[0], rtol=1e-5, atol=1e-4)
-  assert float(jnp.abs(got).max()) > 0.1
-
-
-# Input channels in blocks of 4 and single ones (5 = 4 + 1, 3 = singles); output channels through every block
-# path (45 = 32 + 8 + 5); odd and non-square maps; the trunks' shapes (8 -> 16, 16 -> 32, stride 2).
-@needs_compiler
-@pytest.mark.parametrize("shape,out_channels,kernel_size,stride", [
-    ((3, 9, 7, 5), 45, 3, 2), ((2, 8, 8, 3), 16, 3, 1), ((2, 11, 10, 6), 24, 5, 2), ((4, 14, 14, 8), 16, 3, 2),
-    ((2, 7, 7, 16), 32, 3, 2)])
-def test_conv_kernel_grad_equals_the_conv_gradient(shape, out_channels, kernel_size, stride):
+@pytest.mark.parametrize("kernel_grad,shape,out_channels,kernel_size,stride", [
+    ("one_channel_kernel_grad", (2, 9, 7, 1), 45, 3, 2), ("one_channel_kernel_grad", (2, 8, 8, 1), 16, 3, 1),
+    ("one_channel_kernel_grad", (3, 11, 12, 1), 8, 5, 2), ("one_channel_kernel_grad", (2, 6, 6, 1), 3, 3, 2),
+    ("conv_kernel_grad", (3, 9, 7, 5), 45, 3, 2), ("conv_kernel_grad", (2, 8, 8, 3), 16, 3, 1),
+    ("conv_kernel_grad", (2, 11, 10, 6), 24, 5, 2), ("conv_kernel_grad", (4, 14, 14, 8), 16, 3, 2),
+    ("conv_kernel_grad", (2, 7, 7, 16), 32, 3, 2)])
+def test_conv_kernel_grads_equal_the_conv_gradient(kernel_grad, shape, out_channels, kernel_size, stride):
+  """The frame trunks' conv kernel gradients (stem, scorer, evidence trunk) equal autodiff of XLA's conv."""
   assert cpu_kernels.available()
   rng = np.random.default_rng(out_channels + kernel_size)
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -88,7 +77,7 @@ def test_conv_kernel_grad_equals_the_conv_gradient(shape, out_channels, kernel_s
   pad = (kernel_size - 1) // 2
   output, conv_vjp = jax.vjp(lambda kernel: mobilenet_v3.plain_conv(x, kernel, stride, pad), kernel)
   output_grad = jnp.asarray(rng.normal(size=output.shape), jnp.float32)
-  got = jax.jit(cpu_kernels.conv_kernel_grad, static_argnums=(3, 4))(x, kernel, output_grad, stride, pad)
+  got = jax.jit(getattr(cpu_kernels, kernel_grad), static_argnums=(3, 4))(x, kernel, output_grad, stride, pad)
   np.testing.assert_allclose(got, conv_vjp(output_grad)[0], rtol=1e-5, atol=1e-4)
   assert float(jnp.abs(got).max()) > 0.1
 
