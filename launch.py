@@ -17,7 +17,7 @@ import os
 import sys
 
 if __name__ == "__main__":  # before the heavy imports: this may restart the interpreter
-  from mer_jax import host_memory
+  from mer_jax.training import host_memory
   host_memory.restart_with_fast_malloc()  # faster CPU train steps; MER_JAX_MALLOC=system turns it off
 
 from absl import app
@@ -130,8 +130,8 @@ def _prepare(config, data_dir: str) -> None:
 def prepare_data_if_missing(config, workdir: str) -> None:
   """Makes the prepared dataset when it is missing and config.data.prepare says how."""
   import jax
-  from mer_jax import input_pipeline
-  from mer_jax import train
+  from mer_jax.data import input_pipeline
+  from mer_jax.training import train
   data_dir = train.resolve_data_dir(config, workdir)
   try:
     input_pipeline.load_builder(config, data_dir)
@@ -150,19 +150,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   initialize_distributed()
-  from mer_jax import host_memory
+  from mer_jax.training import host_memory
   malloc = host_memory.describe()
   logging.info("Host malloc: %s%s", malloc, "" if malloc == "tcmalloc" else f" ({host_memory.HINT})")
   import jax
   if jax.default_backend() == "cpu":
-    from mer_jax import cpu_kernels
+    from mer_jax.ops.cpu import kernels as cpu_kernels
     logging.info("CPU kernels (convs, BatchNorm sums, frame gather): %s", cpu_kernels.describe())
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
   if not FLAGS.verbose_checkpointing:
     _quiet_orbax()
-  from mer_jax import checkpoint
-  from mer_jax import train
+  from mer_jax.training import checkpoint
+  from mer_jax.training import train
   config = FLAGS.config
   try:
     prepare_data_if_missing(config, FLAGS.workdir)

@@ -7,7 +7,7 @@ On `jax.devices()[0]`, with bf16 compute and float32 parameters (config.model.dt
 
   latency      eval forward at batch 1 (and 32), device-resident inputs, one call at a time, block on
                each: median / p90 of many calls; float32 compute too, for comparison
-  model-only   the library's jitted train step (`mer_jax.train.compiled_steps`: Mesh, donated state) on a
+  model-only   the library's jitted train step (`mer_jax.training.train.compiled_steps`: Mesh, donated state) on a
                fixed device-resident batch, largest batch size first: steps/s, clips/s, TFLOP/s of the
                model's FLOPs (XLA's count of the unoptimised step, lowered for the CPU so that every backend
                and formulation divides the same number), peak device memory
@@ -80,7 +80,7 @@ def model_flops_per_step(batch_size: int) -> float:
   device: an accelerator's compiled executable counts its rewritten program, which differs between
   formulations and compiler settings."""
   import jax
-  from mer_jax import train
+  from mer_jax.training import train
   config = accelerator_config(batch_size)
   options, mesh = train.step_options(config), train.make_mesh(jax.devices("cpu")[:1])
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -143,7 +143,7 @@ def train_result(trainer, batch_size: int, timing: dict, flops_per_step: float, 
 
 def make_trainer(batch_size: int, depthwise: str | None = None):
   """-> (config, workers.JaxTrainer) for this batch size: a fresh state, the step compiled."""
-  from mer_jax import train
+  from mer_jax.training import train
   config = accelerator_config(batch_size)
   state = workers.init_train_state(train.step_options(config), train.make_mesh(), config.seed)
   return config, workers.JaxTrainer(config, workers.make_batch(config, batch_size), state, depthwise=depthwise)
@@ -153,14 +153,14 @@ def synthetic_pipeline(config, batch_size: int, examples: int):
   """The tf.data train pipeline over `examples` synthetic prepared examples (a tf.data.Dataset)."""
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data stays on the host; the accelerator is JAX's
-  from mer_jax import input_pipeline
+  from mer_jax.data import input_pipeline
   return input_pipeline.dataset_from_examples(workers.synthetic_examples(config, examples), config, train=True,
                                               batch_size=batch_size, tokenize_fn=workers.stub_tokenize)
 
 
 def run(args) -> dict:
   import jax
-  from mer_jax import train
+  from mer_jax.training import train
   device = jax.devices()[0]
   began = time.perf_counter()
   left = lambda: args.budget_s - (time.perf_counter() - began)
@@ -210,7 +210,7 @@ def run(args) -> dict:
       try:
         ds = synthetic_pipeline(config, batch_size, min(4 * batch_size, args.max_examples))
         read = workers.read_rate(ds, 8 if args.quick else 40)  # first: a fed iterator would prefetch meanwhile
-        from mer_jax import input_pipeline
+        from mer_jax.data import input_pipeline
         fed = time_steps(trainer, 2 * target_s, rounds, batches=input_pipeline.as_numpy(ds))
         result["end_to_end"] = {
             "batch_size": batch_size, "pipeline_batches_per_s": 1 / read["wall"],

@@ -1,4 +1,4 @@
-"""Data preparation throughput: clips/s through mer_jax.clip_reader, and tf.data examples/s.
+"""Data preparation throughput: clips/s through mer_jax.data.clip_reader, and tf.data examples/s.
 
     python -m benchmarks.data_throughput [--quick] [--json]
 
@@ -141,7 +141,7 @@ def make_clips(folder: str, count: int, workers: int = 2, unique: int | None = N
 
 
 def _timed_read(args):
-    from mer_jax import clip_reader
+    from mer_jax.data import clip_reader
 
     path, config = args
     start = time.process_time()
@@ -153,7 +153,7 @@ def bench_reader(paths, config, workers: int) -> dict:
     """Wall clips/s over `workers` spawned processes (pool start excluded) and CPU ms per clip."""
     import multiprocessing
 
-    from mer_jax import clip_reader
+    from mer_jax.data import clip_reader
 
     config = dataclasses.replace(config, thread_type="NONE") if workers > 1 else config
     with multiprocessing.get_context("spawn").Pool(workers, initializer=clip_reader._init_worker) as pool:
@@ -198,9 +198,9 @@ def bench_prepare_and_tfdata(clip_dir: str, work: str, workers: int, quick: bool
 
 
 def bench_tfdata(data_dir: str, builder_config, quick: bool) -> dict:
-    """examples/s of mer_jax.input_pipeline.make_dataset (train: shuffle, augment, log-mel, batch)."""
+    """examples/s of mer_jax.data.input_pipeline.make_dataset (train: shuffle, augment, log-mel, batch)."""
     from configs import default
-    from mer_jax import input_pipeline
+    from mer_jax.data import input_pipeline
 
     config = default.get_config()
     config.data.builder_config = builder_config.name
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     from data import meld_format
-    from mer_jax import face_crop
+    from mer_jax.data import face_crop
 
     count = args.clips or (6 if args.quick else 20)
     work = tempfile.mkdtemp(prefix="mer_jax_bench_")

@@ -1,7 +1,7 @@
 """Depthwise-convolution formulations for the CPU layout study in benchmarks/run.py.
 
 XLA's CPU backend runs a grouped convolution (`feature_group_count == channels`) through a slow generic
-path, its gradients above all. The model (mer_jax/mobilenet_v3.py, `DepthwiseConv`) therefore computes
+path, its gradients above all. The model (mer_jax/models/mobilenet_v3.py, `DepthwiseConv`) therefore computes
 its depthwise convs as a sum of k*k shifted, strided slices times per-channel weights:
 
     y[n, i, j, c] = sum_{a, b} x_pad[n, s*i + a, s*j + b, c] * w[a, b, 0, c]
@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mer_jax import mobilenet_v3
+from mer_jax.models import mobilenet_v3
 
 FORMULATIONS = ("explicit", "grouped", "grouped_nchw")
 

@@ -3,9 +3,9 @@
   python -m benchmarks.latency [--quick] [--json] [--out F] [--workdir RUN] [--threads N]
 
 The edge model of configs/default.py (T=12 frames of 112x112, K=4) with drawn weights (or a trained
-run's with --workdir) is exported to a temporary folder (mer_jax.export), then each runtime's median
+run's with --workdir) is exported to a temporary folder (mer_jax.export.exporters), then each runtime's median
 wall time of one call is measured at batch 1 and batch 32 after warm-up, with the sessions that
-mer_jax.predict uses (depthwise convs exported as grouped convs: export.export_friendly_ops), plus batch 1
+mer_jax.tools.predict uses (depthwise convs exported as grouped convs: export.export_friendly_ops), plus batch 1
 at 1 thread. TFLite has a static batch (XLA HLO), so batch 32 is a second export; --quick
 skips those two exports and takes fewer repetitions (the model's jit and ONNX export still dominate).
 Writes benchmarks/results/latency.json (or --out). The load average is recorded: on a shared machine the
@@ -23,7 +23,7 @@ import tempfile
 import time
 
 if __name__ == "__main__":  # before the heavy imports: the same malloc as launch.py (may restart once)
-  from mer_jax import host_memory
+  from mer_jax.training import host_memory
   host_memory.restart_with_fast_malloc()
 
 import jax
@@ -31,10 +31,10 @@ import ml_collections
 import numpy as np
 
 from configs import default
-from mer_jax import export
-from mer_jax import host_memory
-from mer_jax import model as model_lib
-from mer_jax import predict
+from mer_jax.export import exporters as export
+from mer_jax.training import host_memory
+from mer_jax.models import emotion_model as model_lib
+from mer_jax.tools import predict
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 TARGETS_MS = {"onnxruntime_batch1_ms": 10.0, "tflite_batch1_ms": 15.0, "jax_batch1_ms": 20.0}
@@ -86,7 +86,7 @@ def run(quick: bool = False, workdir: str | None = None, threads: int | None = N
         ort_optimization: str = "all") -> dict:
   config = export.export_config(default.get_config())
   if workdir:
-    from mer_jax import checkpoint as checkpoint_lib
+    from mer_jax.training import checkpoint as checkpoint_lib
     config = export.export_config(checkpoint_lib.load_run_config(workdir))
     variables = export.load_checkpoint(config, workdir)[0]
   else:

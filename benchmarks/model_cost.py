@@ -20,8 +20,8 @@ import numpy as np
 
 from benchmarks import workers
 from configs import default
-from mer_jax import model as model_lib
-from mer_jax import mobilenet_v3
+from mer_jax.models import emotion_model as model_lib
+from mer_jax.models import mobilenet_v3
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 

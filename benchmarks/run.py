@@ -3,13 +3,13 @@ pipeline rate and memory.
 
   python -m benchmarks.run [--quick] [--json]
 
-The JAX side is the library's own train step (`mer_jax.train.compiled_steps`: jitted over a Mesh, donated
+The JAX side is the library's own train step (`mer_jax.training.train.compiled_steps`: jitted over a Mesh, donated
 state); the PyTorch side is benchmarks/torch_reference.py + torch_train.py, the same model and recipe.
 Each framework runs in its own worker process (benchmarks/workers.py) with the same batch and inputs;
 this process alternates timed requests between them, in rotating order, so load from other processes
 falls on both alike, and takes ratios round by round (median and spread reported). Wall time and process
 CPU time are both recorded. Timings are reported, never asserted. Both workers start with the malloc that
-mer_jax's entry points choose (`mer_jax.host_memory`: tcmalloc if installed, else glibc with huge pages;
+mer_jax's entry points choose (`mer_jax.training.host_memory`: tcmalloc if installed, else glibc with huge pages;
 PyTorch gets the same); `--malloc system` runs both with glibc's defaults.
 
 Writes benchmarks/results/<machine>.json and .md (`--quick`: <machine>-quick.*) and prints the table;
@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from mer_jax import host_memory
+from mer_jax.training import host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
@@ -327,7 +327,7 @@ def parse_args(argv):
   parser.add_argument("--repeats", type=int, help="interleaved rounds")
   parser.add_argument("--results-dir", default=RESULTS_DIR)
   parser.add_argument("--malloc", choices=host_memory.CHOICES, default="auto",
-                      help="both workers' malloc, as mer_jax.host_memory chooses for launch.py (auto: tcmalloc "
+                      help="both workers' malloc, as mer_jax.training.host_memory chooses for launch.py (auto: tcmalloc "
                            "if installed, else glibc with huge pages; system: glibc's defaults)")
   args = parser.parse_args(argv)
   quick = args.quick

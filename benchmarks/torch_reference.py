@@ -1,6 +1,6 @@
 """The edge EmotionModel re-implemented in PyTorch: the reference that benchmarks/run.py races JAX against.
 
-Same architecture as mer_jax/model.py, layer for layer: same sizes, same parameter count (asserted in
+Same architecture as mer_jax/models/emotion_model.py, layer for layer: same sizes, same parameter count (asserted in
 tests/test_torch_reference.py), same batch contract, and `load_flax_variables` ports a Flax variable tree
 into it so the two forward passes can be compared number for number. Only the edge model (compact text
 encoder, `selection='topk'`) is covered; PyTorch is a benchmark-only dependency (requirements-bench.txt),
@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mer_jax import mobilenet_v3
+from mer_jax.models import mobilenet_v3
 
 # Flax defaults, which torch's differ from.
 LAYER_NORM_EPSILON = 1e-6          # flax nn.LayerNorm (torch: 1e-5)
 TORCH_BN_MOMENTUM = 0.01           # torch convention; flax's momentum 0.99 is the same EMA
-PIXEL_MEAN, PIXEL_SCALE = 127.5, 64.0  # mer_jax/model.py
+PIXEL_MEAN, PIXEL_SCALE = 127.5, 64.0  # mer_jax/models/emotion_model.py
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,7 @@ class MobileNetV3Small(nn.Module):
 
 class StraightThroughTopK(torch.autograd.Function):
   """(B, T) scores -> (B, K, T) exact K-hot selection (time order); backward: grad of softmax(scores / tau)
-  broadcast to every slot, as `mer_jax.topk.straight_through_topk`."""
+  broadcast to every slot, as `mer_jax.models.frame_selector.straight_through_topk`."""
 
   @staticmethod
   def forward(ctx, scores, k: int, temperature: float):
@@ -289,7 +289,7 @@ class CompactTextEncoder(nn.Module):
 
 
 def segment_pool(values, mask, num_segments: int):
-  """(B, N, D), (B, N) bool -> tokens (B, S, D), token mask (B, S): as mer_jax.audio_encoder.segment_pool."""
+  """(B, N, D), (B, N) bool -> tokens (B, S, D), token mask (B, S): as mer_jax.models.audio_encoder.segment_pool."""
   length = mask.sum(1, keepdim=True).float()
   positions = torch.arange(values.shape[1], dtype=torch.float32)[None, :]
   segment_of_step = torch.floor(positions * num_segments / length.clamp_min(1.0)).long()
@@ -392,7 +392,7 @@ class CrossAttention(nn.Module):
 
 
 class TorchEmotionModel(nn.Module):
-  """`EmotionModel` of mer_jax/model.py for `config.model` (edge: compact text, top-k selection).
+  """`EmotionModel` of mer_jax/models/emotion_model.py for `config.model` (edge: compact text, top-k selection).
 
   forward(batch of torch tensors per the batch contract) -> (logits: task -> (B, C), explanation dict).
   """

@@ -1,4 +1,4 @@
-"""The train step of mer_jax/train.py in PyTorch, on benchmarks/torch_reference.py's model.
+"""The train step of mer_jax/training/train.py in PyTorch, on benchmarks/torch_reference.py's model.
 
 Benchmark-only (requirements-bench.txt): benchmarks/run.py races it against the JAX train step.
 """
@@ -20,7 +20,7 @@ def _label_log_probs(logits, labels):
 
 
 def frame_selection_loss(evidence_logits, relevance_logits, scores, labels, valid):
-  """`mer_jax.losses.frame_selection_loss`: {'evidence', 'head', 'scorer'} losses."""
+  """`mer_jax.training.losses.frame_selection_loss`: {'evidence', 'head', 'scorer'} losses."""
   valid = valid & (labels >= 0)
   weights = valid.float()
   count = weights.sum().clamp_min(1.0)
@@ -45,7 +45,7 @@ def warmup_cosine(step: int, peak: float, warmup: int, decay_steps: int, end: fl
 
 
 class TorchTrainer:
-  """The train step of mer_jax/train.py in PyTorch, for `config` (a full config: model, data, training).
+  """The train step of mer_jax/training/train.py in PyTorch, for `config` (a full config: model, data, training).
 
   Same recipe: modality dropout, task-weighted masked cross-entropy (labels -1 and padding rows ignored),
   the frame selection loss, SGD with momentum for the scorer's word table (unclipped),
@@ -61,7 +61,7 @@ class TorchTrainer:
     self.channels_last = channels_last
     if channels_last:
       self.model.backbone.use_channels_last()
-    # As mer_jax.train.make_optimizer: the scorer's word table takes SGD with momentum, unclipped.
+    # As mer_jax.training.train.make_optimizer: the scorer's word table takes SGD with momentum, unclipped.
     word_params = list(self.model.scorer_words.parameters()) if hasattr(self.model, "scorer_words") else []
     word_ids = {id(p) for p in word_params}
     params = [p for p in self.model.parameters() if id(p) not in word_ids]

@@ -21,7 +21,7 @@ import sys
 import time
 import traceback
 
-from mer_jax import host_memory
+from mer_jax.training import host_memory
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -101,16 +101,16 @@ def cost_flops(lowered) -> float:
 
 def model_math():
   """Context for lowering a model to count its FLOPs: the XLA-op forms instead of the CPU's FFI kernels."""
-  from mer_jax import cpu_kernels
+  from mer_jax.ops.cpu import kernels as cpu_kernels
   return cpu_kernels.xla_op_forms()
 
 
 def init_train_state(options, mesh, seed: int):
-  """mer_jax.train's initial state; its init compiled without backend optimisation (it runs once, so the
+  """mer_jax.training.train's initial state; its init compiled without backend optimisation (it runs once, so the
   ~3x faster compile matters and the slower code does not)."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from mer_jax import train
+  from mer_jax.training import train
   init_fn = getattr(train, "_init_fn", None)
   if init_fn is None:
     return train.create_train_state(options, mesh, seed)
@@ -119,14 +119,14 @@ def init_train_state(options, mesh, seed: int):
 
 
 class JaxTrainer:
-  """The library's jitted train step (`mer_jax.train.compiled_steps`: Mesh, NamedSharding, donated state)
+  """The library's jitted train step (`mer_jax.training.train.compiled_steps`: Mesh, NamedSharding, donated state)
   on a fixed device-resident batch, with no host sync inside the loop."""
 
   def __init__(self, config, batch, state, *, depthwise: str | None = None):
     import functools
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from mer_jax import train
+    from mer_jax.training import train
     self.options, self.mesh = train.step_options(config), train.make_mesh()
     self.state = state
     self.batch = train.global_batch(batch, self.mesh)
@@ -151,7 +151,7 @@ class JaxTrainer:
   def run(self, steps: int, batches=None) -> None:
     """`steps` steps back to back, then wait for the last; `batches` (an iterator) feeds fresh ones."""
     import jax
-    from mer_jax import train
+    from mer_jax.training import train
     for _ in range(steps):
       batch = self.batch if batches is None else train.global_batch(next(batches), self.mesh)
       self.state, _, self.status = self.step(self.state, batch, self.rng)
@@ -161,7 +161,7 @@ class JaxTrainer:
 def jax_forward(config, variables, batch):
   """Compiled eval forward of EmotionModel(config.model) for this batch's shapes."""
   import jax
-  from mer_jax import model as model_lib
+  from mer_jax.models import emotion_model as model_lib
   model = model_lib.EmotionModel(config.model)
   return jax.jit(lambda v, b: model.apply(v, b, train=False)).lower(variables, batch).compile()
 
@@ -169,7 +169,7 @@ def jax_forward(config, variables, batch):
 def forward_flops(config) -> float:
   """Batch-1 eval forward FLOPs (lowered only: nothing compiled or initialised)."""
   import jax
-  from mer_jax import model as model_lib
+  from mer_jax.models import emotion_model as model_lib
   model = model_lib.EmotionModel(config.model)
   batch = model_lib.zeros_batch(config, 1)
   variables = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, batch, train=False))
@@ -217,7 +217,8 @@ def jax_worker(spec: dict):
   pipeline_read, train_fed."""
   import jax
   import jax.numpy as jnp
-  from mer_jax import input_pipeline, train
+  from mer_jax.data import input_pipeline
+  from mer_jax.training import train
   size = spec["batch_size"]
   config = benchmark_config(size)
   batch = make_batch(config, size)
@@ -293,7 +294,7 @@ def torch_worker(spec: dict):
 def read_rate(ds, n: int) -> dict:
   """n batches from a fresh iterator, timed from its first batch on: a long-lived iterator would hand out
   batches it prefetched while the worker was idle, and look infinitely fast."""
-  from mer_jax import input_pipeline
+  from mer_jax.data import input_pipeline
   batches = input_pipeline.as_numpy(ds)
   next(batches)
   wall, cpu = time.perf_counter(), time.process_time()

@@ -6,7 +6,7 @@ Other configs start from this one and override what differs. Launch:
 
 import ml_collections
 
-from mer_jax import labels
+from mer_jax.data import labels
 
 
 def model_config(size: str = "edge") -> ml_collections.ConfigDict:
@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 32
   config.eval_batch_size = 64
 
-  # Training (mer_jax/train.py). Batch sizes are global: split over every device of every process.
+  # Training (mer_jax/training/train.py). Batch sizes are global: split over every device of every process.
   config.train_split = "train"
   config.eval_split = "dev"
   config.num_train_steps = 3000
@@ -82,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   config.task_weights = ml_collections.ConfigDict({"emotion": 1.0, "sentiment": 0.5})  # missing: 1.0
   config.class_weights = "none"  # 'none' or 'balanced' (n / (C * n_c) from the train split's labels)
-  config.frame_relevance_weight = 1.0  # weight of mer_jax.losses.frame_selection_loss; 0 = off
+  config.frame_relevance_weight = 1.0  # weight of mer_jax.training.losses.frame_selection_loss; 0 = off
   # The scorer's word table (topk.WordQuery) learns with SGD + momentum at this peak rate (same schedule).
   config.scorer_word_learning_rate = 10.0
   config.modality_dropout = 0.1  # per example: P(video marked missing) = P(audio marked missing)

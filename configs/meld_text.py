@@ -10,7 +10,7 @@ the previous `context_turns` utterances of its dialogue ("Speaker: text", most r
 segment; only the context is truncated. The standard metric is weighted F1 over the 7 emotions on dev.
 
 Evaluate the trained run on any MELD-format CSV:
-  python -m mer_jax.evaluate --workdir runs/meld_text --csv ../shared/data/meld/dev_sent_emo.csv
+  python -m mer_jax.tools.evaluate --workdir runs/meld_text --csv ../shared/data/meld/dev_sent_emo.csv
 """
 
 import os

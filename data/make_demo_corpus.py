@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from data import demo_audio, demo_faces
-from mer_jax.labels import EMOTIONS
+from mer_jax.data.labels import EMOTIONS
 
 NUM_SAMPLES = 12          # canonical uniform frame samples per clip (the model's T)
 GROUP_SIZE = 4            # frames per group (the model's K)

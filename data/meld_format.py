@@ -28,7 +28,9 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mer_jax import clip_reader, labels, text_normalize
+from mer_jax.data import clip_reader
+from mer_jax.data import labels
+from mer_jax.data import text_normalize
 
 REPORT_FILE = "prepare_report.json"
 MELD_SPLITS = (  # (split, CSV, clip folder)
@@ -55,7 +57,7 @@ class MeldFormatConfig(tfds.core.BuilderConfig):
     """A MELD-format dataset: which label columns, how clips are read, where the files are.
 
     tasks: (task, CSV column) pairs; task_classes: (task, class names) for tasks that
-    mer_jax/labels.py does not list (e.g. MESC's strategies).
+    mer_jax/data/labels.py does not list (e.g. MESC's strategies).
     """
 
     tasks: tuple = (("emotion", "Emotion"), ("sentiment", "Sentiment"))
@@ -81,7 +83,7 @@ class MeldFormatConfig(tfds.core.BuilderConfig):
         missing = [task for task, _ in self.tasks if task not in table]
         if missing:
             raise ValueError(f"Config {self.name!r}: no class list for tasks {missing}; pass "
-                             "task_classes=((task, (names...)),) or add them to mer_jax/labels.py.")
+                             "task_classes=((task, (names...)),) or add them to mer_jax/data/labels.py.")
         return {task: tuple(_label_key(n) for n in table[task]) for task, _ in self.tasks}
 
     def clip_read_config(self) -> clip_reader.ClipReadConfig:

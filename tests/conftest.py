@@ -16,9 +16,9 @@ def pytest_configure(config):
 
 @pytest.fixture(params=["kernels", "xla_ops"])
 def form(request, monkeypatch):
-  """Runs a test with the CPU's FFI kernels (mer_jax.cpu_kernels, where this machine can build them) and
+  """Runs a test with the CPU's FFI kernels (mer_jax.ops.cpu.kernels, where this machine can build them) and
   with the XLA-op forms that every other backend runs."""
-  from mer_jax import cpu_kernels
+  from mer_jax.ops.cpu import kernels as cpu_kernels
   if request.param == "xla_ops":
     monkeypatch.setenv(cpu_kernels.ENABLE_VARIABLE, "0")
   elif not cpu_kernels.available():

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mer_jax import audio_encoder
+from mer_jax.models import audio_encoder
 
 
 def test_padding_content_does_not_change_the_encoding():

@@ -1,4 +1,4 @@
-"""mer_jax.batch_norm.BatchNorm is nn.BatchNorm: same variables, outputs, running statistics and gradients."""
+"""mer_jax.models.batch_norm.BatchNorm is nn.BatchNorm: same variables, outputs, running statistics and gradients."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mer_jax import batch_norm, cpu_kernels
+from mer_jax.models import batch_norm
+from mer_jax.ops.cpu import kernels as cpu_kernels
 
 
 def _pair(momentum=0.99, epsilon=1e-3, dtype=jnp.float32):

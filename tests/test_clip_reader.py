@@ -1,4 +1,4 @@
-"""mer_jax.clip_reader on clips written here with PyAV: right frames at the right times, face vs centre
+"""mer_jax.data.clip_reader on clips written here with PyAV: right frames at the right times, face vs centre
 crop, audio length and rate, and one reason per kind of bad file."""
 
 import dataclasses
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from benchmarks.data_throughput import write_clip
-from mer_jax import clip_reader as cr
-from mer_jax import face_crop
+from mer_jax.data import clip_reader as cr
+from mer_jax.data import face_crop
 
 needs_haar = pytest.mark.skipif(
     not face_crop.face_detector_available(),

@@ -7,7 +7,7 @@ import os
 import jax
 import pytest
 
-from mer_jax import model as model_lib
+from mer_jax.models import emotion_model as model_lib
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CONFIG_NAMES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))

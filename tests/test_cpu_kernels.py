@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mer_jax import cpu_kernels, mobilenet_v3, topk
+from mer_jax.ops.cpu import kernels as cpu_kernels
+from mer_jax.models import mobilenet_v3
+from mer_jax.models import frame_selector as topk
 
 needs_compiler = pytest.mark.skipif(cpu_kernels.find_compiler() is None, reason="no C++ compiler here")
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mer_jax import cross_attention
+from mer_jax.models import cross_attention
 
 
 def test_weights_sum_to_one_and_ignore_masked_keys():

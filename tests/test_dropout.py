@@ -1,4 +1,4 @@
-"""mer_jax.dropout: nn.Dropout's semantics with a hashed keep mask whose draws behave like random ones."""
+"""mer_jax.models.dropout: nn.Dropout's semantics with a hashed keep mask whose draws behave like random ones."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mer_jax import dropout
+from mer_jax.models import dropout
 
 
 def test_draws_are_uniform_and_uncorrelated():

@@ -1,4 +1,4 @@
-"""mer_jax.evaluate on a tiny text-only run: a MELD-format CSV in, metrics out, equal to a direct computation."""
+"""mer_jax.tools.evaluate on a tiny text-only run: a MELD-format CSV in, metrics out, equal to a direct computation."""
 
 import csv
 import dataclasses
@@ -12,12 +12,12 @@ import pytest
 from configs import tiny
 from data import meld_format
 from data import prepare
-from mer_jax import checkpoint as checkpoint_lib
-from mer_jax import evaluate
-from mer_jax import export
-from mer_jax import input_pipeline
-from mer_jax import model as model_lib
-from mer_jax import train
+from mer_jax.training import checkpoint as checkpoint_lib
+from mer_jax.tools import evaluate
+from mer_jax.export import exporters as export
+from mer_jax.data import input_pipeline
+from mer_jax.models import emotion_model as model_lib
+from mer_jax.training import train
 
 EMOTIONS = ("neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger")
 SENTIMENTS = ("neutral", "positive", "negative")

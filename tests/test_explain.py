@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from mer_jax import explain
-from mer_jax import labels
-from mer_jax import model as model_lib
+from mer_jax.tools import explain
+from mer_jax.data import labels
+from mer_jax.models import emotion_model as model_lib
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from mer_jax import checkpoint as checkpoint_lib
-from mer_jax import export
-from mer_jax import labels
-from mer_jax import model as model_lib
-from mer_jax import tokenizer as tokenizer_lib
-from mer_jax import topk
-from mer_jax import train
+from mer_jax.training import checkpoint as checkpoint_lib
+from mer_jax.export import exporters as export
+from mer_jax.data import labels
+from mer_jax.models import emotion_model as model_lib
+from mer_jax.data import tokenizer as tokenizer_lib
+from mer_jax.models import frame_selector as topk
+from mer_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTIMENT_NAMES = ["calm", "good", "bad"]  # not labels.py's: metadata must take them from eval/best.json
@@ -55,7 +55,7 @@ def test_sort_free_topk_matches_sorted_top_k_with_ties():
 
 
 def test_grouped_depthwise_conv_matches_the_shifted_slices():
-  from mer_jax import mobilenet_v3
+  from mer_jax.models import mobilenet_v3
   rng = np.random.default_rng(1)
   for kernel_size, stride, size in ((3, 1, 9), (3, 2, 9), (5, 2, 14), (5, 1, 7)):
     x = rng.normal(size=(2, size, size, 8)).astype(np.float32)

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks.data_throughput import write_clip
 from data import meld_format, prepare
-from mer_jax import clip_reader
+from mer_jax.data import clip_reader
 
 TINY = dict(width=64, height=48, fps=10)
 

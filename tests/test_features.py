@@ -1,4 +1,4 @@
-"""Log-mel features (mer_jax/features.py): values, shapes, masks, batched and graph mode."""
+"""Log-mel features (mer_jax/data/features.py): values, shapes, masks, batched and graph mode."""
 
 import math
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mer_jax import features
+from mer_jax.data import features
 
 SR = 16000
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mer_jax import fusion
+from mer_jax.models import fusion
 
 
 def make_inputs(batch=4, seed=0):

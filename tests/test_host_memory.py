@@ -1,4 +1,4 @@
-"""mer_jax.host_memory: the malloc settings added to an environment, a real restart, and what they are for."""
+"""mer_jax.training.host_memory: the malloc settings added to an environment, a real restart, and what they are for."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mer_jax import host_memory
+from mer_jax.training import host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TCMALLOC = host_memory.find_tcmalloc()

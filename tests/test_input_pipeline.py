@@ -1,4 +1,4 @@
-"""tf.data input pipeline (mer_jax/input_pipeline.py) on a tiny synthetic TFDS dataset of prepared examples.
+"""tf.data input pipeline (mer_jax/data/input_pipeline.py) on a tiny synthetic TFDS dataset of prepared examples.
 
 The dataset is written by the test itself (tfds store_as_tfds_dataset) with the "Prepared example"
 features of docs/ARCHITECTURE.md; the last test runs the real builder on a tiny demo corpus.
@@ -12,9 +12,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mer_jax import features
-from mer_jax import input_pipeline as ip
-from mer_jax import tokenizer as tokenizer_lib
+from mer_jax.data import features
+from mer_jax.data import input_pipeline as ip
+from mer_jax.data import tokenizer as tokenizer_lib
 
 T, S, MAX_SECONDS, MEL, L = 4, 16, 0.25, 16, 24
 F_MAX = features.num_audio_frames(MAX_SECONDS, 16000, 400, 160)  # 23

@@ -1,5 +1,5 @@
 """data/meld_format.py and data/prepare.py on tiny MELD-format folders written here: every CSV row
-becomes an example or a counted reason, labels follow mer_jax/labels.py, frames are real pictures."""
+becomes an example or a counted reason, labels follow mer_jax/data/labels.py, frames are real pictures."""
 
 import csv
 import json
@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.data_throughput import write_clip
 from data import meld_format, prepare
-from mer_jax import labels
+from mer_jax.data import labels
 
 HEADER = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID"]
 
@@ -183,7 +183,7 @@ def test_demo_corpus_prepares_with_its_ground_truth(tmp_path):
 
 @pytest.mark.parametrize("use_ftfy", [True, False])
 def test_text_normalize_repairs_meld_damage(use_ftfy, monkeypatch):
-    from mer_jax import text_normalize
+    from mer_jax.data import text_normalize
 
     if not use_ftfy:
         monkeypatch.setattr(text_normalize, "ftfy", None)
@@ -204,7 +204,7 @@ def test_text_normalize_repairs_meld_damage(use_ftfy, monkeypatch):
 
 
 def test_csv_bytes_utf8_or_cp1252_per_line():
-    from mer_jax import text_normalize
+    from mer_jax.data import text_normalize
 
     data = "a,b\r\n".encode() + "He’s,x\r\n".encode("cp1252") + "Ok ’ é\r\n".encode("utf-8")
     assert text_normalize.decode_csv_bytes(data) == "a,b\r\nHe’s,x\r\nOk ’ é\r\n"

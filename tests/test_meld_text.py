@@ -6,8 +6,8 @@ import os
 import pytest
 
 from configs import meld_text
-from mer_jax import input_pipeline
-from mer_jax import tokenizer as tokenizer_lib
+from mer_jax.data import input_pipeline
+from mer_jax.data import tokenizer as tokenizer_lib
 
 
 def test_get_config_without_meld(monkeypatch, tmp_path):

@@ -1,4 +1,4 @@
-"""Eval metrics (mer_jax/metrics.py): F1 against values worked out by hand (and sklearn's documented
+"""Eval metrics (mer_jax/training/metrics.py): F1 against values worked out by hand (and sklearn's documented
 example), masking of unlabeled and padding rows, clu collections merged over batches."""
 
 import json
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mer_jax import metrics
+from mer_jax.training import metrics
 
 
 def test_sklearn_documented_example():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from mer_jax import minilm
+from mer_jax.models import minilm
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "minilm_reference.json"
 # 30522*384 word + 512*384 position + 2*384 type + 768 LayerNorm, then 6 layers of

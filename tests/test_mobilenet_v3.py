@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mer_jax import cpu_kernels, mobilenet_v3
+from mer_jax.ops.cpu import kernels as cpu_kernels
+from mer_jax.models import mobilenet_v3
 
 
 @pytest.fixture(scope="module")

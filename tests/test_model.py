@@ -7,7 +7,7 @@ import pytest
 
 from configs import default
 from configs import tiny
-from mer_jax import model as model_lib
+from mer_jax.models import emotion_model as model_lib
 
 
 @pytest.fixture(scope="module")

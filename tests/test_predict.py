@@ -13,10 +13,10 @@ from configs import tiny
 from data import make_demo_corpus
 from data import meld_format
 from data import prepare
-from mer_jax import checkpoint as checkpoint_lib
-from mer_jax import export_metadata
-from mer_jax import input_pipeline
-from mer_jax import predict
+from mer_jax.training import checkpoint as checkpoint_lib
+from mer_jax.export import metadata as export_metadata
+from mer_jax.data import input_pipeline
+from mer_jax.tools import predict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +89,7 @@ def test_missing_inputs_say_what_to_pass(tmp_path):
 
 @pytest.mark.slow
 def test_predict_end_to_end_jax_and_onnx_agree(corpus, tmp_path):
-  from mer_jax import export
+  from mer_jax.export import exporters as export
   from tests.test_export import _checkpoint_workdir
   root, config = corpus
   workdir, out = str(tmp_path / "run"), str(tmp_path / "export")

@@ -14,11 +14,11 @@ import pytest
 
 import launch
 from configs import tiny
-from mer_jax import ablations
-from mer_jax import explain
-from mer_jax import model as model_lib
-from mer_jax import report
-from mer_jax import train
+from mer_jax.tools import ablations
+from mer_jax.tools import explain
+from mer_jax.models import emotion_model as model_lib
+from mer_jax.tools import report
+from mer_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mer_jax import text_encoder
+from mer_jax.models import text_encoder
 
 SMALL = dict(vocab_size=50, features=16, num_layers=1, num_heads=2, mlp_dim=32, max_length=8)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mer_jax import tokenizer as tok_lib
-from mer_jax.minilm import model_dir
+from mer_jax.data import tokenizer as tok_lib
+from mer_jax.models.minilm import model_dir
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "minilm_reference.json"
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mer_jax import topk
+from mer_jax.models import frame_selector as topk
 
 
 def random_scores(batch=3, frames=12, seed=0):

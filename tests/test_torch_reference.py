@@ -11,8 +11,8 @@ torch = pytest.importorskip(
 
 from benchmarks import torch_reference, torch_train, workers  # noqa: E402
 from configs import default, tiny  # noqa: E402
-from mer_jax import model as model_lib  # noqa: E402
-from mer_jax import topk  # noqa: E402
+from mer_jax.models import emotion_model as model_lib  # noqa: E402
+from mer_jax.models import frame_selector as topk  # noqa: E402
 
 
 def flax_params(config):

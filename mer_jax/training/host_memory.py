@@ -15,7 +15,7 @@ Both are read when a process starts, so an entry point calls `restart_with_fast_
 restarts the interpreter once with the environment `environment()` gives. `MER_JAX_MALLOC` chooses:
 `auto` (default: tcmalloc if found, else huge pages), `tcmalloc`, `hugepages` or `system` (leave it alone).
 A malloc the user preloads, or a hugetlb tunable the user sets, wins. For your own scripts:
-`eval "$(python -m mer_jax.host_memory)"` prints the same settings as shell exports.
+`eval "$(python -m mer_jax.training.host_memory)"` prints the same settings as shell exports.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def describe() -> str:
 
 
 HINT = ("the system malloc faults in every step's temporaries again: `apt-get install libtcmalloc-minimal4` "
-        "makes CPU training faster (mer_jax/host_memory.py)")
+        "makes CPU training faster (mer_jax/training/host_memory.py)")
 
 
 def without_fast_malloc(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -158,7 +158,7 @@ def without_fast_malloc(environ: Mapping[str, str] = os.environ) -> dict[str, st
 
 
 def main() -> None:
-  """Print the variables `environment()` adds as shell exports: `eval "$(python -m mer_jax.host_memory)"`."""
+  """Print the variables `environment()` adds as shell exports: `eval "$(python -m mer_jax.training.host_memory)"`."""
   current = dict(os.environ)
   for key, value in environment(current).items():
     if current.get(key) != value:

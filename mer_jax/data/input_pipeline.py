@@ -5,7 +5,7 @@
 
 Text is tokenised once per split (one batched call to the HF tokenizer over every utterance, with its
 dialogue context) and looked up by example id inside the tf.data map (StaticHashTable + gather), so the
-map never calls Python. Log-mel is computed in the map with tf.signal (`mer_jax.features`), the same
+map never calls Python. Log-mel is computed in the map with tf.signal (`mer_jax.data.features`), the same
 code prediction runs on a raw clip. `dataset_from_examples` runs the same map on any tf.data of
 prepared examples (unit tests, prediction).
 """
@@ -20,8 +20,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 
-from mer_jax import features
-from mer_jax import labels as labels_lib
+from mer_jax.data import features
+from mer_jax.data import labels as labels_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
 META_KEYS = ("id", "text", "speaker", "dialogue_id", "utterance_id")
@@ -63,13 +63,13 @@ def dialogue_contexts(speakers: Sequence[str], texts: Sequence[str], dialogue_id
 
 @functools.lru_cache(maxsize=1)
 def _hf_tokenizer():
-    from mer_jax import tokenizer as tokenizer_lib  # imported late: features-only users need no HF
+    from mer_jax.data import tokenizer as tokenizer_lib  # imported late: features-only users need no HF
     return tokenizer_lib.load_tokenizer()
 
 
 def default_tokenize_fn(texts: list, contexts, max_length: int) -> tuple:
-    """The project tokenizer (`mer_jax.tokenizer`): (ids (N, L) int32, mask (N, L) bool)."""
-    from mer_jax import tokenizer as tokenizer_lib
+    """The project tokenizer (`mer_jax.data.tokenizer`): (ids (N, L) int32, mask (N, L) bool)."""
+    from mer_jax.data import tokenizer as tokenizer_lib
     return tokenizer_lib.tokenize(_hf_tokenizer(), texts, max_length, contexts=contexts)
 
 
@@ -397,7 +397,7 @@ def _task_classes(builder: tfds.core.DatasetBuilder, config: Any, task: str) -> 
     if task in labels_lib.TASK_CLASSES:
         return tuple(labels_lib.TASK_CLASSES[task])
     raise KeyError(f"No class list for task {task!r}: the prepared data's metadata has none; set "
-                   f"config.data.classes = {{{task!r}: (names...)}} or add it to mer_jax/labels.py.")
+                   f"config.data.classes = {{{task!r}: (names...)}} or add it to mer_jax/data/labels.py.")
 
 
 def dataset_info(config: Any, data_dir: str | None = None) -> dict:

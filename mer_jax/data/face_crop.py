@@ -1,6 +1,6 @@
 """Face crops of a clip's grey frames: OpenCV's Haar cascade on a few probe frames, boxes in between.
 
-Split from the clip reader (mer_jax/clip_reader.py, which calls `crop_frames` on the frames it decoded) so
+Split from the clip reader (mer_jax/data/clip_reader.py, which calls `crop_frames` on the frames it decoded) so
 the detector, its probing and the crop geometry read on their own. Without a face, or with
 `ClipReadConfig(face_crop=False)`, a frame gets a centre crop. The cascade is loaded once per process.
 """
@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 if TYPE_CHECKING:  # annotations only: clip_reader imports this module
-    from mer_jax.clip_reader import ClipReadConfig
+    from mer_jax.data.clip_reader import ClipReadConfig
 
 HAAR_CASCADE_FILE = "haarcascade_frontalface_default.xml"
 

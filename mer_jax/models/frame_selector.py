@@ -20,8 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mer_jax import cpu_kernels
-from mer_jax import mobilenet_v3
+from mer_jax.ops.cpu import kernels as cpu_kernels
+from mer_jax.models import mobilenet_v3
 
 
 def hard_topk_indices(scores: jax.Array, k: int) -> jax.Array:

@@ -11,7 +11,7 @@ that hold no target frame are decoded with `skip_frame='NONREF'` (the decoder dr
 other frame refers to them) -- or, with exact_frames=False, no B-frame is decoded at all and each
 target takes the nearest I/P frame. Only the chosen frames are converted to grey, in swscale, at a
 working size; faces are detected on a smaller copy of two to four probe frames and the boxes
-interpolated between them (mer_jax/face_crop.py). Measured costs: benchmarks/results/data_throughput.json.
+interpolated between them (mer_jax/data/face_crop.py). Measured costs: benchmarks/results/data_throughput.json.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import av
 import cv2
 import numpy as np
 
-from mer_jax import face_crop as face_crop_lib
+from mer_jax.data import face_crop as face_crop_lib
 
 # Reasons (stable strings; the report counts them).
 MISSING_FILE = "missing_file"

@@ -6,7 +6,7 @@ replicated, batches are split along `data`. Each process reads its own tf.data s
 batch. `train_step` and `eval_step` are pure and compiled once with `jax.jit` (NamedSharding in/out,
 donated state); the jitted pair is cached per step config, so later runs in one process reuse it.
 
-The workdir gets: `checkpoints/` (orbax, see mer_jax/checkpoint.py; resume is automatic),
+The workdir gets: `checkpoints/` (orbax, see mer_jax/training/checkpoint.py; resume is automatic),
 TensorBoard events, `eval/step_<N>.json` after each evaluation and `eval/best.json` (best by
 `config.best_metric` on `config.eval_split`).
 """
@@ -29,11 +29,11 @@ from clu import metric_writers
 from clu import periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mer_jax import checkpoint as checkpoint_lib
-from mer_jax import input_pipeline
-from mer_jax import losses as losses_lib
-from mer_jax import metrics as metrics_lib
-from mer_jax import model as model_lib
+from mer_jax.training import checkpoint as checkpoint_lib
+from mer_jax.data import input_pipeline
+from mer_jax.training import losses as losses_lib
+from mer_jax.training import metrics as metrics_lib
+from mer_jax.models import emotion_model as model_lib
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -179,7 +179,7 @@ def create_train_state(options: StepOptions, mesh: Mesh, seed: int) -> TrainStat
   state = _jitted_init(options, mesh, seed)()
   text = options.model.text
   if text.kind == "minilm" and text.get("pretrained", True):
-    from mer_jax import minilm
+    from mer_jax.models import minilm
     pretrained = minilm.load_pretrained_params()
     current = state.params["text_encoder"]["minilm"]
 

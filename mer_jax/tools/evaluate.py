@@ -1,7 +1,7 @@
 """Evaluate a trained run on any MELD-format CSV: accuracy, weighted F1, per-class F1, confusion matrix.
 
-  python -m mer_jax.evaluate --workdir runs/meld_text --csv ../shared/data/meld/dev_sent_emo.csv
-  python -m mer_jax.evaluate --workdir runs/meld --csv test_sent_emo.csv --clips output_repeated_splits_test \
+  python -m mer_jax.tools.evaluate --workdir runs/meld_text --csv ../shared/data/meld/dev_sent_emo.csv
+  python -m mer_jax.tools.evaluate --workdir runs/meld --csv test_sent_emo.csv --clips output_repeated_splits_test \
       [--json] [--batch-size 64] [--step N]
 
 The run's config comes from WORKDIR/config.json and its weights from the best checkpoint (else the
@@ -96,8 +96,8 @@ def predict(config, variables: dict, data_dir: str, batch_size: int) -> dict:
   import jax
   import numpy as np
 
-  from mer_jax import input_pipeline
-  from mer_jax import model as model_lib
+  from mer_jax.data import input_pipeline
+  from mer_jax.models import emotion_model as model_lib
   config = config.copy_and_resolve_references()
   config.data.builder_config = BUILDER_CONFIG_NAME
   config.eval_batch_size = int(batch_size)
@@ -126,7 +126,7 @@ def task_metrics(outputs: dict, classes: dict) -> dict:
   """
   import numpy as np
 
-  from mer_jax import metrics as metrics_lib
+  from mer_jax.training import metrics as metrics_lib
   result = {}
   for task, names in classes.items():
     labels, predictions = outputs[f"labels/{task}"], outputs[f"predictions/{task}"]
@@ -147,9 +147,9 @@ def evaluate_csv(workdir: str, csv_path: str, clips_dir: str | None = None, batc
   """The whole job; returns the JSON report (see module docstring). `keep_dir`: prepare there and keep
   the prepared data (default: a temporary folder, removed afterwards). `config_path`: the config file the
   run was trained with, for workdirs without config.json."""
-  from mer_jax import checkpoint as checkpoint_lib
-  from mer_jax import export
-  from mer_jax import input_pipeline
+  from mer_jax.training import checkpoint as checkpoint_lib
+  from mer_jax.export import exporters as export
+  from mer_jax.data import input_pipeline
   config = export.load_config(config_path) if config_path else checkpoint_lib.load_run_config(workdir)
   variables, source, _ = export.load_checkpoint(config, workdir, step)
   work_dir = keep_dir or tempfile.mkdtemp(prefix="mer_jax_evaluate_")
@@ -176,7 +176,7 @@ def evaluate_csv(workdir: str, csv_path: str, clips_dir: str | None = None, batc
 
 def format_report(result: dict) -> str:
   """Human-readable summary: per task accuracy, weighted F1, per-class F1 and the confusion matrix."""
-  from mer_jax import metrics as metrics_lib
+  from mer_jax.training import metrics as metrics_lib
   checkpoint = result["checkpoint"]
   lines = [f"{result['csv']}: {result['rows_read']} rows; checkpoint step {checkpoint['checkpoint_step']} "
            f"({checkpoint['chosen_as']}) of {checkpoint['workdir']}"]

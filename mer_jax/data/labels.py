@@ -22,5 +22,5 @@ def num_classes(task: str, classes: dict | None = None) -> int:
     table = classes if classes is not None else TASK_CLASSES
     if task not in table:
         raise KeyError(f"Unknown task {task!r}; known tasks: {sorted(table)}. "
-                       "Add its class list to the config (config.tasks) or to mer_jax/labels.py.")
+                       "Add its class list to the config (config.tasks) or to mer_jax/data/labels.py.")
     return len(table[task])

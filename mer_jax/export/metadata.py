@@ -1,7 +1,7 @@
 """What an export says about itself and the run's data it is checked on.
 
-metadata.json (inputs, outputs, labels, preprocessing) + tokenizer/, written by `mer_jax.export` and
-read by `mer_jax.predict`; and the prepared examples of the run's eval split that the parity check and
+metadata.json (inputs, outputs, labels, preprocessing) + tokenizer/, written by `mer_jax.export.exporters` and
+read by `mer_jax.tools.predict`; and the prepared examples of the run's eval split that the parity check and
 the accuracy report (`--accuracy-split`) run every export on. Reading needs neither JAX nor TensorFlow, so
 a prediction on an ONNX or TFLite file imports neither through this module. The preprocessing section
 holds everything that turns a raw clip into model inputs exactly as training saw it: the clip reader's
@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mer_jax import labels as labels_lib
+from mer_jax.data import labels as labels_lib
 
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 2  # 2: adds preprocessing.clip_read_config and preprocessing.data
@@ -34,7 +34,7 @@ DATA_FIELDS = ("num_frames", "frame_size", "sample_rate", "max_audio_seconds", "
 
 
 def class_names(config, best: dict | None = None) -> dict[str, list[str]]:
-  """Per task: the names in eval/best.json, else config.data.classes, else mer_jax/labels.py."""
+  """Per task: the names in eval/best.json, else config.data.classes, else mer_jax/data/labels.py."""
   names = {}
   for task, count in config.model.tasks.items():
     candidates = [((best or {}).get("tasks", {}).get(task) or {}).get("class_names"),
@@ -42,7 +42,7 @@ def class_names(config, best: dict | None = None) -> dict[str, list[str]]:
     found = next((list(c) for c in candidates if c and len(c) == count), None)
     if found is None:
       raise ValueError(f"No list of {count} class names for task {task!r}; set config.data.classes = "
-                       f"{{{task!r}: (...)}} or add it to mer_jax/labels.py.")
+                       f"{{{task!r}: (...)}} or add it to mer_jax/data/labels.py.")
     names[task] = found
   return names
 
@@ -62,8 +62,8 @@ def clip_read_config(config, data_dir: str | None = None) -> tuple[dict, str]:
   defaults with config.data's frame count, sample rate and audio length are used, with a warning: the
   builder config may have read clips differently (e.g. 'demo' uses centre crops and exact frames).
   """
-  from mer_jax import clip_reader
-  from mer_jax import input_pipeline
+  from mer_jax.data import clip_reader
+  from mer_jax.data import input_pipeline
   try:
     builder = input_pipeline.load_builder(config, data_dir)
     stored = (builder.info.metadata or {}).get("clip_read_config")
@@ -98,10 +98,10 @@ def write_metadata(config, variables, out_dir: str, parity: dict, tflite_batch_s
 
   `clip_config`: (ClipReadConfig fields, source) from `clip_read_config`; looked up when None.
   """
-  from mer_jax import export
-  from mer_jax import features
-  from mer_jax import minilm
-  from mer_jax import model as model_lib
+  from mer_jax.export import exporters as export
+  from mer_jax.data import features
+  from mer_jax.models import minilm
+  from mer_jax.models import emotion_model as model_lib
   data = config.data
   spec = model_lib.input_spec(config, 1)
   tokenizer_dir = os.path.join(out_dir, TOKENIZER_DIR)
@@ -125,13 +125,13 @@ def write_metadata(config, variables, out_dir: str, parity: dict, tflite_batch_s
           "audio_frames": int(spec["audio"].shape[1]),
           "log_mel": {**{k: mel[k] for k in ("num_mel_bins", "frame_length", "frame_step", "fft_length",
                                              "lower_hz", "upper_hz")}, "log_offset": features.LOG_OFFSET,
-                      "function": "mer_jax.features.audio_features"},
+                      "function": "mer_jax.data.features.audio_features"},
           "max_text_length": int(data.max_text_length), "tokenizer": TOKENIZER_DIR + "/",
           "text": "[CLS] utterance [SEP] (+ context [SEP]), padded with id 0; text_mask marks real tokens",
           "clip_read_config": reading, "clip_read_config_source": reading_source,
           "data": data_fields(config),
-          "pipeline": "mer_jax.clip_reader.read_clip -> input_pipeline.resize_frames; "
-                      "features.audio_features; tokenizer.tokenize (see mer_jax/predict.py)",
+          "pipeline": "mer_jax.data.clip_reader.read_clip -> input_pipeline.resize_frames; "
+                      "features.audio_features; tokenizer.tokenize (see mer_jax/tools/predict.py)",
       },
       "batch_size": {"onnx": "dynamic", "savedmodel": "dynamic", "tflite": int(tflite_batch_size),
                      "tflite_note": "TFLite goes through XLA HLO, which has static shapes: feed exactly "
@@ -151,8 +151,8 @@ def write_metadata(config, variables, out_dir: str, parity: dict, tflite_batch_s
 
 def accuracy_report(config, variables, runners: dict, split: str, batches: list) -> dict:
   """Accuracy and weighted F1 per task of JAX and of each export on `batches`, and each export's change."""
-  from mer_jax import export
-  from mer_jax import metrics
+  from mer_jax.export import exporters as export
+  from mer_jax.training import metrics
   tasks = dict(config.model.tasks)
   predictions = {"jax": {t: [] for t in tasks}, **{key: {t: [] for t in tasks} for key in runners}}
   labels = {t: [] for t in tasks}
@@ -189,7 +189,7 @@ def accuracy_report(config, variables, runners: dict, split: str, batches: list)
 
 def split_batches(config, data_dir: str, split: str, limit: int | None = None) -> list[dict]:
   """Eval batches of a prepared split (padding rows have example_mask False), at most `limit` real rows."""
-  from mer_jax import input_pipeline
+  from mer_jax.data import input_pipeline
   batches, rows = [], 0
   for batch in input_pipeline.batch_iterator(config, split, train=False, data_dir=data_dir,
                                              process_index=0, process_count=1):
@@ -202,7 +202,7 @@ def split_batches(config, data_dir: str, split: str, limit: int | None = None) -
 
 def make_examples(config, num: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
   """`num` random inputs of the batch contract; row 1 has no video and row 2 no audio (when num > 2)."""
-  from mer_jax import model as model_lib
+  from mer_jax.models import emotion_model as model_lib
   rng = np.random.default_rng(seed)
   spec = model_lib.input_spec(config, num)
   frames = rng.integers(0, 256, spec["frames"].shape, dtype=np.uint8)

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mer_jax import cpu_kernels
+from mer_jax.ops.cpu import kernels as cpu_kernels
 
 # Maps with at most this many positions per image are summed over rows and columns in one loop; larger
 # ones over columns only (a longer unrolled sum costs more compile time than it saves).

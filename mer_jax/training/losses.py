@@ -1,7 +1,7 @@
 """Losses of the train step: cross-entropy per task and in sum, the frame-selection loss, modality dropout,
 and the class weights of `config.class_weights`.
 
-Apart from training's loop and optimizer (mer_jax/train.py), so the loss math reads on its own and tests
+Apart from training's loop and optimizer (mer_jax/training/train.py), so the loss math reads on its own and tests
 check it without a model. The losses are pure functions of arrays; `train.train_step` and `train.eval_step`
 compose them. `frame_selection_loss` says how the frame scorer learns from the clip's label alone.
 """
@@ -16,10 +16,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from mer_jax import metrics as metrics_lib
+from mer_jax.training import metrics as metrics_lib
 
 if TYPE_CHECKING:  # annotations only: train imports this module
-  from mer_jax.train import StepOptions
+  from mer_jax.training.train import StepOptions
 
 
 def modality_dropout(batch: dict, rng: jax.Array, rate: float) -> dict:
@@ -116,7 +116,7 @@ def frame_selection_loss(evidence_logits: jax.Array, relevance_logits: jax.Array
 def label_counts(config: ml_collections.ConfigDict, data_dir: str, split: str) -> dict[str, np.ndarray]:
   """{task: (C,) int64 label counts} of a prepared split (reads only the labels)."""
   import tensorflow_datasets as tfds
-  from mer_jax import input_pipeline
+  from mer_jax.data import input_pipeline
   builder = input_pipeline.load_builder(config, data_dir)
   ds = builder.as_dataset(split=split, decoders=tfds.decode.PartialDecoding({"labels": True}))
   counts = {task: np.zeros(int(n), np.int64) for task, n in config.model.tasks.items()}

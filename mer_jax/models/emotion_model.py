@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mer_jax import audio_encoder
-from mer_jax import cross_attention
-from mer_jax import dropout
-from mer_jax import fusion
-from mer_jax import mobilenet_v3
-from mer_jax import text_encoder
-from mer_jax import topk
+from mer_jax.models import audio_encoder
+from mer_jax.models import cross_attention
+from mer_jax.models import dropout
+from mer_jax.models import fusion
+from mer_jax.models import mobilenet_v3
+from mer_jax.models import text_encoder
+from mer_jax.models import frame_selector as topk
 
 # Grey frames are normalised with fixed statistics: the backbone's BatchNorm handles the rest.
 PIXEL_MEAN = 127.5
@@ -219,7 +219,7 @@ def input_spec(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, 
 
 def audio_frame_count(data_config: ml_collections.ConfigDict) -> int:
   """Number of log-mel frames F for `max_audio_seconds` (25 ms windows, 10 ms hops at 16 kHz)."""
-  from mer_jax import features  # tf-based; imported lazily so the model itself never needs TensorFlow.
+  from mer_jax.data import features  # tf-based; imported lazily so the model itself never needs TensorFlow.
   return features.num_audio_frames(data_config.max_audio_seconds, data_config.sample_rate)
 
 
@@ -239,7 +239,7 @@ def init_variables(config: ml_collections.ConfigDict, rng: jax.Array, batch_size
   init = jax.jit(lambda rng, batch: model.init({"params": rng, "dropout": rng}, batch, train=False))
   variables = dict(init(rng, zeros_batch(config, batch_size)))
   if config.model.text.kind == "minilm" and config.model.text.get("pretrained", True):
-    from mer_jax import minilm
+    from mer_jax.models import minilm
     params = dict(variables["params"])
     text = dict(params["text_encoder"])
     text["minilm"] = jax.tree.map(jnp.asarray, minilm.load_pretrained_params())

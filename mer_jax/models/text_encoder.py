@@ -13,9 +13,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mer_jax import dropout
-from mer_jax import minilm
-from mer_jax.audio_encoder import masked_mean
+from mer_jax.models import dropout
+from mer_jax.models import minilm
+from mer_jax.models.audio_encoder import masked_mean
 
 
 class TransformerLayer(nn.Module):

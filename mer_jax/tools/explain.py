@@ -1,6 +1,6 @@
 """Explaining one prediction: which frames the text picked, how the modalities were weighed, what was predicted.
 
-    python -m mer_jax.explain --workdir W --id dev/dia0_utt0 --out x.png [--split dev] [--json]
+    python -m mer_jax.tools.explain --workdir W --id dev/dia0_utt0 --out x.png [--split dev] [--json]
 
 `show_prediction_sample(...)` writes a PNG (the T frames in order with their text-guided scores, the K chosen
 outlined, the transcript, gate and reliabilities, predicted probabilities vs the label) and a JSON of the same
@@ -131,8 +131,8 @@ def show_prediction_sample(example_id: str, text: str, frames: np.ndarray, logit
 def load_run(workdir: str, config_path: str | None = None, step: int | None = None):
   """(config, variables, source, best) of a training workdir: its config (WORKDIR/config.json, or the
   `config_path` file for runs written before config.json existed) and the best checkpoint (else latest)."""
-  from mer_jax import checkpoint as checkpoint_lib
-  from mer_jax import export
+  from mer_jax.training import checkpoint as checkpoint_lib
+  from mer_jax.export import exporters as export
   config = export.load_config(config_path) if config_path else checkpoint_lib.load_run_config(workdir)
   config = export.export_config(config)  # float32 compute: explanations are read, not trained
   variables, source, best = export.load_checkpoint(config, workdir, step)
@@ -142,13 +142,13 @@ def load_run(workdir: str, config_path: str | None = None, step: int | None = No
 def predict_fn(config):
   """Jitted (variables, batch) -> (logits, explanation) in eval mode; `batch` without host-only `id`."""
   import jax
-  from mer_jax import model as model_lib
+  from mer_jax.models import emotion_model as model_lib
   model = model_lib.EmotionModel(config.model)
   return jax.jit(lambda variables, batch: model.apply(variables, batch, train=False))
 
 
 def run_data_dir(config, workdir: str) -> str:
-  from mer_jax import train
+  from mer_jax.training import train
   return train.resolve_data_dir(config, workdir)
 
 
@@ -159,7 +159,7 @@ def find_example(config, data_dir: str, split: str, example_id: str) -> tuple[di
   """
   import tensorflow as tf
   import tensorflow_datasets as tfds
-  from mer_jax import input_pipeline
+  from mer_jax.data import input_pipeline
   builder = input_pipeline.load_builder(config, data_dir)
   if split not in builder.info.splits:
     raise ValueError(f"Split {split!r} is not in the prepared data (it has {sorted(builder.info.splits)}).")
@@ -184,8 +184,8 @@ def explain_example(workdir: str, split: str, example_id: str, out_png: str, *, 
                     step: int | None = None, out_json: str | None = None) -> dict:
   """Runs the trained model of `workdir` on one prepared example and writes its PNG + JSON explanation."""
   import jax
-  from mer_jax import export
-  from mer_jax import input_pipeline
+  from mer_jax.export import exporters as export
+  from mer_jax.data import input_pipeline
   config, variables, source, best = load_run(workdir, config_path, step)
   raw, batch = find_example(config, run_data_dir(config, workdir), split, example_id)
   logits, explanation = predict_fn(config)(variables, input_pipeline.model_inputs(batch))
@@ -205,7 +205,7 @@ def explain_example(workdir: str, split: str, example_id: str, out_png: str, *, 
 
 def main(argv: Sequence[str] | None = None) -> dict:
   import argparse
-  parser = argparse.ArgumentParser(prog="python -m mer_jax.explain",
+  parser = argparse.ArgumentParser(prog="python -m mer_jax.tools.explain",
                                    description="PNG + JSON explanation of one prepared example.")
   parser.add_argument("--workdir", required=True, help="training workdir (config.json, checkpoints/)")
   parser.add_argument("--id", required=True, help="example id, e.g. dev/dia0_utt0")

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mer_jax import dropout
+from mer_jax.models import dropout
 
 
 class TextToAudioVisualAttention(nn.Module):

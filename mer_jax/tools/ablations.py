@@ -1,11 +1,11 @@
 """Ablations: each variant of a config trained with the same budget, then measured like the report.
 
-    python -m mer_jax.ablations --config configs/demo.py --workdir-root R [--steps N] [--only k1,no_gate]
+    python -m mer_jax.tools.ablations --config configs/demo.py --workdir-root R [--steps N] [--only k1,no_gate]
         [--max-examples N] [--set data.data_dir=/path ...]
 
 Every variant trains in R/<variant> through the real `train.train_and_evaluate` (a finished variant is
 not trained again: its workdir resumes at the last step), then its best checkpoint is measured on
-config.eval_split with `mer_jax.report` (accuracy, weighted F1, selection precision@K against the demo's
+config.eval_split with `mer_jax.tools.report` (accuracy, weighted F1, selection precision@K against the demo's
 ground truth, and the faithfulness gap with --faithfulness). Writes R/ablations.json and R/ablations.md.
 The prepared data must exist (`python launch.py --config ...` makes it once).
 """
@@ -20,7 +20,7 @@ import time
 from typing import Any, Sequence
 
 if __name__ == "__main__":  # before the heavy imports: this may restart the interpreter
-  from mer_jax import host_memory
+  from mer_jax.training import host_memory
   host_memory.restart_with_fast_malloc()  # faster CPU train steps; MER_JAX_MALLOC=system turns it off
 
 # name -> config overrides (dotted paths). K variants keep everything else; the others keep the config's K.
@@ -76,8 +76,8 @@ def variant_config(base, name: str, steps: int | None):
 def run_variant(base, name: str, workdir_root: str, *, steps: int | None, max_examples: int | None,
                 faithfulness: bool, seed: int = 0) -> dict:
   """Trains one variant (same budget as the others) and measures its best checkpoint -> a table row."""
-  from mer_jax import report
-  from mer_jax import train
+  from mer_jax.tools import report
+  from mer_jax.training import train
   config = variant_config(base, name, steps)
   row: dict[str, Any] = {"variant": name, "overrides": VARIANTS[name], "top_k": int(config.model.top_k),
                          "steps": int(config.num_train_steps)}
@@ -142,8 +142,8 @@ def run_ablations(base, workdir_root: str, variants: Sequence[str], *, steps: in
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  from mer_jax import export
-  parser = argparse.ArgumentParser(prog="python -m mer_jax.ablations", description=__doc__.split("\n")[0])
+  from mer_jax.export import exporters as export
+  parser = argparse.ArgumentParser(prog="python -m mer_jax.tools.ablations", description=__doc__.split("\n")[0])
   parser.add_argument("--config", required=True, help="config file, e.g. configs/demo.py")
   parser.add_argument("--workdir-root", required=True, help="one workdir per variant under it")
   parser.add_argument("--steps", type=int, default=None, help="training steps per variant (default: config's)")

@@ -1,6 +1,6 @@
 """The report's figures and report.md: plots of the measured claims, and the markdown that shows them.
 
-Split from the measuring (mer_jax/report.py, whose `write_report` calls these on the result of `measure`) so
+Split from the measuring (mer_jax/tools/report.py, whose `write_report` calls these on the result of `measure`) so
 that matplotlib and the page's layout stay out of the measurements. Plots are written to files only (Agg).
 """
 

@@ -1,6 +1,6 @@
 """The claims, measured: a trained run over a prepared split -> R/claims.json, R/report.md and PNG plots.
 
-    python -m mer_jax.report --workdir W --out R [--split dev|test] [--max-examples N] [--seed S]
+    python -m mer_jax.tools.report --workdir W --out R [--split dev|test] [--max-examples N] [--seed S]
 
 Measured on every dataset: per-class F1 and the confusion matrix per task; where the chosen frames sit in
 the clip (histogram + chi-square test against uniform); the gate and the reliabilities; faithfulness, i.e.
@@ -24,9 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mer_jax import explain
-from mer_jax import metrics as metrics_lib
-from mer_jax.report_figures import (GROUPS, _fmt, plot_faithfulness, plot_modalities, plot_selection, plot_task,
+from mer_jax.tools import explain
+from mer_jax.training import metrics as metrics_lib
+from mer_jax.tools.report_figures import (GROUPS, _fmt, plot_faithfulness, plot_modalities, plot_selection, plot_task,
                                     write_markdown)
 
 EXCLUDED_SCORE = -1e9
@@ -53,8 +53,8 @@ def blanked_predict_fn(config):
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from mer_jax import model as model_lib
-  from mer_jax import topk
+  from mer_jax.models import emotion_model as model_lib
+  from mer_jax.models import frame_selector as topk
   model = model_lib.EmotionModel(config.model)
 
   def apply(variables, batch, excluded):
@@ -101,7 +101,7 @@ def collect(config, variables, data_dir: str, split: str, *, max_examples: int |
   reliability_video/audio (N,), has_video/has_audio (N,), and with `faithfulness`
   blank_chosen/<task>, blank_random/<task> logits (N, C)."""
   import jax
-  from mer_jax import input_pipeline
+  from mer_jax.data import input_pipeline
   tasks = list(config.model.tasks)
   predict = explain.predict_fn(config)
   blanked = blanked_predict_fn(config) if faithfulness else None
@@ -364,7 +364,7 @@ def report_run(workdir: str, out_dir: str | None, *, split: str = "dev", max_exa
                seed: int = 0, config_path: str | None = None, step: int | None = None,
                faithfulness: bool = True) -> dict:
   """Loads the run, measures `split`, and (with `out_dir`) writes the report. Returns the claims.json dict."""
-  from mer_jax import export
+  from mer_jax.export import exporters as export
   config, variables, source, best = explain.load_run(workdir, config_path, step)
   data = collect(config, variables, explain.run_data_dir(config, workdir), split, max_examples=max_examples,
                  seed=seed, faithfulness=faithfulness)
@@ -376,7 +376,7 @@ def report_run(workdir: str, out_dir: str | None, *, split: str = "dev", max_exa
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m mer_jax.report", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m mer_jax.tools.report", description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="training workdir (config.json, checkpoints/)")
   parser.add_argument("--out", required=True, help="report folder (claims.json, report.md, PNGs)")
   parser.add_argument("--split", default="dev", help="prepared split to measure (dev or test)")

@@ -1,0 +1,7 @@
+"""`python -m mer_jax.export`: export a trained run (see mer_jax/export/exporters.py)."""
+
+import sys
+
+from mer_jax.export import exporters
+
+sys.exit(0 if exporters.main() else 1)
