@@ -15,8 +15,13 @@ On `jax.devices()[0]`, with bf16 compute and float32 parameters (config.model.dt
                synthetic prepared examples: shuffle, augment, log-mel, token lookup, batch), numpy batches
                copied to the device every step as `train.py` does; and the pipeline's rate alone. TF runs
                on the host CPU only (as launch.py arranges)
-  variant      `--variant`: the same train step with XLA's grouped convs for the depthwise layers (cuDNN on
-               GPU) instead of the model's shifted slices, which were chosen for XLA:CPU
+  variant      `--variant`: the same train step with the other depthwise formulation
+               (benchmarks/depthwise_variants.py): the xla form's shifted slices, chosen for XLA:CPU, where the
+               run's ops form keeps XLA's grouped convs (the reference form, which GPUs and TPUs get), else
+               the grouped convs
+
+The ops form is what training picks here (`mer_jax.ops.choose` for config.model.ops, the device and bf16);
+the results name it.
 
 Latency and the first batch size always run; each later part starts only while the budget left covers the
 slowest compile so far plus its timing, so a short lease still returns what it measured, and results are
@@ -65,7 +70,7 @@ def peak_memory_gib(device) -> float | None:
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   if not stats or "peak_bytes_in_use" not in stats:
     return None
-  return stats["peak_bytes_in_use"] / 2 ** 30
+  return stats["peak_bytes_in_use"] / 2**30
 
 
 def accelerator_config(batch_size: int, dtype: str = "bfloat16"):
@@ -81,14 +86,14 @@ def model_flops_per_step(batch_size: int) -> float:
   formulations and compiler settings."""
   import jax
   from mer_jax.training import train
+
   config = accelerator_config(batch_size)
-  options, mesh = train.step_options(config), train.make_mesh(jax.devices("cpu")[:1])
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                       workers.make_batch(config, batch_size))
+  options = train.step_options(config, ops=workers.flop_count_ops())  # XLA counts no FLOPs inside an FFI call
+  mesh = train.make_mesh(jax.devices("cpu")[:1])
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), workers.make_batch(config, batch_size))
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  with workers.model_math():  # a fresh function: XLA counts no FLOPs inside the CPU's FFI kernels
-    step = jax.jit(functools.partial(train.train_step, options=options))
-    return workers.cost_flops(step.lower(train.abstract_train_state(options, mesh), batch, rng))
+  step = jax.jit(functools.partial(train.train_step, options=options))
+  return workers.cost_flops(step.lower(train.abstract_train_state(options, mesh), batch, rng))
 
 
 def time_calls(fn, calls: int) -> list[float]:
@@ -104,15 +109,22 @@ def time_calls(fn, calls: int) -> list[float]:
 def measure_latency(variables, dtype: str, batch_size: int, calls: int) -> dict:
   """Eval forward of `batch_size` clips, one blocking call at a time -> median / p90 / min ms."""
   import jax
+
   config = accelerator_config(batch_size, dtype)
   inputs = jax.device_put(workers.model_inputs(workers.make_batch(config, batch_size)))
   compiled = workers.jax_forward(config, variables, inputs)
   run = lambda: jax.block_until_ready(compiled(variables, inputs))
   time_calls(run, 5)  # first calls allocate and load the executable
   times = time_calls(run, calls)
-  return {"dtype": dtype, "batch_size": batch_size, "calls": calls,
-          "median_ms": 1e3 * percentile(times, 0.5), "p90_ms": 1e3 * percentile(times, 0.9),
-          "min_ms": 1e3 * min(times)}
+  return {
+    "dtype": dtype,
+    "batch_size": batch_size,
+    "calls": calls,
+    "ops_form": workers.chosen_ops(config).name,
+    "median_ms": 1e3 * percentile(times, 0.5),
+    "p90_ms": 1e3 * percentile(times, 0.9),
+    "min_ms": 1e3 * min(times),
+  }
 
 
 def time_steps(trainer, target_s: float, rounds: int, batches=None) -> dict:
@@ -130,20 +142,34 @@ def time_steps(trainer, target_s: float, rounds: int, batches=None) -> dict:
     start = time.perf_counter()
     trainer.run(steps, batches)
     per_round.append((time.perf_counter() - start) / steps)
-  return {"steps_per_round": steps, "rounds": rounds, "step_s": percentile(per_round, 0.5),
-          "step_s_min": min(per_round), "step_s_max": max(per_round)}
+  return {
+    "steps_per_round": steps,
+    "rounds": rounds,
+    "step_s": percentile(per_round, 0.5),
+    "step_s_min": min(per_round),
+    "step_s_max": max(per_round),
+  }
 
 
 def train_result(trainer, batch_size: int, timing: dict, flops_per_step: float, peak_memory) -> dict:
   step_s = timing["step_s"]
-  return {"batch_size": batch_size, **timing, "steps_per_s": 1 / step_s, "clips_per_s": batch_size / step_s,
-          "model_flops_per_step": flops_per_step, "tflops_per_s": flops_per_step / step_s / 1e12,
-          "compile_s": trainer.compile_wall_s, "peak_memory_gib": peak_memory}
+  return {
+    "batch_size": batch_size,
+    "ops_form": trainer.ops_form,
+    **timing,
+    "steps_per_s": 1 / step_s,
+    "clips_per_s": batch_size / step_s,
+    "model_flops_per_step": flops_per_step,
+    "tflops_per_s": flops_per_step / step_s / 1e12,
+    "compile_s": trainer.compile_wall_s,
+    "peak_memory_gib": peak_memory,
+  }
 
 
 def make_trainer(batch_size: int, depthwise: str | None = None):
   """-> (config, workers.JaxTrainer) for this batch size: a fresh state, the step compiled."""
   from mer_jax.training import train
+
   config = accelerator_config(batch_size)
   state = workers.init_train_state(train.step_options(config), train.make_mesh(), config.seed)
   return config, workers.JaxTrainer(config, workers.make_batch(config, batch_size), state, depthwise=depthwise)
@@ -152,22 +178,41 @@ def make_trainer(batch_size: int, depthwise: str | None = None):
 def synthetic_pipeline(config, batch_size: int, examples: int):
   """The tf.data train pipeline over `examples` synthetic prepared examples (a tf.data.Dataset)."""
   import tensorflow as tf
+
   tf.config.set_visible_devices([], "GPU")  # tf.data stays on the host; the accelerator is JAX's
   from mer_jax.data import input_pipeline
-  return input_pipeline.dataset_from_examples(workers.synthetic_examples(config, examples), config, train=True,
-                                              batch_size=batch_size, tokenize_fn=workers.stub_tokenize)
+
+  return input_pipeline.dataset_from_examples(
+    workers.synthetic_examples(config, examples),
+    config,
+    train=True,
+    batch_size=batch_size,
+    tokenize_fn=workers.stub_tokenize,
+  )
 
 
 def run(args) -> dict:
   import jax
   from mer_jax.training import train
+
   device = jax.devices()[0]
   began = time.perf_counter()
   left = lambda: args.budget_s - (time.perf_counter() - began)
-  result = {"device": device_name(device), "device_kind": device.device_kind, "platform": device.platform,
-            "jax": jax.__version__, "host_cpus": os.cpu_count(), "quick": args.quick, "compute_dtype": "bfloat16",
-            "parameters_dtype": "float32", "xla_flags": os.environ.get("XLA_FLAGS", ""), "train": [],
-            "latency": [], "skipped": [], "errors": []}
+  result = {
+    "device": device_name(device),
+    "device_kind": device.device_kind,
+    "platform": device.platform,
+    "jax": jax.__version__,
+    "host_cpus": os.cpu_count(),
+    "quick": args.quick,
+    "compute_dtype": "bfloat16",
+    "parameters_dtype": "float32",
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "train": [],
+    "latency": [],
+    "skipped": [],
+    "errors": [],
+  }
   log(f"device {device.device_kind} ({device.platform}), jax {jax.__version__}")
   calls = 20 if args.quick else 300
   rounds, target_s = (2, 0.2) if args.quick else (5, 1.5)
@@ -178,7 +223,7 @@ def run(args) -> dict:
   config = accelerator_config(max(args.batch_sizes))
   state = workers.init_train_state(train.step_options(config), train.make_mesh(), config.seed)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  for dtype, size in ((("bfloat16", 1),) if args.quick else (("bfloat16", 1), ("float32", 1), ("bfloat16", 32))):
+  for dtype, size in (("bfloat16", 1),) if args.quick else (("bfloat16", 1), ("float32", 1), ("bfloat16", 32)):
     latency = measure_latency(variables, dtype, size, calls)
     result["latency"].append(latency)
     log(f"forward {dtype} b{size}: median {latency['median_ms']:.3f} ms, p90 {latency['p90_ms']:.3f} ms")
@@ -192,11 +237,18 @@ def run(args) -> dict:
     config, trainer = make_trainer(batch_size)
     slowest_compile[0] = max(slowest_compile[0], trainer.compile_wall_s)
     # The allocator's peak is process-wide: only the first (largest) trainer's is its own.
-    entry = train_result(trainer, batch_size, time_steps(trainer, target_s, rounds),
-                         model_flops_per_step(batch_size), peak_memory_gib(device) if largest is None else None)
+    entry = train_result(
+      trainer,
+      batch_size,
+      time_steps(trainer, target_s, rounds),
+      model_flops_per_step(batch_size),
+      peak_memory_gib(device) if largest is None else None,
+    )
     result["train"].append(entry)
-    log(f"train b{batch_size}: {entry['clips_per_s']:.0f} clips/s ({1e3 * entry['step_s']:.2f} ms/step, "
-        f"{entry['tflops_per_s']:.1f} TFLOP/s, compile {entry['compile_s']:.0f} s)")
+    log(
+      f"train b{batch_size}: {entry['clips_per_s']:.0f} clips/s ({1e3 * entry['step_s']:.2f} ms/step, "
+      f"{entry['tflops_per_s']:.1f} TFLOP/s, compile {entry['compile_s']:.0f} s)"
+    )
     save()
     if largest is None:
       largest = (config, trainer, entry)
@@ -211,59 +263,88 @@ def run(args) -> dict:
         ds = synthetic_pipeline(config, batch_size, min(4 * batch_size, args.max_examples))
         read = workers.read_rate(ds, 8 if args.quick else 40)  # first: a fed iterator would prefetch meanwhile
         from mer_jax.data import input_pipeline
+
         fed = time_steps(trainer, 2 * target_s, rounds, batches=input_pipeline.as_numpy(ds))
         result["end_to_end"] = {
-            "batch_size": batch_size, "pipeline_batches_per_s": 1 / read["wall"],
-            "pipeline_clips_per_s": batch_size / read["wall"], "fed": fed,
-            "clips_per_s": batch_size / fed["step_s"], "steps_per_s": 1 / fed["step_s"],
-            "model_only_clips_per_s": model_only["clips_per_s"]}
-        log(f"end-to-end b{batch_size}: {result['end_to_end']['clips_per_s']:.0f} clips/s; tf.data alone "
-            f"{result['end_to_end']['pipeline_clips_per_s']:.0f} clips/s")
+          "batch_size": batch_size,
+          "pipeline_batches_per_s": 1 / read["wall"],
+          "pipeline_clips_per_s": batch_size / read["wall"],
+          "fed": fed,
+          "clips_per_s": batch_size / fed["step_s"],
+          "steps_per_s": 1 / fed["step_s"],
+          "model_only_clips_per_s": model_only["clips_per_s"],
+        }
+        log(
+          f"end-to-end b{batch_size}: {result['end_to_end']['clips_per_s']:.0f} clips/s; tf.data alone "
+          f"{result['end_to_end']['pipeline_clips_per_s']:.0f} clips/s"
+        )
       except Exception as error:  # e.g. an image without TensorFlow: keep the other parts, say why
         result["errors"].append(f"end-to-end: {type(error).__name__}: {error}")
         log(f"end-to-end failed: {type(error).__name__}: {error}")
       save()
 
   if args.variant and largest:
+    from benchmarks import depthwise_variants
+
     batch_size = largest[2]["batch_size"]
+    formulation = depthwise_variants.contrasting_formulation(largest[1].options.ops)
     if not affordable(rounds * target_s + 10):
-      result["skipped"].append("grouped depthwise variant: budget spent")
+      result["skipped"].append(f"{formulation} depthwise variant: budget spent")
     else:
-      _, trainer = make_trainer(batch_size, depthwise="grouped")
-      entry = train_result(trainer, batch_size, time_steps(trainer, target_s, rounds),
-                           largest[2]["model_flops_per_step"], None)
-      result["variant_grouped_depthwise"] = entry
-      log(f"train b{batch_size}, grouped depthwise convs: {entry['clips_per_s']:.0f} clips/s")
+      _, trainer = make_trainer(batch_size, depthwise=formulation)
+      entry = train_result(
+        trainer, batch_size, time_steps(trainer, target_s, rounds), largest[2]["model_flops_per_step"], None
+      )
+      result[f"variant_{formulation}_depthwise"] = entry
+      log(
+        f"train b{batch_size}, {formulation} depthwise convs ({trainer.ops_form}): {entry['clips_per_s']:.0f} clips/s"
+      )
   result["wall_s"] = time.perf_counter() - began
   save()
   return result
 
 
 def markdown(result: dict) -> str:
-  lines = [f"`{result['device']}` ({result['device_kind']}); jax {result['jax']}; bf16 compute, float32 "
-           f"parameters; edge model, T=12 frames of 112 px, K=4"
-           + (f"; XLA_FLAGS={result['xla_flags']}." if result.get("xla_flags") else "."), "",
-           "| | batch | steps/s | clips/s | model TFLOP/s | peak memory (GiB) | compile (s) |",
-           "|---|---|---|---|---|---|---|"]
+  forms = sorted({entry["ops_form"] for entry in result["train"] + result["latency"] if "ops_form" in entry})
+  lines = [
+    f"`{result['device']}` ({result['device_kind']}); jax {result['jax']}; bf16 compute, float32 "
+    f"parameters; edge model, T=12 frames of 112 px, K=4; ops form {', '.join(forms) or 'n/a'}"
+    + (f"; XLA_FLAGS={result['xla_flags']}." if result.get("xla_flags") else "."),
+    "",
+    "| | batch | steps/s | clips/s | model TFLOP/s | peak memory (GiB) | compile (s) |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for entry in result["train"]:
     memory = entry["peak_memory_gib"]
-    lines.append(f"| model-only train step | {entry['batch_size']} | {entry['steps_per_s']:.1f} | "
-                 f"**{entry['clips_per_s']:.0f}** | {entry['tflops_per_s']:.1f} | "
-                 f"{'-' if memory is None else f'{memory:.1f}'} | {entry['compile_s']:.0f} |")
-  if "variant_grouped_depthwise" in result:
-    entry = result["variant_grouped_depthwise"]
-    lines.append(f"| same, grouped depthwise convs | {entry['batch_size']} | {entry['steps_per_s']:.1f} | "
-                 f"{entry['clips_per_s']:.0f} | {entry['tflops_per_s']:.1f} | | {entry['compile_s']:.0f} |")
+    lines.append(
+      f"| model-only train step | {entry['batch_size']} | {entry['steps_per_s']:.1f} | "
+      f"**{entry['clips_per_s']:.0f}** | {entry['tflops_per_s']:.1f} | "
+      f"{'-' if memory is None else f'{memory:.1f}'} | {entry['compile_s']:.0f} |"
+    )
+  for key in ("variant_grouped_depthwise", "variant_shifted_slices_depthwise"):
+    if key in result:
+      entry = result[key]
+      lines.append(
+        f"| same, ops form {entry.get('ops_form', key)} | {entry['batch_size']} | "
+        f"{entry['steps_per_s']:.1f} | {entry['clips_per_s']:.0f} | {entry['tflops_per_s']:.1f} | | "
+        f"{entry['compile_s']:.0f} |"
+      )
   if "end_to_end" in result:
     e2e = result["end_to_end"]
-    lines.append(f"| end-to-end, fed by tf.data | {e2e['batch_size']} | {e2e['steps_per_s']:.1f} | "
-                 f"**{e2e['clips_per_s']:.0f}** | | | |")
-    lines.append(f"| tf.data pipeline alone ({result['host_cpus']} host CPUs) | {e2e['batch_size']} | "
-                 f"{e2e['pipeline_batches_per_s']:.1f} | {e2e['pipeline_clips_per_s']:.0f} | | | |")
-  lines += ["", "| eval forward | batch | median (ms) | p90 (ms) |", "|---|---|---|---|"]
+    lines.append(
+      f"| end-to-end, fed by tf.data | {e2e['batch_size']} | {e2e['steps_per_s']:.1f} | "
+      f"**{e2e['clips_per_s']:.0f}** | | | |"
+    )
+    lines.append(
+      f"| tf.data pipeline alone ({result['host_cpus']} host CPUs) | {e2e['batch_size']} | "
+      f"{e2e['pipeline_batches_per_s']:.1f} | {e2e['pipeline_clips_per_s']:.0f} | | | |"
+    )
+  lines += ["", "| eval forward | ops form | batch | median (ms) | p90 (ms) |", "|---|---|---|---|---|"]
   for latency in result["latency"]:
-    lines.append(f"| {latency['dtype']} | {latency['batch_size']} | **{latency['median_ms']:.3f}** | "
-                 f"{latency['p90_ms']:.3f} |")
+    lines.append(
+      f"| {latency['dtype']} | {latency.get('ops_form', 'n/a')} | {latency['batch_size']} | "
+      f"**{latency['median_ms']:.3f}** | {latency['p90_ms']:.3f} |"
+    )
   for skipped in result["skipped"] + result.get("errors", []):
     lines.append(f"\nNot measured: {skipped}.")
   return "\n".join(lines) + "\n"
@@ -285,13 +366,17 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="batch 8, few calls: a smoke run")
   parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")
-  parser.add_argument("--batch_sizes", default=None,
-                      help="comma-separated, run largest first; default 2048,512 (quick: 8)")
-  parser.add_argument("--budget_s", type=float, default=600.0,
-                      help="seconds; a later part starts only while this covers it")
+  parser.add_argument(
+    "--batch_sizes", default=None, help="comma-separated, run largest first; default 2048,512 (quick: 8)"
+  )
+  parser.add_argument(
+    "--budget_s", type=float, default=600.0, help="seconds; a later part starts only while this covers it"
+  )
   parser.add_argument("--max_examples", type=int, default=4096, help="synthetic examples behind tf.data")
   parser.add_argument("--skip_pipeline", action="store_true", help="leave out the end-to-end part")
-  parser.add_argument("--variant", action="store_true", help="also time grouped depthwise convs")
+  parser.add_argument(
+    "--variant", action="store_true", help="also time the other depthwise formulation (grouped convs or shifted slices)"
+  )
   parser.add_argument("--out", default=RESULTS_DIR, help="folder for <device>.json and .md")
   args = parser.parse_args(argv)
   args.batch_sizes = [int(b) for b in (args.batch_sizes or ("8" if args.quick else "2048,512")).split(",")]

@@ -3,10 +3,11 @@
   python -m benchmarks.latency [--quick] [--json] [--out F] [--workdir RUN] [--threads N]
 
 The edge model of configs/default.py (T=12 frames of 112x112, K=4) with drawn weights (or a trained
-run's with --workdir) is exported to a temporary folder (mer_jax.export.exporters), then each runtime's median
-wall time of one call is measured at batch 1 and batch 32 after warm-up, with the sessions that
-mer_jax.tools.predict uses (depthwise convs exported as grouped convs: export.export_friendly_ops), plus batch 1
-at 1 thread. TFLite has a static batch (XLA HLO), so batch 32 is a second export; --quick
+run's with --workdir) is exported to a temporary folder (mer_jax.export.exporters, which traces the reference
+ops form: depthwise convs as grouped convs, no custom calls), then each runtime's median wall time of one call
+is measured at batch 1 and batch 32 after warm-up, with the sessions that mer_jax.tools.predict uses, plus
+batch 1 at 1 thread. JAX runs the ops form `mer_jax.ops.choose` picks for config.model.ops (named in the
+results). TFLite has a static batch (XLA HLO), so batch 32 is a second export; --quick
 skips those two exports and takes fewer repetitions (the model's jit and ONNX export still dominate).
 Writes benchmarks/results/latency.json (or --out). The load average is recorded: on a shared machine the
 numbers include the other jobs' interference.
@@ -22,19 +23,18 @@ import sys
 import tempfile
 import time
 
-if __name__ == "__main__":  # before the heavy imports: the same malloc as launch.py (may restart once)
-  from mer_jax.training import host_memory
-  host_memory.restart_with_fast_malloc()
-
 import jax
 import ml_collections
 import numpy as np
 
 from configs import default
+from mer_jax.export import contract
 from mer_jax.export import exporters as export
+from mer_jax.export import parity
+from mer_jax.export import runtimes
+from mer_jax import ops as ops_lib
 from mer_jax.training import host_memory
 from mer_jax.models import emotion_model as model_lib
-from mer_jax.tools import predict
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 TARGETS_MS = {"onnxruntime_batch1_ms": 10.0, "tflite_batch1_ms": 15.0, "jax_batch1_ms": 20.0}
@@ -53,6 +53,7 @@ def drawn_variables(config, seed: int = 0):
     if "scale" in name:
       return (1.0 + 0.1 * rng.normal(size=leaf.shape)).astype(leaf.dtype)
     return (rng.normal(size=leaf.shape) / np.sqrt(max(1, int(np.prod(leaf.shape[:-1]))))).astype(leaf.dtype)
+
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
@@ -68,40 +69,52 @@ def median_ms(fn, warmup: int, reps: int) -> float:
 
 
 def _jax_call(config, variables, examples):
-  forward = export._jitted_forward(ml_collections.FrozenConfigDict(export.export_config(config).model))
-  args = [jax.device_put(examples[name]) for name in export.INPUT_NAMES]
+  forward = export._jitted_forward(ml_collections.FrozenConfigDict(contract.export_config(config).model))
+  args = [jax.device_put(examples[name]) for name in contract.INPUT_NAMES]
   variables = jax.device_put(variables)
   return lambda: jax.block_until_ready(forward(variables, *args))
 
 
 def _tflite_call(path, examples, threads):
-  interpreter, _ = predict.tflite_interpreter(path, threads)
+  interpreter, _ = runtimes.tflite_interpreter(path, threads)
   details = {d["name"]: d for d in interpreter.get_input_details()}
   for name, detail in details.items():  # inputs set once: the call itself is what is timed
     interpreter.set_tensor(detail["index"], np.ascontiguousarray(examples[name]))
   return interpreter.invoke
 
 
-def run(quick: bool = False, workdir: str | None = None, threads: int | None = None,
-        ort_optimization: str = "all") -> dict:
-  config = export.export_config(default.get_config())
+def run(
+  quick: bool = False, workdir: str | None = None, threads: int | None = None, ort_optimization: str = "all"
+) -> dict:
+  config = contract.export_config(default.get_config())
   if workdir:
-    from mer_jax.training import checkpoint as checkpoint_lib
-    config = export.export_config(checkpoint_lib.load_run_config(workdir))
-    variables = export.load_checkpoint(config, workdir)[0]
+    from mer_jax.training import runs
+
+    run = runs.load_run(workdir)
+    config, variables = contract.export_config(run.config), run.variables
   else:
     variables = drawn_variables(config)
   variables = jax.device_get(variables)
   threads = threads or os.cpu_count() or 1
   warmup, reps1, reps32 = (2, 10, 3) if quick else (5, 50, 10)
-  batches = {1: export.make_examples(config, 1), 32: export.make_examples(config, 32, seed=1)}
-  result = {"meta": {"config": "configs/default.py (edge)" if not workdir else workdir,
-                     "num_frames": int(config.data.num_frames), "frame_size": int(config.data.frame_size),
-                     "top_k": int(config.model.top_k), "quick": quick, "threads": threads,
-                     "ort_graph_optimization": ort_optimization, "cpu_count": os.cpu_count(),
-                     "machine": platform.machine(), "load_average_start": os.getloadavg()[0],
-                     "malloc": host_memory.describe(),
-                     "weights": "checkpoint" if workdir else "drawn (shapes of the model's init)"}}
+  batches = {1: parity.make_examples(config, 1), 32: parity.make_examples(config, 32, seed=1)}
+  result = {
+    "meta": {
+      "config": "configs/default.py (edge)" if not workdir else workdir,
+      "num_frames": int(config.data.num_frames),
+      "frame_size": int(config.data.frame_size),
+      "top_k": int(config.model.top_k),
+      "quick": quick,
+      "threads": threads,
+      "ort_graph_optimization": ort_optimization,
+      "cpu_count": os.cpu_count(),
+      "machine": platform.machine(),
+      "load_average_start": os.getloadavg()[0],
+      "malloc": host_memory.describe(),
+      "jax_ops_form": ops_lib.choose(config.model.ops, dtype=config.model.dtype).name,
+      "weights": "checkpoint" if workdir else "drawn (shapes of the model's init)",
+    }
+  }
   seconds = {}
   with tempfile.TemporaryDirectory() as tmp:
     for batch, examples in batches.items():
@@ -115,20 +128,21 @@ def run(quick: bool = False, workdir: str | None = None, threads: int | None = N
     onnx_path = os.path.join(tmp, "model.onnx")
     export.export_onnx(config, variables, onnx_path)
     seconds["onnx_export"] = time.perf_counter() - started
-    session = predict.onnx_session(onnx_path, threads, ort_optimization)
+    session = runtimes.onnx_session(onnx_path, threads, ort_optimization)
     for batch, examples in batches.items():
-      feed = {name: examples[name] for name in export.INPUT_NAMES}
-      result[f"onnxruntime_batch{batch}_ms"] = median_ms(lambda: session.run(None, feed), warmup,
-                                                          reps1 if batch == 1 else reps32)
+      feed = {name: examples[name] for name in contract.INPUT_NAMES}
+      result[f"onnxruntime_batch{batch}_ms"] = median_ms(
+        lambda: session.run(None, feed), warmup, reps1 if batch == 1 else reps32
+      )
     result["onnx_mb"] = round(os.path.getsize(onnx_path) / 1e6, 3)
     sweep = result["meta"]["batch1_ms_by_threads"] = {"onnxruntime": {}, "tflite": {}, "tflite_int8": {}}
-    feed = {name: batches[1][name] for name in export.INPUT_NAMES}
+    feed = {name: batches[1][name] for name in contract.INPUT_NAMES}
     for count in sorted({1, threads}):  # on a loaded machine one thread can beat two
-      single = predict.onnx_session(onnx_path, count, ort_optimization)
+      single = runtimes.onnx_session(onnx_path, count, ort_optimization)
       sweep["onnxruntime"][count] = median_ms(lambda: single.run(None, feed), warmup, reps1)
 
     for quantize, key in (("none", "tflite"), ("int8", "tflite_int8")):
-      for batch in ((1,) if quick else (1, 32)):
+      for batch in (1,) if quick else (1, 32):
         started = time.perf_counter()
         path = os.path.join(tmp, f"{key}_b{batch}.tflite")
         export.export_tflite(config, variables, path, quantize, batch)
@@ -147,17 +161,26 @@ def run(quick: bool = False, workdir: str | None = None, threads: int | None = N
 
 def table(result: dict) -> str:
   lines = [f"{'runtime':14s} {'batch 1 ms':>11s} {'batch 32 ms':>12s} {'size MB':>8s}  target (batch 1)"]
-  for name, key, size in (("JAX jit", "jax", None), ("ONNX Runtime", "onnxruntime", "onnx_mb"),
-                          ("TFLite fp32", "tflite", "tflite_mb"), ("TFLite int8", "tflite_int8", "tflite_int8_mb")):
+  for name, key, size in (
+    ("JAX jit", "jax", None),
+    ("ONNX Runtime", "onnxruntime", "onnx_mb"),
+    ("TFLite fp32", "tflite", "tflite_mb"),
+    ("TFLite int8", "tflite_int8", "tflite_int8_mb"),
+  ):
     b1, b32 = result.get(f"{key}_batch1_ms"), result.get(f"{key}_batch32_ms")
     target = TARGETS_MS.get(f"{key}_batch1_ms")
-    lines.append(f"{name:14s} {b1:11.2f} {b32 if b32 is not None else float('nan'):12.2f} "
-                 f"{result.get(size, float('nan')) if size else float('nan'):8.2f}  "
-                 + (f"<= {target:.0f} ms: {'met' if b1 <= target else 'missed'}" if target else ""))
+    lines.append(
+      f"{name:14s} {b1:11.2f} {b32 if b32 is not None else float('nan'):12.2f} "
+      f"{result.get(size, float('nan')) if size else float('nan'):8.2f}  "
+      + (f"<= {target:.0f} ms: {'met' if b1 <= target else 'missed'}" if target else "")
+    )
   meta = result["meta"]
+  lines.append(f"JAX ops form: {meta.get('jax_ops_form', 'n/a')}; exports: reference")
   lines.append(f"batch 1 ms by threads: {json.dumps(meta['batch1_ms_by_threads'])}")
-  lines.append(f"threads {meta['threads']}, load average {meta['load_average_start']:.1f} -> "
-               f"{meta['load_average_end']:.1f} on {meta['cpu_count']} CPUs (numbers include other jobs' load)")
+  lines.append(
+    f"threads {meta['threads']}, load average {meta['load_average_start']:.1f} -> "
+    f"{meta['load_average_end']:.1f} on {meta['cpu_count']} CPUs (numbers include other jobs' load)"
+  )
   return "\n".join(lines)
 
 

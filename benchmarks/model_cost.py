@@ -3,8 +3,10 @@
   python -m benchmarks.model_cost [--json] [--runs 20]
 
 FLOPs come from XLA's cost analysis of the compiled eval forward pass of the edge model (T=12 frames of
-112x112, batch 1), for K=4 and K=12; latency is the median of `--runs` jitted batch-1 calls after warm-up.
-Prints a table and writes benchmarks/results/model_cost.json.
+112x112, batch 1), for K=4 and K=12, built with the xla ops form (XLA counts nothing inside the cpu_ffi form's
+FFI calls); latency is the median of `--runs` jitted batch-1 calls after warm-up, in the ops form
+`mer_jax.ops.choose` picks for config.model.ops. Both forms are named in the results. Prints a table and writes
+benchmarks/results/model_cost.json.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 def _abstract_params(config):
   """Parameter shapes without computing anything (no MiniLM weights loaded)."""
   model = model_lib.EmotionModel(config.model)
-  return jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, model_lib.zeros_batch(config, 1),
-                                           train=False))["params"]
+  return jax.eval_shape(
+    lambda: model.init({"params": jax.random.key(0)}, model_lib.zeros_batch(config, 1), train=False)
+  )["params"]
 
 
-def compiled_forward(config, batch_size: int = 1):
-  """(jitted eval forward, variables, batch) for `config` with random parameters."""
-  model = model_lib.EmotionModel(config.model)
+def compiled_forward(config, batch_size: int = 1, ops=None):
+  """(jitted eval forward, variables, batch) for `config` with random parameters, in ops form `ops` (default:
+  the one a run of `config` uses here)."""
+  model = model_lib.EmotionModel(config.model, ops=ops or workers.chosen_ops(config))
   batch = model_lib.zeros_batch(config, batch_size)
   rng = np.random.default_rng(0)
   batch["frames"] = rng.integers(0, 256, batch["frames"].shape, dtype=np.uint8)
@@ -47,20 +51,18 @@ def compiled_forward(config, batch_size: int = 1):
 
 
 def forward_flops(config) -> float:
-  forward, variables, batch = compiled_forward(config)
-  with workers.model_math():  # XLA counts no FLOPs inside the CPU's FFI kernels
-    cost = forward.lower(variables, batch).compile().cost_analysis()
+  forward, variables, batch = compiled_forward(config, ops=workers.flop_count_ops())
+  cost = forward.lower(variables, batch).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX returned one dict per device
     cost = cost[0]
   return float(cost["flops"])
 
 
 def backbone_flops(frame_size: int = 112) -> float:
-  backbone = mobilenet_v3.MobileNetV3Small()
+  backbone = mobilenet_v3.MobileNetV3Small(ops=workers.flop_count_ops())
   images = np.zeros((1, frame_size, frame_size, 1), np.float32)
   variables = backbone.init(jax.random.key(0), images, train=False)
-  with workers.model_math():
-    cost = jax.jit(lambda v, x: backbone.apply(v, x, train=False)).lower(variables, images).compile().cost_analysis()
+  cost = jax.jit(lambda v, x: backbone.apply(v, x, train=False)).lower(variables, images).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost["flops"])
@@ -85,13 +87,15 @@ def measure(runs: int = 20) -> dict:
   k12 = default.get_config()
   k12.model.top_k = 12
   results = {
-      "params_total_edge": model_lib.count_parameters(_abstract_params(edge)),
-      "params_total_base": model_lib.count_parameters(_abstract_params(base)),
-      "params_video_backbone": model_lib.count_parameters(_abstract_params(edge)["backbone"]),
-      "flops_forward_k4": forward_flops(edge),
-      "flops_forward_k12": forward_flops(k12),
-      "flops_backbone_one_frame": backbone_flops(edge.data.frame_size),
-      "latency_ms_cpu_batch1_edge": latency_ms(edge, runs),
+    "params_total_edge": model_lib.count_parameters(_abstract_params(edge)),
+    "params_total_base": model_lib.count_parameters(_abstract_params(base)),
+    "params_video_backbone": model_lib.count_parameters(_abstract_params(edge)["backbone"]),
+    "flops_forward_k4": forward_flops(edge),
+    "flops_forward_k12": forward_flops(k12),
+    "flops_backbone_one_frame": backbone_flops(edge.data.frame_size),
+    "latency_ms_cpu_batch1_edge": latency_ms(edge, runs),
+    "ops_form_flops": workers.flop_count_ops().name,
+    "ops_form_latency": workers.chosen_ops(edge).name,
   }
   results["flops_ratio_k4_over_k12"] = results["flops_forward_k4"] / results["flops_forward_k12"]
   results["machine"] = f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}"

@@ -4,12 +4,13 @@ pipeline rate and memory.
   python -m benchmarks.run [--quick] [--json]
 
 The JAX side is the library's own train step (`mer_jax.training.train.compiled_steps`: jitted over a Mesh, donated
-state); the PyTorch side is benchmarks/torch_reference.py + torch_train.py, the same model and recipe.
+state, in the ops form `mer_jax.ops.choose` picks for config.model.ops, named in the results); the PyTorch side
+is benchmarks/torch_reference.py + torch_train.py, the same model and recipe.
 Each framework runs in its own worker process (benchmarks/workers.py) with the same batch and inputs;
 this process alternates timed requests between them, in rotating order, so load from other processes
 falls on both alike, and takes ratios round by round (median and spread reported). Wall time and process
-CPU time are both recorded. Timings are reported, never asserted. Both workers start with the malloc that
-mer_jax's entry points choose (`mer_jax.training.host_memory`: tcmalloc if installed, else glibc with huge pages;
+CPU time are both recorded. Timings are reported, never asserted. Both workers are started with the malloc
+that `python -m mer_jax.training.host_memory` exports (tcmalloc if installed, else glibc with huge pages;
 PyTorch gets the same); `--malloc system` runs both with glibc's defaults.
 
 Writes benchmarks/results/<machine>.json and .md (`--quick`: <machine>-quick.*) and prints the table;
@@ -56,16 +57,23 @@ class Worker:
   def __init__(self, framework: str, spec: dict, environ: dict):
     self.framework = framework
     env = dict(environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO + os.pathsep + environ.get("PYTHONPATH", ""))
-    self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.workers", framework, json.dumps(spec)],
-                                    cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                    bufsize=1)
+    self.process = subprocess.Popen(
+      [sys.executable, "-m", "benchmarks.workers", framework, json.dumps(spec)],
+      cwd=REPO,
+      env=env,
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+      bufsize=1,
+    )
     self.info = None
 
   def _receive(self) -> dict:
     line = self.process.stdout.readline()
     if not line:
-      raise RuntimeError(f"The {self.framework} benchmark worker died (exit code {self.process.wait()}); "
-                         "its error is printed above.")
+      raise RuntimeError(
+        f"The {self.framework} benchmark worker died (exit code {self.process.wait()}); its error is printed above."
+      )
     message = json.loads(line)
     if "error" in message:
       raise RuntimeError(f"The {self.framework} benchmark worker failed:\n{message['error']}")
@@ -132,6 +140,7 @@ def cpu_model() -> str:
 
 def versions() -> dict:
   from importlib import metadata
+
   found = {"python": platform.python_version()}
   for package in ("jax", "jaxlib", "flax", "torch", "tensorflow-cpu", "numpy"):
     try:
@@ -148,17 +157,30 @@ def measure(args) -> dict:
   size = args.batch_size
   forward_sizes = sorted({1, size})
   results = {
-      "machine": machine_name(), "quick": args.quick, "batch_size": size, "steps_per_round": args.steps,
-      "rounds": args.repeats, "num_frames": 12, "frame_size": 112, "top_k": 4, "cpu_count": os.cpu_count(),
-      "cpu_model": cpu_model(), "versions": versions(), "load_average_start": os.getloadavg()[0],
+    "machine": machine_name(),
+    "quick": args.quick,
+    "batch_size": size,
+    "steps_per_round": args.steps,
+    "rounds": args.repeats,
+    "num_frames": 12,
+    "frame_size": 112,
+    "top_k": 4,
+    "cpu_count": os.cpu_count(),
+    "cpu_model": cpu_model(),
+    "versions": versions(),
+    "load_average_start": os.getloadavg()[0],
   }
-  environ = (host_memory.without_fast_malloc() if args.malloc == "system" else
-             host_memory.environment(dict(os.environ, **{host_memory.CHOICE: args.malloc})))
+  environ = (
+    host_memory.without_fast_malloc()
+    if args.malloc == "system"
+    else host_memory.environment(dict(os.environ, **{host_memory.CHOICE: args.malloc}))
+  )
   common = {"batch_size": size, "forward_sizes": forward_sizes, "time_k": list(args.time_k)}
   specs = {
-      "jax": dict(common, framework="jax", flops_k=list(TOP_K_VALUES), pipeline=True,
-                  depthwise=["grouped"] if args.variants else []),
-      "torch": dict(common, framework="torch", torch_nchw=args.variants),
+    "jax": dict(
+      common, framework="jax", flops_k=list(TOP_K_VALUES), pipeline=True, depthwise=["grouped"] if args.variants else []
+    ),
+    "torch": dict(common, framework="torch", torch_nchw=args.variants),
   }
   # One core, one thread: on a loaded machine torch's OpenMP threads (spin-waiting at every barrier) can
   # lose more to a preempted partner than the second core gives, so that setting is timed too.
@@ -174,19 +196,34 @@ def measure(args) -> dict:
     infos = {name: worker.wait_ready() for name, worker in workers.items()}
     results["setup_wall_s"] = time.perf_counter() - started
     jax_info, torch_info = infos["jax"], infos["torch"]
-    results.update(jax_init_cpu_s=jax_info["init_cpu_s"], jax_train_compile_cpu_s=jax_info["train_compile_cpu_s"],
-                   train_flops_per_step=jax_info["train_flops_per_step"], torch_threads=torch_info["torch_threads"],
-                   xla_flags=jax_info["xla_flags"], params_torch=torch_info["params"],
-                   flops_forward_b1_by_k=jax_info["flops_forward_b1_by_k"],
-                   malloc_jax=jax_info["malloc"], malloc_torch=torch_info["malloc"])
+    results.update(
+      jax_init_cpu_s=jax_info["init_cpu_s"],
+      jax_train_compile_cpu_s=jax_info["train_compile_cpu_s"],
+      train_flops_per_step=jax_info["train_flops_per_step"],
+      torch_threads=torch_info["torch_threads"],
+      xla_flags=jax_info["xla_flags"],
+      params_torch=torch_info["params"],
+      flops_forward_b1_by_k=jax_info["flops_forward_b1_by_k"],
+      malloc_jax=jax_info["malloc"],
+      malloc_torch=torch_info["malloc"],
+      ops_form_jax=jax_info["ops_form"],
+      ops_form_jax_forward=jax_info["forward_ops_form"],
+      ops_form_flops=jax_info["flops_ops_form"],
+    )
     flops = jax_info["flops_forward_b1_by_k"]
     results["flops_ratio_k4_over_k12"] = flops["4"] / flops["12"]
 
-    runners = {"jax": (workers["jax"], "train"), "torch": (workers["torch"], "train"),
-               "torch_1core": (workers["torch_1core"], "train")}
+    runners = {
+      "jax": (workers["jax"], "train"),
+      "torch": (workers["torch"], "train"),
+      "torch_1core": (workers["torch_1core"], "train"),
+    }
     if args.variants:
-      runners.update(jax_grouped_depthwise=(workers["jax"], "train_grouped"),
-                     torch_nchw=(workers["torch"], "train_nchw"), jax_1core=(workers["jax_1core"], "train"))
+      runners.update(
+        jax_grouped_depthwise=(workers["jax"], "train_grouped"),
+        torch_nchw=(workers["torch"], "train_nchw"),
+        jax_1core=(workers["jax_1core"], "train"),
+      )
     log(f"[train] {args.repeats} interleaved rounds of {args.steps} steps, batch {size} ...")
     samples = interleaved(runners, args.repeats, args.steps)
     for label in runners:
@@ -202,9 +239,11 @@ def measure(args) -> dict:
     results["train_cpu_time_ratio_torch_over_jax"] = per_round_ratio(samples, "torch", "jax", "cpu")["median"]
     speedups = {"torch_cores_over_1core": ("torch_1core", "torch")}
     if args.variants:
-      speedups.update(explicit_over_grouped_depthwise=("jax_grouped_depthwise", "jax"),
-                      torch_channels_last_over_nchw=("torch_nchw", "torch"),
-                      jax_cores_over_1core=("jax_1core", "jax"))
+      speedups.update(
+        explicit_over_grouped_depthwise=("jax_grouped_depthwise", "jax"),
+        torch_channels_last_over_nchw=("torch_nchw", "torch"),
+        jax_cores_over_1core=("jax_1core", "jax"),
+      )
     for label, (slow, fast) in speedups.items():
       results[f"train_speedup_{label}"] = per_round_ratio(samples, slow, fast)["median"]
     torch_labels = [label for label in runners if label.startswith("torch")]
@@ -227,26 +266,28 @@ def measure(args) -> dict:
     for n in forward_sizes:
       for fw in ("jax", "torch"):
         results[f"forward_ms_{fw}_b{n}"] = 1e3 * median(samples[f"{fw}_b{n}"]["wall"])
-      results[f"forward_latency_ratio_torch_over_jax_b{n}"] = per_round_ratio(
-          samples, f"torch_b{n}", f"jax_b{n}")["median"]
+      results[f"forward_latency_ratio_torch_over_jax_b{n}"] = per_round_ratio(samples, f"torch_b{n}", f"jax_b{n}")[
+        "median"
+      ]
 
     log("[top-k] forward time vs K ...")
     runners = {f"{fw}_k{k}": (workers[fw], f"forward_k{k}") for k in args.time_k for fw in ("jax", "torch")}
     samples = interleaved(runners, args.repeats, args.forward_calls)
     for fw in ("jax", "torch"):
-      results[f"forward_ms_b{size}_by_k_{fw}"] = {str(k): 1e3 * median(samples[f"{fw}_k{k}"]["wall"])
-                                                  for k in args.time_k}
+      results[f"forward_ms_b{size}_by_k_{fw}"] = {
+        str(k): 1e3 * median(samples[f"{fw}_k{k}"]["wall"]) for k in args.time_k
+      }
 
     log("[pipeline] tf.data alone, and feeding the JAX train step ...")
     read = interleaved({"read": (workers["jax"], "pipeline_read")}, 2, args.pipeline_batches)
     results["pipeline_batches_per_s"] = 1.0 / median(read["read"]["wall"])
     results["pipeline_clips_per_s"] = size * results["pipeline_batches_per_s"]
-    samples = interleaved({"fixed": (workers["jax"], "train"), "fed": (workers["jax"], "train_fed")},
-                          args.repeats, args.steps)
+    samples = interleaved(
+      {"fixed": (workers["jax"], "train"), "fed": (workers["jax"], "train_fed")}, args.repeats, args.steps
+    )
     results["train_steps_per_s_jax_fed_by_pipeline"] = 1.0 / median(samples["fed"]["wall"])
     results["fed_over_fixed_batch_step_rate"] = per_round_ratio(samples, "fixed", "fed")["median"]
-    results["pipeline_rate_over_train_step_rate"] = results["pipeline_batches_per_s"] / results[
-        "train_steps_per_s_jax"]
+    results["pipeline_rate_over_train_step_rate"] = results["pipeline_batches_per_s"] / results["train_steps_per_s_jax"]
   finally:
     for name, worker in workers.items():
       try:
@@ -268,52 +309,73 @@ def markdown(results: dict) -> str:
   fmt = lambda v, spec=".2f": "n/a" if v is None else format(v, spec)
   spread = r["train_throughput_ratio_spread"]
   lines = [
-      f"`{r['machine']}` ({r['cpu_model']}); jax {r['versions']['jax']}, torch {r['versions']['torch']}; "
-      f"torch {r['torch_threads']} threads, XLA all cores; load average {fmt(r['load_average_start'], '.1f')} at "
-      f"start, {fmt(r['load_average_end'], '.1f')} at end. Edge model, T=12 frames of 112 px, K=4, batch {b}; "
-      f"one process per framework, {r['rounds']} interleaved rounds of {r['steps_per_round']} steps after an "
-      f"untimed one, medians; "
-      f"Host malloc: {r['malloc_jax']} (JAX); {r['malloc_torch']} (PyTorch).",
-      "",
-      "| | JAX | PyTorch | JAX / PyTorch |",
-      "|---|---|---|---|",
-      f"| train steps/s, batch {b}, fastest setting of each ({r['best_jax_variant']}, "
-      f"{r['best_torch_variant']}) | {fmt(r['train_steps_per_s_' + r['best_jax_variant']])} | "
-      f"{fmt(r['train_steps_per_s_' + r['best_torch_variant']])} | **{fmt(r['train_throughput_ratio_jax_over_torch'])}x**"
-      f" (rounds {fmt(spread[0])}-{fmt(spread[1])}) |",
-      f"| train clips/s, same settings | {fmt(r['train_clips_per_s_' + r['best_jax_variant']], '.1f')} | "
-      f"{fmt(r['train_clips_per_s_' + r['best_torch_variant']], '.1f')} | |",
-      f"| train steps/s, both on all {r['cpu_count']} cores | {fmt(r['train_steps_per_s_jax'])} | "
-      f"{fmt(r['train_steps_per_s_torch'])} | {fmt(r['train_throughput_ratio_jax_over_torch_all_cores'])}x (rounds "
-      f"{fmt(r['train_throughput_ratio_all_cores_spread'][0])}-{fmt(r['train_throughput_ratio_all_cores_spread'][1])}) |",
-      f"| CPU s per train step, all cores | {fmt(r['train_cpu_s_per_step_jax'])} | "
-      f"{fmt(r['train_cpu_s_per_step_torch'])} | {fmt(r['train_cpu_time_ratio_torch_over_jax'])}x |",
+    f"`{r['machine']}` ({r['cpu_model']}); jax {r['versions']['jax']}, torch {r['versions']['torch']}; "
+    f"torch {r['torch_threads']} threads, XLA all cores; load average {fmt(r['load_average_start'], '.1f')} at "
+    f"start, {fmt(r['load_average_end'], '.1f')} at end. Edge model, T=12 frames of 112 px, K=4, batch {b}; "
+    f"one process per framework, {r['rounds']} interleaved rounds of {r['steps_per_round']} steps after an "
+    f"untimed one, medians; "
+    f"Host malloc: {r['malloc_jax']} (JAX); {r['malloc_torch']} (PyTorch). "
+    f"JAX ops form (mer_jax.ops): {r['ops_form_jax']} for training, {r['ops_form_jax_forward']} for the "
+    f"forward; FLOPs counted under {r['ops_form_flops']}.",
+    "",
+    "| | JAX | PyTorch | JAX / PyTorch |",
+    "|---|---|---|---|",
+    f"| train steps/s, batch {b}, fastest setting of each ({r['best_jax_variant']}, "
+    f"{r['best_torch_variant']}) | {fmt(r['train_steps_per_s_' + r['best_jax_variant']])} | "
+    f"{fmt(r['train_steps_per_s_' + r['best_torch_variant']])} | **{fmt(r['train_throughput_ratio_jax_over_torch'])}x**"
+    f" (rounds {fmt(spread[0])}-{fmt(spread[1])}) |",
+    f"| train clips/s, same settings | {fmt(r['train_clips_per_s_' + r['best_jax_variant']], '.1f')} | "
+    f"{fmt(r['train_clips_per_s_' + r['best_torch_variant']], '.1f')} | |",
+    f"| train steps/s, both on all {r['cpu_count']} cores | {fmt(r['train_steps_per_s_jax'])} | "
+    f"{fmt(r['train_steps_per_s_torch'])} | {fmt(r['train_throughput_ratio_jax_over_torch_all_cores'])}x (rounds "
+    f"{fmt(r['train_throughput_ratio_all_cores_spread'][0])}-{fmt(r['train_throughput_ratio_all_cores_spread'][1])}) |",
+    f"| CPU s per train step, all cores | {fmt(r['train_cpu_s_per_step_jax'])} | "
+    f"{fmt(r['train_cpu_s_per_step_torch'])} | {fmt(r['train_cpu_time_ratio_torch_over_jax'])}x |",
   ]
   for n in sorted({1, b}):
-    lines.append(f"| eval forward, batch {n} (ms) | {fmt(r[f'forward_ms_jax_b{n}'], '.1f')} | "
-                 f"{fmt(r[f'forward_ms_torch_b{n}'], '.1f')} | {fmt(r[f'forward_latency_ratio_torch_over_jax_b{n}'])}x |")
+    lines.append(
+      f"| eval forward, batch {n} (ms) | {fmt(r[f'forward_ms_jax_b{n}'], '.1f')} | "
+      f"{fmt(r[f'forward_ms_torch_b{n}'], '.1f')} | {fmt(r[f'forward_latency_ratio_torch_over_jax_b{n}'])}x |"
+    )
   for fw in ("jax", "torch"):
-    lines.append(f"| peak RSS, {'JAX' if fw == 'jax' else 'PyTorch'} worker (MiB) | " +
-                 (f"{fmt(r.get('peak_rss_mb_jax'), '.0f')} | |" if fw == "jax"
-                  else f"| {fmt(r.get('peak_rss_mb_torch'), '.0f')} |") + " |")
+    lines.append(
+      f"| peak RSS, {'JAX' if fw == 'jax' else 'PyTorch'} worker (MiB) | "
+      + (
+        f"{fmt(r.get('peak_rss_mb_jax'), '.0f')} | |"
+        if fw == "jax"
+        else f"| {fmt(r.get('peak_rss_mb_torch'), '.0f')} |"
+      )
+      + " |"
+    )
   flops = r["flops_forward_b1_by_k"]
-  lines += ["", f"Cost vs K: FLOPs of the batch-1 eval forward (XLA cost analysis); eval forward time at batch {b}.",
-            "", "| K | " + " | ".join(flops) + " |", "|---|" + "---|" * len(flops),
-            "| MFLOPs | " + " | ".join(fmt(v / 1e6, ".0f") for v in flops.values()) + " |"]
+  lines += [
+    "",
+    f"Cost vs K: FLOPs of the batch-1 eval forward (XLA cost analysis); eval forward time at batch {b}.",
+    "",
+    "| K | " + " | ".join(flops) + " |",
+    "|---|" + "---|" * len(flops),
+    "| MFLOPs | " + " | ".join(fmt(v / 1e6, ".0f") for v in flops.values()) + " |",
+  ]
   for fw, name in (("jax", "JAX ms"), ("torch", "PyTorch ms")):
     times = r.get(f"forward_ms_b{b}_by_k_{fw}", {})
     lines.append(f"| {name} | " + " | ".join(fmt(times.get(k), ".0f") for k in flops) + " |")
-  lines += ["", f"FLOPs K=4 / K=12 = {fmt(r['flops_ratio_k4_over_k12'], '.3f')}.", "",
-            f"Input pipeline (tf.data: augment, log-mel, token lookup, batch {b}): "
-            f"{fmt(r['pipeline_batches_per_s'])} batches/s alone, {fmt(r['pipeline_rate_over_train_step_rate'])}x the "
-            f"JAX step rate; fed by it, the step runs at {fmt(r['fed_over_fixed_batch_step_rate'])}x its fixed-batch "
-            "rate (both share the cores)."]
+  lines += [
+    "",
+    f"FLOPs K=4 / K=12 = {fmt(r['flops_ratio_k4_over_k12'], '.3f')}.",
+    "",
+    f"Input pipeline (tf.data: augment, log-mel, token lookup, batch {b}): "
+    f"{fmt(r['pipeline_batches_per_s'])} batches/s alone, {fmt(r['pipeline_rate_over_train_step_rate'])}x the "
+    f"JAX step rate; fed by it, the step runs at {fmt(r['fed_over_fixed_batch_step_rate'])}x its fixed-batch "
+    "rate (both share the cores).",
+  ]
   variants = [f"PyTorch on all cores over 1 core {fmt(r['train_speedup_torch_cores_over_1core'])}x"]
   if "train_speedup_explicit_over_grouped_depthwise" in r:
-    variants += [f"JAX on all cores over 1 core {fmt(r['train_speedup_jax_cores_over_1core'])}x",
-                 f"JAX explicit depthwise convs over XLA grouped convs "
-                 f"{fmt(r['train_speedup_explicit_over_grouped_depthwise'])}x",
-                 f"PyTorch channels_last over NCHW {fmt(r['train_speedup_torch_channels_last_over_nchw'])}x"]
+    variants += [
+      f"JAX on all cores over 1 core {fmt(r['train_speedup_jax_cores_over_1core'])}x",
+      f"JAX depthwise convs of the {r['ops_form_jax']} form over XLA grouped convs "
+      f"{fmt(r['train_speedup_explicit_over_grouped_depthwise'])}x",
+      f"PyTorch channels_last over NCHW {fmt(r['train_speedup_torch_channels_last_over_nchw'])}x",
+    ]
   lines += ["", "Train-step speed-ups between settings (per-round medians): " + "; ".join(variants) + "."]
   return "\n".join(lines) + "\n"
 
@@ -326,9 +388,13 @@ def parse_args(argv):
   parser.add_argument("--steps", type=int, help="train steps per timed round")
   parser.add_argument("--repeats", type=int, help="interleaved rounds")
   parser.add_argument("--results-dir", default=RESULTS_DIR)
-  parser.add_argument("--malloc", choices=host_memory.CHOICES, default="auto",
-                      help="both workers' malloc, as mer_jax.training.host_memory chooses for launch.py (auto: tcmalloc "
-                           "if installed, else glibc with huge pages; system: glibc's defaults)")
+  parser.add_argument(
+    "--malloc",
+    choices=host_memory.CHOICES,
+    default="auto",
+    help="both workers' malloc, as mer_jax.training.host_memory exports it (auto: tcmalloc "
+    "if installed, else glibc with huge pages; system: glibc's defaults)",
+  )
   args = parser.parse_args(argv)
   quick = args.quick
   args.batch_size = args.batch_size or (8 if quick else 32)

@@ -23,8 +23,8 @@ from torch import nn
 from mer_jax.models import mobilenet_v3
 
 # Flax defaults, which torch's differ from.
-LAYER_NORM_EPSILON = 1e-6          # flax nn.LayerNorm (torch: 1e-5)
-TORCH_BN_MOMENTUM = 0.01           # torch convention; flax's momentum 0.99 is the same EMA
+LAYER_NORM_EPSILON = 1e-6  # flax nn.LayerNorm (torch: 1e-5)
+TORCH_BN_MOMENTUM = 0.01  # torch convention; flax's momentum 0.99 is the same EMA
 PIXEL_MEAN, PIXEL_SCALE = 127.5, 64.0  # mer_jax/models/emotion_model.py
 
 
@@ -49,11 +49,17 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Ten
 class ConvBatchNorm(nn.Module):
   """Conv2d (no bias, symmetric padding) -> BatchNorm2d(eps 1e-3, momentum 0.01) -> optional activation."""
 
-  def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1,
-               activation: str | None = None):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    kernel: int,
+    stride: int = 1,
+    groups: int = 1,
+    activation: str | None = None,
+  ):
     super().__init__()
-    self.conv = nn.Conv2d(in_channels, out_channels, kernel, stride, (kernel - 1) // 2, groups=groups,
-                          bias=False)
+    self.conv = nn.Conv2d(in_channels, out_channels, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False)
     self.bn = nn.BatchNorm2d(out_channels, eps=mobilenet_v3.BATCHNORM_EPSILON, momentum=TORCH_BN_MOMENTUM)
     self.act = {None: nn.Identity(), "relu": nn.ReLU(), "hardswish": nn.Hardswish()}[activation]
 
@@ -78,8 +84,9 @@ class InvertedResidual(nn.Module):
     self.spec, self.use_residual = spec, spec.stride == 1 and in_channels == spec.out
     if spec.expanded != in_channels:
       self.expand = ConvBatchNorm(in_channels, spec.expanded, 1, activation=spec.activation)
-    self.depthwise = ConvBatchNorm(spec.expanded, spec.expanded, spec.kernel, spec.stride, groups=spec.expanded,
-                                   activation=spec.activation)
+    self.depthwise = ConvBatchNorm(
+      spec.expanded, spec.expanded, spec.kernel, spec.stride, groups=spec.expanded, activation=spec.activation
+    )
     if spec.use_se:
       self.se = SqueezeExcitation(spec.expanded, mobilenet_v3.make_divisible(spec.expanded // 4))
     self.project = ConvBatchNorm(spec.expanded, spec.out, 1)
@@ -125,7 +132,7 @@ class MobileNetV3Small(nn.Module):
 
 class StraightThroughTopK(torch.autograd.Function):
   """(B, T) scores -> (B, K, T) exact K-hot selection (time order); backward: grad of softmax(scores / tau)
-  broadcast to every slot, as `mer_jax.models.frame_selector.straight_through_topk`."""
+  broadcast to every slot, as `Ops.straight_through_topk` (mer_jax/ops)."""
 
   @staticmethod
   def forward(ctx, scores, k: int, temperature: float):
@@ -270,8 +277,9 @@ class TransformerLayer(nn.Module):
 
 
 class CompactTextEncoder(nn.Module):
-  def __init__(self, vocab_size=30522, features=128, num_layers=2, num_heads=4, mlp_dim=256, max_length=128,
-               dropout_rate=0.1):
+  def __init__(
+    self, vocab_size=30522, features=128, num_layers=2, num_heads=4, mlp_dim=256, max_length=128, dropout_rate=0.1
+  ):
     super().__init__()
     self.token_embedding = nn.Embedding(vocab_size, features)
     self.position_embedding = nn.Parameter(torch.randn(max_length, features) * 0.02)
@@ -281,7 +289,7 @@ class CompactTextEncoder(nn.Module):
     self.final_norm = layer_norm(features)
 
   def forward(self, token_ids, mask):
-    x = self.token_embedding(token_ids) + self.position_embedding[:token_ids.shape[1]]
+    x = self.token_embedding(token_ids) + self.position_embedding[: token_ids.shape[1]]
     x = self.dropout(x)
     for index in range(self.num_layers):
       x = getattr(self, f"layer{index}")(x, mask)
@@ -354,8 +362,11 @@ class GatedFusion(nn.Module):
     video, audio = video * has_video[:, None], audio * has_audio[:, None]
     video_hidden, audio_hidden = torch.tanh(self.video_in(video)), torch.tanh(self.audio_in(audio))
     batch = video.shape[0]
-    gate = (torch.sigmoid(self.gate(torch.cat([video, audio, text], -1))) if self.use_gate
-            else torch.full((batch, self.features), 0.5))
+    gate = (
+      torch.sigmoid(self.gate(torch.cat([video, audio, text], -1)))
+      if self.use_gate
+      else torch.full((batch, self.features), 0.5)
+    )
     if self.use_reliability:
       r_v = self.reliability_video(torch.cat([video, text], -1))
       r_a = self.reliability_audio(torch.cat([audio, text], -1))
@@ -400,11 +411,17 @@ class TorchEmotionModel(nn.Module):
   def __init__(self, model_config: Any, num_mel_bins: int):
     super().__init__()
     config = model_config
-    if (config.text.kind != "compact" or config.selection != "topk" or config.dtype != "float32"
-        or tuple(config.get("modalities", ("video", "audio", "text"))) != ("video", "audio", "text")):
-      raise ValueError("The PyTorch reference covers the edge model only (text.kind='compact', "
-                       "selection='topk', dtype='float32', all modalities); benchmark other variants in "
-                       "JAX alone.")
+    if (
+      config.text.kind != "compact"
+      or config.selection != "topk"
+      or config.dtype != "float32"
+      or tuple(config.get("modalities", ("video", "audio", "text"))) != ("video", "audio", "text")
+    ):
+      raise ValueError(
+        "The PyTorch reference covers the edge model only (text.kind='compact', "
+        "selection='topk', dtype='float32', all modalities); benchmark other variants in "
+        "JAX alone."
+      )
     width, compact = config.width, dict(config.text.compact)
     text_features = compact.get("features", 128)
     self.text_guided, self.top_k, self.width = config.text_guided_selection, config.top_k, width
@@ -414,8 +431,13 @@ class TorchEmotionModel(nn.Module):
     self.text_encoder.compact = CompactTextEncoder(**compact, dropout_rate=config.dropout_rate)
     self.query_dim = config.scorer.query_dim
     self.frame_selector = TopKFrameSelector(
-        config.top_k, config.selection_temperature, self.query_dim, channels=tuple(config.scorer.channels),
-        query_dim=config.scorer.query_dim, downscale=config.scorer.downscale)
+      config.top_k,
+      config.selection_temperature,
+      self.query_dim,
+      channels=tuple(config.scorer.channels),
+      query_dim=config.scorer.query_dim,
+      downscale=config.scorer.downscale,
+    )
     self.backbone = MobileNetV3Small()
     self.frame_projection = nn.Linear(mobilenet_v3.LAST_CHANNELS, width)
     if self.text_guided:
@@ -425,8 +447,9 @@ class TorchEmotionModel(nn.Module):
       primary_classes = list(config.tasks.values())[0]
       self.frame_relevance = nn.Linear(width, primary_classes)
       self.frame_evidence = FrameEvidence(primary_classes, tuple(config.scorer.channels), config.scorer.downscale)
-    self.audio_encoder = AudioEncoder(num_mel_bins, width, tuple(config.audio.channels), config.audio.kernel,
-                                      config.audio.num_segments)
+    self.audio_encoder = AudioEncoder(
+      num_mel_bins, width, tuple(config.audio.channels), config.audio.kernel, config.audio.num_segments
+    )
     self.text_projection = nn.Linear(text_features, width)
     self.fusion = GatedFusion(width, width, config.use_gate, config.use_reliability)
     self.text_token_projection = nn.Linear(text_features, width)
@@ -446,8 +469,11 @@ class TorchEmotionModel(nn.Module):
       text_mask = text_mask & (keep | first[None, :])
     text_states = self.text_encoder.compact(batch["text_ids"].long(), text_mask)
     text_pooled = masked_mean(text_states, text_mask[..., None], 1)
-    scorer_text = (self.scorer_words(batch["text_ids"].long(), word_mask) if self.text_guided
-                   else torch.zeros(text_mask.shape[0], self.query_dim))
+    scorer_text = (
+      self.scorer_words(batch["text_ids"].long(), word_mask)
+      if self.text_guided
+      else torch.zeros(text_mask.shape[0], self.query_dim)
+    )
 
     frames = batch["frames"]
     size = frames.shape[0]
@@ -456,22 +482,33 @@ class TorchEmotionModel(nn.Module):
     frame_tokens = self.frame_projection(self.backbone(images)).reshape(size, self.top_k, self.width)
     video_vector = frame_tokens.mean(1)
 
-    audio_vector, audio_tokens, audio_token_mask = self.audio_encoder(batch["audio"].float(),
-                                                                      batch["audio_mask"].bool())
+    audio_vector, audio_tokens, audio_token_mask = self.audio_encoder(
+      batch["audio"].float(), batch["audio_mask"].bool()
+    )
     text_vector = self.text_projection(text_pooled)
     fused, gate, r_v, r_a = self.fusion(video_vector, audio_vector, text_vector, has_video, has_audio)
 
-    key_tokens = torch.cat([fused[:, None], frame_tokens * r_v[:, None, None],
-                            audio_tokens * r_a[:, None, None]], 1)
-    key_mask = torch.cat([torch.ones(size, 1, dtype=torch.bool), has_video[:, None].expand(size, self.top_k),
-                          audio_token_mask & has_audio[:, None]], 1)
-    attended, attention = self.cross_attention(self.text_token_projection(text_states), key_tokens, text_mask,
-                                               key_mask)
+    key_tokens = torch.cat([fused[:, None], frame_tokens * r_v[:, None, None], audio_tokens * r_a[:, None, None]], 1)
+    key_mask = torch.cat(
+      [
+        torch.ones(size, 1, dtype=torch.bool),
+        has_video[:, None].expand(size, self.top_k),
+        audio_token_mask & has_audio[:, None],
+      ],
+      1,
+    )
+    attended, attention = self.cross_attention(self.text_token_projection(text_states), key_tokens, text_mask, key_mask)
     attended_pooled = masked_mean(attended, text_mask[..., None], 1)
     hidden = self.head_dropout(gelu(self.head_hidden(torch.cat([fused, attended_pooled], -1))))
     logits = {task: getattr(self, f"head_{task}")(hidden) for task in self.tasks}
-    explanation = {"frame_scores": frame_scores, "selected_indices": selected_indices, "gate": gate,
-                   "reliability_video": r_v, "reliability_audio": r_a, "attention": attention}
+    explanation = {
+      "frame_scores": frame_scores,
+      "selected_indices": selected_indices,
+      "gate": gate,
+      "reliability_video": r_v,
+      "reliability_audio": r_a,
+      "attention": attention,
+    }
     if self.frame_relevance is not None:
       explanation["frame_relevance_logits"] = self.frame_relevance(frame_tokens)
       if self.training:  # as the JAX model: a training aid, skipped at inference
@@ -496,22 +533,21 @@ def _convert(flax_path: tuple[str, ...], value: np.ndarray, target: torch.Tensor
   """One Flax leaf -> the layout of the torch tensor it becomes."""
   leaf = flax_path[-1]
   if leaf == "kernel":
-    if value.ndim == 4:   # Conv2d (kh, kw, in/groups, out) -> (out, in/groups, kh, kw)
+    if value.ndim == 4:  # Conv2d (kh, kw, in/groups, out) -> (out, in/groups, kh, kw)
       return value.transpose(3, 2, 0, 1)
     if value.ndim == 3 and target.ndim == 3:  # Conv1d (k, in, out) -> (out, in, k)
       return value.transpose(2, 1, 0)
     if value.ndim == 3 and flax_path[-2] == "out":  # DenseGeneral (H, hd, D) -> Linear (D, H*hd)
       return value.reshape(-1, value.shape[-1]).T
-    if value.ndim == 3:   # DenseGeneral (D, H, hd) -> Linear (H*hd, D)
+    if value.ndim == 3:  # DenseGeneral (D, H, hd) -> Linear (H*hd, D)
       return value.reshape(value.shape[0], -1).T
-    return value.T        # Dense (in, out) -> Linear (out, in)
+    return value.T  # Dense (in, out) -> Linear (out, in)
   return value.reshape(target.shape)  # biases (incl. (H, hd) ones), scales, embeddings, statistics
 
 
 def load_flax_variables(model: TorchEmotionModel, variables: Mapping[str, Any]) -> None:
   """Copy a Flax {'params', 'batch_stats'} tree of `EmotionModel` into `model`; every tensor must be hit."""
-  rename = {"kernel": "weight", "scale": "weight", "embedding": "weight", "mean": "running_mean",
-            "var": "running_var"}
+  rename = {"kernel": "weight", "scale": "weight", "embedding": "weight", "mean": "running_mean", "var": "running_var"}
   state = model.state_dict()
   filled = set()
 
@@ -535,4 +571,3 @@ def load_flax_variables(model: TorchEmotionModel, variables: Mapping[str, Any]) 
   if missing:
     raise KeyError(f"Torch tensors not set from the Flax tree: {missing[:10]}")
   model.load_state_dict(state)
-

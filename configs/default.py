@@ -16,6 +16,9 @@ def model_config(size: str = "edge") -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
   model.size = size
   model.dtype = "float32"  # compute dtype; parameters stay float32. 'bfloat16' on GPU/TPU.
+  # How backend-sensitive ops are computed (mer_jax/ops): 'auto' picks per backend once per run; 'reference'
+  # (plain lax, what export traces), 'xla' (forms tuned for XLA:CPU) or 'cpu_ffi' (those plus C++ kernels).
+  model.ops = "auto"
   model.width = 128 if size == "edge" else 256
   model.modalities = ("video", "audio", "text")  # ('text',): text-only model (configs/meld_text.py)
   model.top_k = 4
@@ -37,7 +40,8 @@ def model_config(size: str = "edge") -> ml_collections.ConfigDict:
   model.text.kind = "compact" if size == "edge" else "minilm"
   model.text.pretrained = size == "base"
   model.text.compact = ml_collections.ConfigDict(
-      dict(vocab_size=30522, features=128, num_layers=2, num_heads=4, mlp_dim=192, max_length=128))
+    dict(vocab_size=30522, features=128, num_layers=2, num_heads=4, mlp_dim=192, max_length=128)
+  )
   model.tasks = ml_collections.ConfigDict({task: len(labels.TASK_CLASSES[task]) for task in ("emotion", "sentiment")})
   return model
 

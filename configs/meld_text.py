@@ -3,7 +3,8 @@
   python launch.py --config configs/meld_text.py --workdir runs/meld_text
 
 Needs only MELD's annotation CSVs (train_sent_emo.csv, dev_sent_emo.csv): from $MELD_DIR, else
-../shared/data/meld beside this repository (or --config.data.source_dir=DIR). The first run prepares them
+../shared/data/meld beside this repository (or --config.data.source_dir=DIR; launch.py checks it with
+data/sources.py: check_meld_csvs, which says what to do when they are missing). The first run prepares them
 (data/prepare.py, builder config 'meld_text': text-only examples, has_video = has_audio = False) into
 $MER_JAX_CACHE/tfds (default ~/.cache/mer_jax/tfds); later runs reuse it. Each utterance is tokenized with
 the previous `context_turns` utterances of its dialogue ("Speaker: text", most recent first) as the second
@@ -17,14 +18,6 @@ import os
 
 from configs import default
 
-MELD_TEXT_HELP = """MELD's annotation CSVs were not found{where}.
-
-configs/meld_text.py needs train_sent_emo.csv and dev_sent_emo.csv (MELD's CSVs, from
-https://github.com/declare-lab/MELD/tree/master/data/MELD or MELD.Raw.tar.gz) in one folder
-(or one folder down). Point the run at it: MELD_DIR=/path/to/folder, or
---config.data.source_dir=/path/to/folder."""
-
-REQUIRED_CSVS = ("train_sent_emo.csv", "dev_sent_emo.csv")
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SOURCE = os.path.normpath(os.path.join(REPO_DIR, "..", "shared", "data", "meld"))
 
@@ -32,19 +25,6 @@ DEFAULT_SOURCE = os.path.normpath(os.path.join(REPO_DIR, "..", "shared", "data",
 def default_source_dir() -> str:
   """$MELD_DIR, else ../shared/data/meld relative to the repository."""
   return os.path.abspath(os.path.expanduser(os.environ.get("MELD_DIR") or DEFAULT_SOURCE))
-
-
-def check_meld_csvs(source: str) -> None:
-  """Raises FileNotFoundError with MELD_TEXT_HELP unless `source` holds the train and dev CSVs."""
-  if not source or not os.path.isdir(source):
-    where = " (set MELD_DIR or --config.data.source_dir)" if not source else f": {source} is not a folder"
-    raise FileNotFoundError(MELD_TEXT_HELP.format(where=where))
-  subdirs = [os.path.join(source, d) for d in sorted(os.listdir(source))
-             if os.path.isdir(os.path.join(source, d))]
-  missing = [name for name in REQUIRED_CSVS
-             if not any(os.path.isfile(os.path.join(d, name)) for d in [source] + subdirs)]
-  if missing:
-    raise FileNotFoundError(MELD_TEXT_HELP.format(where=f" in {source} (missing: {', '.join(missing)})"))
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """A tiny config for tests: 4 frames of 32x32, K=2, short audio and text, batch 4. Seconds per step on CPU.
 
-  python launch.py --config configs/tiny.py --workdir /tmp/tiny
+python launch.py --config configs/tiny.py --workdir /tmp/tiny
 """
 
 from configs import default

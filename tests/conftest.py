@@ -1,26 +1,36 @@
-"""Shared test set-up: quiet TensorFlow, keep JAX on the CPU, make the repo importable."""
+"""Shared test set-up: quiet TensorFlow, keep JAX on the CPU, and skip-or-fail for tests that need a system package.
+
+Run from the repository root (`python -m pytest`): python -m puts it on sys.path, which finds the top-level
+`configs` and `data` packages; mer_jax itself is installed (`pip install --no-deps -e .`).
+"""
 
 import os
-import sys
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Switches for CI (.ci/run sets both): a test that needs a system package fails instead of skipping without it.
+REQUIRE_KERNELS = "MER_JAX_REQUIRE_KERNELS"  # a C++ compiler, so that the CPU kernels build (g++)
+REQUIRE_TCMALLOC = "MER_JAX_REQUIRE_TCMALLOC"  # tcmalloc (libtcmalloc-minimal4)
 
 
-def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: end-to-end tests that take more than ~20 s (still run in CI)")
+def skip_or_fail(reason: str, switch: str = REQUIRE_KERNELS):
+  """Skip the test for `reason`, or fail it when `switch` is set (to anything but '' or '0'): where CI installed
+  the package, a missing one is a broken set-up, not a reason to test less."""
+  if os.environ.get(switch, "").strip() not in ("", "0"):
+    pytest.fail(f"{reason} ({switch} is set, so this fails instead of skipping)", pytrace=False)
+  pytest.skip(reason)
 
 
-@pytest.fixture(params=["kernels", "xla_ops"])
-def form(request, monkeypatch):
-  """Runs a test with the CPU's FFI kernels (mer_jax.ops.cpu.kernels, where this machine can build them) and
-  with the XLA-op forms that every other backend runs."""
-  from mer_jax.ops.cpu import kernels as cpu_kernels
-  if request.param == "xla_ops":
-    monkeypatch.setenv(cpu_kernels.ENABLE_VARIABLE, "0")
-  elif not cpu_kernels.available():
-    pytest.skip("no C++ compiler here: the kernels cannot be built")
-  return request.param
+@pytest.fixture(params=["reference", "xla", "cpu_ffi"])
+def ops_form(request):
+  """Runs a test with each ops form (mer_jax.ops.FORMS): the reference, the XLA:CPU form and the C++ kernels (where
+  this machine can build them)."""
+  from mer_jax import ops
+  from mer_jax.ops.cpu import build
+
+  if request.param == "cpu_ffi" and not build.available():
+    skip_or_fail(f"the CPU kernels cannot be built here: {build.unavailable_reason()}", REQUIRE_KERNELS)
+  return ops.FORMS[request.param]

@@ -14,8 +14,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_benchmark(module: str, *args: str) -> dict:
-  result = subprocess.run([sys.executable, "-m", module, "--json", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=900, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  result = subprocess.run(
+    [sys.executable, "-m", module, "--json", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
   assert lines, f"no JSON line in the output of {module}:\n{result.stdout[-2000:]}"

@@ -1,17 +1,33 @@
-"""Every config file's get_config() builds, and the model it describes initialises (abstractly)."""
+"""Every config file's get_config() builds, and the model it describes initialises (abstractly); the package's
+snapshot of configs/default.py is current, and old config.json files load with its values for missing fields.
+
+Regenerate the snapshot (after changing configs/default.py), from the repository root:
+  python -m tests.test_configs --write-defaults
+"""
 
 import glob
 import importlib
+import json
 import os
+import sys
 
 import jax
 import pytest
 
+from configs import default
 from mer_jax.models import emotion_model as model_lib
+from mer_jax.training import checkpoint as checkpoint_lib
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-CONFIG_NAMES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
-                      if not os.path.basename(p).startswith("_"))
+DEFAULTS_SNAPSHOT = os.path.join(
+  os.path.dirname(os.path.abspath(checkpoint_lib.__file__)), checkpoint_lib.DEFAULT_CONFIG_FILE
+)
+WRITE_DEFAULTS = "python -m tests.test_configs --write-defaults"
+CONFIG_NAMES = sorted(
+  os.path.splitext(os.path.basename(p))[0]
+  for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
+  if not os.path.basename(p).startswith("_")
+)
 
 
 def test_there_are_configs():
@@ -37,3 +53,94 @@ def test_get_config_builds_a_model(name):
   # The docstring holds the exact launch command.
   module = importlib.import_module(f"configs.{name}")
   assert f"configs/{name}.py" in (module.__doc__ or ""), f"configs/{name}.py docstring lacks its launch command"
+
+
+def default_snapshot_text() -> str:
+  """configs/default.py's get_config() in the form the trainer writes to config.json (checkpoint.save_run_config)."""
+  return default.get_config().to_json_best_effort(indent=2) + "\n"
+
+
+def write_default_snapshot() -> None:
+  """Writes mer_jax/training/default_config.json, the package's copy of configs/default.py's values."""
+  with open(DEFAULTS_SNAPSHOT, "w") as f:
+    f.write(default_snapshot_text())
+
+
+def test_default_snapshot_is_current():
+  with open(DEFAULTS_SNAPSHOT) as f:
+    snapshot = f.read()
+  assert snapshot == default_snapshot_text(), (
+    f"{os.path.relpath(DEFAULTS_SNAPSHOT)} differs from configs/default.py's get_config(); regenerate it from "
+    f"the repository root with: {WRITE_DEFAULTS}"
+  )
+  assert checkpoint_lib.default_config_dict() == json.loads(default.get_config().to_json_best_effort())
+
+
+def test_old_run_config_gets_missing_fields_from_defaults(tmp_path, caplog):
+  """A config.json from an older version: absent fields come from configs/default.py, present ones stay."""
+  config = json.loads(default.get_config().to_json_best_effort())
+  del config["model"]["frame_relevance"], config["model"]["text_dropout"], config["model"]["scorer"]["vocab_size"]
+  del config["modality_dropout"], config["frame_relevance_weight"], config["model"]["audio"]
+  config["model"]["width"] = 64  # present fields win, even where the default differs
+  config["model"]["tasks"] = {"emotion": 7}  # task-keyed mappings are kept as the run wrote them
+  config["task_weights"] = {"emotion": 2.0}
+  config["data"]["prepare"] = "demo"  # fields the defaults lack stay
+  (tmp_path / checkpoint_lib.CONFIG_FILE).write_text(json.dumps(config))
+  expected = default.get_config()
+  with caplog.at_level("INFO"):
+    loaded = checkpoint_lib.load_run_config(str(tmp_path))
+  assert "model.frame_relevance, model.text_dropout, model.scorer.vocab_size, model.audio" in caplog.text
+  assert "modality_dropout" in caplog.text and "frame_relevance_weight" in caplog.text
+  assert loaded.model.frame_relevance is expected.model.frame_relevance
+  assert loaded.model.text_dropout == expected.model.text_dropout
+  assert loaded.model.scorer.vocab_size == expected.model.scorer.vocab_size
+  assert loaded.model.audio.to_dict() == expected.model.audio.to_dict()
+  assert loaded.modality_dropout == expected.modality_dropout
+  assert loaded.frame_relevance_weight == expected.frame_relevance_weight
+  assert loaded.model.width == 64
+  assert loaded.model.tasks.to_dict() == {"emotion": 7}
+  assert loaded.task_weights.to_dict() == {"emotion": 2.0}
+  assert loaded.data.prepare == "demo"
+  assert loaded.model.modalities == ("video", "audio", "text")  # lists become tuples, as in the config files
+
+
+def test_fill_missing_fields_names_what_it_filled():
+  config = {"a": 1, "model": {"x": 2, "sub": {}}, "task_weights": {"emotion": 1.0}}
+  defaults = {
+    "a": 0,
+    "b": 3,
+    "model": {"x": 0, "y": 4, "sub": {"z": 5}, "new": {"w": 6}},
+    "task_weights": {"emotion": 1.0, "sentiment": 0.5},
+  }
+  assert checkpoint_lib.fill_missing_fields(config, defaults) == ["b", "model.y", "model.sub.z", "model.new"]
+  assert config == {
+    "a": 1,
+    "b": 3,
+    "model": {"x": 2, "y": 4, "sub": {"z": 5}, "new": {"w": 6}},
+    "task_weights": {"emotion": 1.0},
+  }
+  config["model"]["new"]["w"] = 7
+  assert defaults["model"]["new"]["w"] == 6  # copies, not shared
+
+
+def test_mer_jax_does_not_import_configs():
+  """mer_jax reads configs/default.py's values from its snapshot: the top-level `configs` is not installed."""
+  package = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_lib.__file__)))
+  offenders = []
+  for root, _, files in os.walk(package):
+    for name in files:
+      if name.endswith(".py"):
+        path = os.path.join(root, name)
+        with open(path) as f:
+          for number, line in enumerate(f, 1):
+            stripped = line.strip()
+            if stripped.startswith(("import configs", "from configs")):
+              offenders.append(f"{os.path.relpath(path, os.path.dirname(package))}:{number}: {stripped}")
+  assert not offenders, "mer_jax imports the top-level configs package:\n  " + "\n  ".join(offenders)
+
+
+if __name__ == "__main__":
+  if sys.argv[1:] != ["--write-defaults"]:
+    sys.exit(f"usage: {WRITE_DEFAULTS}")
+  write_default_snapshot()
+  print(f"wrote {DEFAULTS_SNAPSHOT}")

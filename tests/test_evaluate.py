@@ -3,7 +3,6 @@
 import csv
 import dataclasses
 import json
-import os
 
 import jax
 import numpy as np
@@ -14,9 +13,9 @@ from data import meld_format
 from data import prepare
 from mer_jax.training import checkpoint as checkpoint_lib
 from mer_jax.tools import evaluate
-from mer_jax.export import exporters as export
 from mer_jax.data import input_pipeline
 from mer_jax.models import emotion_model as model_lib
+from mer_jax.training import runs
 from mer_jax.training import train
 
 EMOTIONS = ("neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger")
@@ -32,8 +31,9 @@ def write_csv(path, num_rows, seed, extra_rows=()):
     writer.writerow(["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID"])
     for i in range(num_rows):
       words = " ".join(rng.choice(WORDS, size=rng.integers(2, 6)))
-      writer.writerow([i + 1, words.capitalize() + ".", ("Ross", "Rachel")[i % 2], EMOTIONS[i % 7],
-                       SENTIMENTS[i % 3], i // 4, i % 4])
+      writer.writerow(
+        [i + 1, words.capitalize() + ".", ("Ross", "Rachel")[i % 2], EMOTIONS[i % 7], SENTIMENTS[i % 3], i // 4, i % 4]
+      )
     for row in extra_rows:
       writer.writerow(row)
 
@@ -46,8 +46,7 @@ def run(tmp_path_factory):
   source.mkdir()
   write_csv(source / "train_sent_emo.csv", 24, seed=0)
   # One dev row with a label outside the 7 emotions: skipped by the builder, and reported.
-  write_csv(source / "dev_sent_emo.csv", 14, seed=1,
-            extra_rows=[[99, "Hmm.", "Joey", "bored", "neutral", 9, 0]])
+  write_csv(source / "dev_sent_emo.csv", 14, seed=1, extra_rows=[[99, "Hmm.", "Joey", "bored", "neutral", 9, 0]])
   config = tiny.get_config()
   config.data.builder_config = "meld_text_tiny"  # meld_text with the tiny config's 4 frames of 32 px
   config.data.prepare = "meld_text"
@@ -60,13 +59,54 @@ def run(tmp_path_factory):
   config.eval_every_steps = 2
   config.checkpoint_every_steps = 2
   config.log_every_steps = 1
-  builder_config = dataclasses.replace({c.name: c for c in meld_format.BUILDER_CONFIGS}["meld_text"],
-                                       name="meld_text_tiny", num_frames=config.data.num_frames, frame_size=config.data.frame_size)
+  builder_config = dataclasses.replace(
+    {c.name: c for c in meld_format.BUILDER_CONFIGS}["meld_text"],
+    name="meld_text_tiny",
+    num_frames=config.data.num_frames,
+    frame_size=config.data.frame_size,
+  )
   prepare.prepare(str(source), config.data.data_dir, builder_config)
   workdir = str(root / "run")
   result = train.train_and_evaluate(config, workdir)
   assert result["step"] == 2
   return {"workdir": workdir, "source": source, "root": root, "best": result["best"]}
+
+
+def test_prepared_csv_equals_the_builders_examples(tmp_path):
+  """evaluate prepares a CSV with the library the TFDS builder uses (mer_jax.data.meld_csv): the same rows give
+  the same examples, the skipped rows are reported, and the input pipeline reads the result."""
+  source = tmp_path / "meld"
+  source.mkdir()
+  write_csv(source / "dev_sent_emo.csv", 6, seed=2, extra_rows=[[99, "Hmm.", "Joey", "bored", "neutral", 9, 0]])
+  config = tiny.get_config()
+  config.data.builder_config, config.data.prepare, config.data.context_turns = "meld_text_tiny", "meld_text", 2
+  data_dir, report = evaluate.prepare_csv(config, str(source / "dev_sent_emo.csv"), None, str(tmp_path / "work"))
+  assert report["rows_read"] == 7 and report["examples"] == 6 and report["mode"] == "csv_only"
+  assert evaluate.skipped_rows(report) == {"unknown_label": {"count": 1, "ids": ["eval/dia9_utt0:emotion='bored'"]}}
+  with pytest.raises(ValueError, match="already holds prepared data"):
+    evaluate.prepare_csv(config, str(source / "dev_sent_emo.csv"), None, str(tmp_path / "work"))
+
+  eval_config = config.copy_and_resolve_references()
+  eval_config.data.builder_config = evaluate.BUILDER_CONFIG_NAME
+  info = input_pipeline.dataset_info(eval_config, data_dir)
+  assert info["splits"] == {"eval": 6} and info["classes"] == {"emotion": EMOTIONS, "sentiment": SENTIMENTS}
+  batches = list(
+    input_pipeline.batch_iterator(eval_config, "eval", train=False, data_dir=data_dir, process_index=0, process_count=1)
+  )
+  assert sum(int(b["example_mask"].sum()) for b in batches) == 6
+  assert not any(b["has_video"].any() or b["has_audio"].any() for b in batches)
+
+  builder_config = dataclasses.replace(
+    {c.name: c for c in meld_format.BUILDER_CONFIGS}["meld_text"], name="meld_text_tiny", num_frames=4, frame_size=32
+  )
+  built, _ = prepare.prepare(str(source), str(tmp_path / "built"), builder_config)
+  by_builder = {ex["id"].decode(): ex for ex in built.as_dataset(split="dev").as_numpy_iterator()}
+  by_evaluate = input_pipeline.load_builder(eval_config, data_dir).as_dataset(split="eval").as_numpy_iterator()
+  for ex in by_evaluate:
+    expected = by_builder[ex["id"].decode().replace("eval/", "dev/")]
+    for key in ("text", "speaker", "dialogue_id", "utterance_id", "has_video", "has_audio", "frames"):
+      np.testing.assert_array_equal(ex[key], expected[key], err_msg=key)
+    assert ex["labels"] == expected["labels"]
 
 
 def _f1_by_hand(labels, predictions, num_classes):
@@ -85,8 +125,19 @@ def _f1_by_hand(labels, predictions, num_classes):
 @pytest.mark.slow
 def test_evaluate_json_equals_direct_computation(run, capsys):
   keep = run["root"] / "evaluate_kept"
-  code = evaluate.main(["--workdir", run["workdir"], "--csv", str(run["source"] / "dev_sent_emo.csv"),
-                        "--json", "--batch-size", "4", "--keep-prepared", str(keep)])
+  code = evaluate.main(
+    [
+      "--workdir",
+      run["workdir"],
+      "--csv",
+      str(run["source"] / "dev_sent_emo.csv"),
+      "--json",
+      "--batch-size",
+      "4",
+      "--keep-prepared",
+      str(keep),
+    ]
+  )
   captured = capsys.readouterr()
   assert code == 0, captured.err
   result = json.loads(captured.out)
@@ -99,13 +150,15 @@ def test_evaluate_json_equals_direct_computation(run, capsys):
   assert result["checkpoint"]["checkpoint_step"] == 2
 
   # Direct computation: the checkpoint's model applied to the kept prepared data, argmax, F1 by hand.
-  config = checkpoint_lib.load_run_config(run["workdir"])
-  variables, _, _ = export.load_checkpoint(config, run["workdir"])
+  loaded = runs.load_run(run["workdir"])
+  config, variables = loaded.config, loaded.variables
+  assert config.to_dict() == checkpoint_lib.load_run_config(run["workdir"]).to_dict()
   eval_config = config.copy_and_resolve_references()
   eval_config.data.builder_config = evaluate.BUILDER_CONFIG_NAME
   eval_config.eval_batch_size = 4
-  ds = input_pipeline.make_dataset(eval_config, evaluate.SPLIT, train=False, data_dir=str(keep / "tfds"),
-                                   process_index=0, process_count=1)
+  ds = input_pipeline.make_dataset(
+    eval_config, evaluate.SPLIT, train=False, data_dir=str(keep / "tfds"), process_index=0, process_count=1
+  )
   model = model_lib.EmotionModel(config.model)
   forward = jax.jit(lambda v, b: model.apply(v, b, train=False)[0])
   labels, predictions = {t: [] for t in config.model.tasks}, {t: [] for t in config.model.tasks}

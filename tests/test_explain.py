@@ -28,8 +28,16 @@ def test_png_and_json_hold_the_explanation(prediction, tmp_path):
   config, batch, (logits, explanation) = prediction
   out_png = str(tmp_path / "sample.png")
   record = explain.show_prediction_sample(
-      "dev/dia1_utt2", "Look at the circle. Oh my God!", batch["frames"][0], logits, explanation,
-      labels.TASK_CLASSES, out_png, labels={"emotion": 1, "sentiment": -1}, frame_times=[0.1, 0.3, 0.5, 0.7])
+    "dev/dia1_utt2",
+    "Look at the circle. Oh my God!",
+    batch["frames"][0],
+    logits,
+    explanation,
+    labels.TASK_CLASSES,
+    out_png,
+    labels={"emotion": 1, "sentiment": -1},
+    frame_times=[0.1, 0.3, 0.5, 0.7],
+  )
   png = open(out_png, "rb").read()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
   saved = json.load(open(tmp_path / "sample.json"))

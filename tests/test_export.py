@@ -10,11 +10,14 @@ import pytest
 
 from configs import tiny
 from mer_jax.training import checkpoint as checkpoint_lib
+from mer_jax.export import contract
 from mer_jax.export import exporters as export
+from mer_jax.export import parity as parity_lib
+from mer_jax.export import runtimes
 from mer_jax.data import labels
 from mer_jax.models import emotion_model as model_lib
 from mer_jax.data import tokenizer as tokenizer_lib
-from mer_jax.models import frame_selector as topk
+from mer_jax.training import runs
 from mer_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,49 +45,18 @@ def _random_variables(config):
   return jax.tree_util.tree_map_with_path(lambda path, leaf: _fill(path, leaf, rng), shapes)
 
 
-def test_sort_free_topk_matches_sorted_top_k_with_ties():
-  rng = np.random.default_rng(0)
-  scores = rng.normal(size=(64, 12)).astype(np.float32)
-  scores[:8] = 0.0  # a sample without video: all scores equal, the first K frames win
-  scores[8:16] = np.round(scores[8:16]) + 0.0  # many ties (+ 0.0: no -0.0, which top_k ranks below +0.0)
-  for k in (1, 4, 12):
-    expected = np.asarray(topk.hard_topk_indices(jnp.asarray(scores), k))
-    got = np.asarray(jax.jit(export.sort_free_topk_indices, static_argnums=1)(scores, k))
-    np.testing.assert_array_equal(got, expected)
-  np.testing.assert_array_equal(got[:1], [np.arange(12)])
-
-
-def test_grouped_depthwise_conv_matches_the_shifted_slices():
-  from mer_jax.models import mobilenet_v3
-  rng = np.random.default_rng(1)
-  for kernel_size, stride, size in ((3, 1, 9), (3, 2, 9), (5, 2, 14), (5, 1, 7)):
-    x = rng.normal(size=(2, size, size, 8)).astype(np.float32)
-    kernel = rng.normal(size=(kernel_size, kernel_size, 1, 8)).astype(np.float32)
-    pad = (kernel_size - 1) // 2
-    expected = mobilenet_v3.depthwise_conv(x, kernel, stride, pad)
-    got = export.grouped_depthwise_conv(x, kernel, stride, pad)
-    assert got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, atol=1e-5)
-  with export.export_friendly_ops():
-    assert mobilenet_v3.depthwise_conv is export.grouped_depthwise_conv
-    assert mobilenet_v3.single_channel_conv is mobilenet_v3.plain_conv  # grey-input convs: one Conv node
-    assert topk.gather_frames is topk.einsum_gather_frames  # no FFI custom call in the exported graph
-  assert mobilenet_v3.depthwise_conv is not export.grouped_depthwise_conv
-  assert topk.gather_frames is not topk.einsum_gather_frames
-  assert mobilenet_v3.single_channel_conv is not mobilenet_v3.plain_conv
-
-
 def test_fp32_mismatch_raises_and_is_recorded(tmp_path, monkeypatch):
   config = tiny.get_config()
   variables = _random_variables(config)
-  examples = export.make_examples(config, 5)  # 5 rows like the CLI test: one compiled reference for both
+  examples = parity_lib.make_examples(config, 5)  # 5 rows like the CLI test: one compiled reference for both
   reference = export.jax_reference(config, variables, examples)
 
   def off_by_a_little(key, path, names):
     return lambda examples: {k: v + 1e-3 if v.dtype == np.float32 else v for k, v in reference.items()}
+
   monkeypatch.setattr(export, "export_onnx", lambda config, variables, path: open(path, "wb").close())
-  monkeypatch.setattr(export, "loaded_runner", off_by_a_little)
-  with pytest.raises(export.ParityError, match="onnx: max \\|delta\\| 0.001"):
+  monkeypatch.setattr(runtimes, "loaded_runner", off_by_a_little)
+  with pytest.raises(parity_lib.ParityError, match="onnx: max \\|delta\\| 0.001"):
     export.export_model(config, variables, str(tmp_path), formats=["onnx"], examples=examples)
   parity = json.loads((tmp_path / "parity.json").read_text())
   assert parity["formats"]["onnx"]["passed_fp32_bar"] is False
@@ -93,7 +65,9 @@ def test_fp32_mismatch_raises_and_is_recorded(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="Unknown format"):
     export.export_model(config, variables, str(tmp_path), formats=["coreml"], examples=examples)
   with pytest.raises(FileNotFoundError, match="No checkpoints in .*train first"):
-    export.load_checkpoint(config, str(tmp_path / "never_trained"))
+    runs.load_checkpoint(config, str(tmp_path / "never_trained"))
+  with pytest.raises(FileNotFoundError, match="never_trained not found; pass the workdir of a trained run"):
+    runs.load_run(str(tmp_path / "never_trained"))
 
 
 def test_tflite_failure_names_the_blocker_and_the_way_around(tmp_path, monkeypatch):
@@ -101,6 +75,7 @@ def test_tflite_failure_names_the_blocker_and_the_way_around(tmp_path, monkeypat
 
   def removed(serving_funcs, inputs):
     raise ValueError("Failed to convert the given Jax function to hlo.")
+
   monkeypatch.setattr(tf.lite.TFLiteConverter, "experimental_from_jax", staticmethod(removed))
   config = tiny.get_config()
   with pytest.raises(RuntimeError, match="experimental_from_jax .*--formats onnx,savedmodel"):
@@ -119,14 +94,19 @@ def _checkpoint_workdir(config, workdir):
   abstract = train.abstract_train_state(train.step_options(config), train.make_mesh(), config.seed)
   state = jax.tree_util.tree_map_with_path(lambda path, leaf: _fill(path, leaf, rng), abstract)
   state = state.replace(step=np.asarray(2, np.int32))
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config,
-                                             best_metric=config.best_metric, asynchronous=False)
+  checkpointer = checkpoint_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"), config, best_metric=config.best_metric, asynchronous=False
+  )
   checkpointer.save(2, state, {config.best_metric: 0.25})
   checkpointer.close()
   os.makedirs(os.path.join(workdir, "eval"))
-  best = {"step": 2, "split": "validation", "best_metric": config.best_metric, "value": 0.25,
-          "tasks": {"emotion": {"class_names": list(labels.EMOTIONS)},
-                    "sentiment": {"class_names": SENTIMENT_NAMES}}}
+  best = {
+    "step": 2,
+    "split": "validation",
+    "best_metric": config.best_metric,
+    "value": 0.25,
+    "tasks": {"emotion": {"class_names": list(labels.EMOTIONS)}, "sentiment": {"class_names": SENTIMENT_NAMES}},
+  }
   with open(os.path.join(workdir, "eval", "best.json"), "w") as f:
     json.dump(best, f)
   return {"params": state.params, "batch_stats": state.batch_stats}
@@ -140,12 +120,26 @@ def _pooling(config):
 @pytest.mark.slow
 def test_cli_exports_checkpoint_and_all_runtimes_match_jax(tmp_path, monkeypatch):
   config = _pooling(tiny.get_config())
-  load_config = export.load_config
-  monkeypatch.setattr(export, "load_config", lambda path: _pooling(load_config(path)))
+  load_config = runs.load_config
+  monkeypatch.setattr(runs, "load_config", lambda path: _pooling(load_config(path)))
   workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
   trained = _checkpoint_workdir(config, workdir)
-  parity = export.main(["--workdir", workdir, "--out", out, "--config", os.path.join(REPO, "configs/tiny.py"),
-                        "--formats", "onnx,tflite,savedmodel", "--quantize", "none,int8", "--examples", "5"])
+  parity = export.main(
+    [
+      "--workdir",
+      workdir,
+      "--out",
+      out,
+      "--config",
+      os.path.join(REPO, "configs/tiny.py"),
+      "--formats",
+      "onnx,tflite,savedmodel",
+      "--quantize",
+      "none,int8",
+      "--examples",
+      "5",
+    ]
+  )
 
   assert set(parity["formats"]) == {"onnx", "tflite", "tflite_int8", "savedmodel"}
   for key in ("onnx", "tflite", "savedmodel"):
@@ -159,14 +153,14 @@ def test_cli_exports_checkpoint_and_all_runtimes_match_jax(tmp_path, monkeypatch
 
   # The exports hold the checkpoint's weights: the restored tree is the trained one, and ONNX (5 rows at
   # once: dynamic batch) and TFLite (5 calls of batch 1) reproduce JAX with it on new examples.
-  restored, source, _ = export.load_checkpoint(config, workdir)
+  restored, source, _ = runs.load_checkpoint(config, workdir)
   assert source["checkpoint_step"] == 2
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), trained)
-  examples = export.make_examples(config, 5, seed=3)
+  examples = parity_lib.make_examples(config, 5, seed=3)
   expected = export.jax_reference(config, trained, examples)
-  got = export.run_onnx(os.path.join(out, "model.onnx"), examples)
+  got = runtimes.run_onnx(os.path.join(out, "model.onnx"), examples)
   np.testing.assert_allclose(got[0], expected["probs_emotion"], atol=1e-4)
-  got = export.run_tflite(os.path.join(out, "model.tflite"), examples)
+  got = runtimes.run_tflite(os.path.join(out, "model.tflite"), examples)
   np.testing.assert_allclose(got[1], expected["probs_sentiment"], atol=1e-4)
   np.testing.assert_array_equal(got[3], expected["selected_indices"])
 
@@ -177,8 +171,9 @@ def test_cli_exports_checkpoint_and_all_runtimes_match_jax(tmp_path, monkeypatch
   pre = metadata["preprocessing"]
   assert [pre[k] for k in ("num_frames", "frame_size", "sample_rate", "max_text_length")] == [4, 32, 16000, 16]
   assert pre["log_mel"]["num_mel_bins"] == 16 and pre["audio_frames"] == examples["audio"].shape[1]
-  assert [o["name"] for o in metadata["outputs"]] == list(export.output_names(config))
-  assert export.output_names(config)[-1] == "gate" and parity["formats"]["onnx"]["per_output"]["gate"] < 1e-4
+  assert [o["name"] for o in metadata["outputs"]] == list(contract.output_names(config))
+  assert contract.output_names(metadata) == contract.output_names(config)
+  assert contract.output_names(config)[-1] == "gate" and parity["formats"]["onnx"]["per_output"]["gate"] < 1e-4
   # No prepared data for this run: random parity inputs, and the clip reader's defaults, both said so.
   assert parity["examples_source"].startswith("random inputs")
   assert pre["clip_read_config"]["num_frames"] == 4 and "defaults" in pre["clip_read_config_source"]
@@ -186,8 +181,9 @@ def test_cli_exports_checkpoint_and_all_runtimes_match_jax(tmp_path, monkeypatch
   assert metadata["files"]["tflite_int8"] == "model_int8.tflite"
   text = ["Oh my god, you're back!"]
   exported = tokenizer_lib.load_tokenizer(os.path.join(out, "tokenizer"))
-  np.testing.assert_array_equal(tokenizer_lib.tokenize(exported, text, 16)[0],
-                                tokenizer_lib.tokenize(tokenizer_lib.load_tokenizer(), text, 16)[0])
+  np.testing.assert_array_equal(
+    tokenizer_lib.tokenize(exported, text, 16)[0], tokenizer_lib.tokenize(tokenizer_lib.load_tokenizer(), text, 16)[0]
+  )
 
   with pytest.raises(FileNotFoundError, match="No checkpoint of step 7"):
-    export.load_checkpoint(config, workdir, step=7)
+    runs.load_checkpoint(config, workdir, step=7)

@@ -9,8 +9,11 @@ from mer_jax.models import fusion
 
 def make_inputs(batch=4, seed=0):
   rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.normal(size=(batch, 8)), jnp.float32), jnp.asarray(rng.normal(size=(batch, 6)), jnp.float32),
-          jnp.asarray(rng.normal(size=(batch, 5)), jnp.float32))
+  return (
+    jnp.asarray(rng.normal(size=(batch, 8)), jnp.float32),
+    jnp.asarray(rng.normal(size=(batch, 6)), jnp.float32),
+    jnp.asarray(rng.normal(size=(batch, 5)), jnp.float32),
+  )
 
 
 def test_fused_is_the_gated_reliability_weighted_sum():

@@ -13,8 +13,17 @@ def test_quick_latency_reports_every_runtime(tmp_path, capsys):
   result = latency.main(["--quick", "--json", "--out", str(out)])
   printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert printed == json.loads(out.read_text()) == json.loads(json.dumps(result))
-  keys = ["onnxruntime_batch1_ms", "tflite_batch1_ms", "jax_batch1_ms", "onnxruntime_batch32_ms",
-          "jax_batch32_ms", "tflite_int8_batch1_ms", "onnx_mb", "tflite_mb", "tflite_int8_mb"]
+  keys = [
+    "onnxruntime_batch1_ms",
+    "tflite_batch1_ms",
+    "jax_batch1_ms",
+    "onnxruntime_batch32_ms",
+    "jax_batch32_ms",
+    "tflite_int8_batch1_ms",
+    "onnx_mb",
+    "tflite_mb",
+    "tflite_int8_mb",
+  ]
   for key in keys:
     assert isinstance(printed[key], float) and printed[key] > 0, key
   # int8 weights: the TFLite file shrinks to well under half (fp32 ~22 MB for the edge model).

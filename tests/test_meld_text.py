@@ -1,4 +1,4 @@
-"""configs/meld_text.py: builds without MELD, finds MELD's CSVs, says what to do when they are missing."""
+"""configs/meld_text.py builds without MELD; data/sources.py finds MELD's CSVs or says what to do without them."""
 
 import importlib
 import os
@@ -6,6 +6,7 @@ import os
 import pytest
 
 from configs import meld_text
+from data import sources
 from mer_jax.data import input_pipeline
 from mer_jax.data import tokenizer as tokenizer_lib
 
@@ -24,7 +25,7 @@ def test_get_config_without_meld(monkeypatch, tmp_path):
   assert 0 < config.warmup_steps < config.num_train_steps
   assert config.num_train_steps % config.eval_every_steps == 0  # eval at each epoch end
   with pytest.raises(FileNotFoundError, match="MELD_DIR"):
-    meld_text.check_meld_csvs(config.data.source_dir)
+    sources.check_meld_csvs(config.data.source_dir)
 
 
 def test_default_source_is_shared_meld_beside_the_repo(monkeypatch):
@@ -36,16 +37,16 @@ def test_default_source_is_shared_meld_beside_the_repo(monkeypatch):
 
 def test_check_meld_csvs(tmp_path):
   with pytest.raises(FileNotFoundError, match="missing: train_sent_emo.csv, dev_sent_emo.csv"):
-    meld_text.check_meld_csvs(str(tmp_path))
+    sources.check_meld_csvs(str(tmp_path))
   nested = tmp_path / "MELD.Raw"  # one folder down is fine, as MELD.Raw unpacks
   nested.mkdir()
   (nested / "train_sent_emo.csv").write_text("x")
   with pytest.raises(FileNotFoundError, match="missing: dev_sent_emo.csv"):
-    meld_text.check_meld_csvs(str(tmp_path))
+    sources.check_meld_csvs(str(tmp_path))
   (nested / "dev_sent_emo.csv").write_text("x")
-  meld_text.check_meld_csvs(str(tmp_path))
+  sources.check_meld_csvs(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="is not a folder"):
-    meld_text.check_meld_csvs(str(tmp_path / "absent"))
+    sources.check_meld_csvs(str(tmp_path / "absent"))
 
 
 def test_context_keeps_the_utterance_and_the_recent_turns():
@@ -53,8 +54,7 @@ def test_context_keeps_the_utterance_and_the_recent_turns():
   config = meld_text.get_config()
   speakers = ["Ross", "Rachel", "Ross", "Rachel", "Ross"]
   texts = ["We were on a break!", "No we were not.", "Fine.", "Whatever.", "I am so happy for you!"]
-  contexts = input_pipeline.dialogue_contexts(speakers, texts, [0] * 5, [0, 1, 2, 3, 5],
-                                              config.data.context_turns)
+  contexts = input_pipeline.dialogue_contexts(speakers, texts, [0] * 5, [0, 1, 2, 3, 5], config.data.context_turns)
   assert contexts[0] is None
   assert config.data.context_turns == 2
   assert contexts[4] == "Rachel: Whatever.\nRoss: Fine."  # the 2 previous turns, most recent first
@@ -67,4 +67,4 @@ def test_context_keeps_the_utterance_and_the_recent_turns():
 
 @pytest.mark.skipif(not os.path.isdir(meld_text.DEFAULT_SOURCE), reason="MELD's CSVs are not beside the repo")
 def test_shared_meld_csvs_are_found():
-  meld_text.check_meld_csvs(meld_text.DEFAULT_SOURCE)
+  sources.check_meld_csvs(meld_text.DEFAULT_SOURCE)

@@ -27,8 +27,7 @@ def test_weighted_f1_imbalanced_by_hand():
   assert report["weighted_f1"] == pytest.approx((4 * 6 / 7 + 2 * 0.5 + 1 * 2 / 3) / 7)
   assert report["macro_f1"] == pytest.approx((6 / 7 + 0.5 + 2 / 3) / 3)
   assert report["accuracy"] == pytest.approx(5 / 7)
-  assert report["per_class"]["0"] == pytest.approx(
-      {"precision": 1.0, "recall": 0.75, "f1": 6 / 7, "support": 4})
+  assert report["per_class"]["0"] == pytest.approx({"precision": 1.0, "recall": 0.75, "f1": 6 / 7, "support": 4})
   assert report["confusion_matrix"] == [[3, 1, 0], [0, 1, 1], [0, 0, 1]]
 
 
@@ -56,11 +55,16 @@ def _eval_outputs(rng, n, padded):
   logits = {t: rng.normal(size=(n, c)).astype(np.float32) for t, c in (("emotion", 7), ("sentiment", 3))}
   labels = {"emotion": rng.integers(-1, 7, n), "sentiment": rng.integers(0, 3, n)}
   mask = np.ones(n, bool)
-  mask[n - padded:] = False
+  mask[n - padded :] = False
   outputs = {"example_mask": jnp.asarray(mask)}
   for t in logits:
-    outputs.update({f"logits/{t}": jnp.asarray(logits[t]), f"labels/{t}": jnp.asarray(labels[t], jnp.int32),
-                    f"example_loss/{t}": jnp.asarray(rng.random(n).astype(np.float32))})
+    outputs.update(
+      {
+        f"logits/{t}": jnp.asarray(logits[t]),
+        f"labels/{t}": jnp.asarray(labels[t], jnp.int32),
+        f"example_loss/{t}": jnp.asarray(rng.random(n).astype(np.float32)),
+      }
+    )
   return outputs
 
 
@@ -75,8 +79,9 @@ def test_eval_collection_merges_batches_like_one_pass():
   computed = merged.compute()
   for task, classes in tasks.items():
     y_true = np.concatenate([np.asarray(b[f"labels/{task}"])[np.asarray(b["example_mask"])] for b in batches])
-    y_pred = np.concatenate([np.asarray(b[f"logits/{task}"]).argmax(-1)[np.asarray(b["example_mask"])]
-                             for b in batches])
+    y_pred = np.concatenate(
+      [np.asarray(b[f"logits/{task}"]).argmax(-1)[np.asarray(b["example_mask"])] for b in batches]
+    )
     want = metrics.f1_scores(y_true, y_pred, classes)
     got = metrics.classification_report(np.asarray(computed[f"confusion_{task}"]))
     assert got["confusion_matrix"] == want["confusion_matrix"]
@@ -90,9 +95,14 @@ def test_eval_collection_merges_batches_like_one_pass():
 
 
 def test_train_collection_accuracy_ignores_unlabeled_and_padding():
-  outputs = {"loss": jnp.float32(2.0), "grad_norm": jnp.float32(1.0), "loss/emotion": jnp.float32(1.5),
-             "logits/emotion": jnp.asarray(np.eye(7, dtype=np.float32)[[0, 1, 2, 3]]),
-             "labels/emotion": jnp.array([0, 5, -1, 3]), "example_mask": jnp.array([True, True, True, False])}
+  outputs = {
+    "loss": jnp.float32(2.0),
+    "grad_norm": jnp.float32(1.0),
+    "loss/emotion": jnp.float32(1.5),
+    "logits/emotion": jnp.asarray(np.eye(7, dtype=np.float32)[[0, 1, 2, 3]]),
+    "labels/emotion": jnp.array([0, 5, -1, 3]),
+    "example_mask": jnp.array([True, True, True, False]),
+  }
   collection = metrics.train_collection(["emotion"]).single_from_model_output(**outputs)
   computed = collection.merge(collection).compute()
   assert float(computed["accuracy_emotion"]) == pytest.approx(0.5)  # rows 0 (right) and 1 (wrong)
@@ -106,4 +116,8 @@ def test_eval_log_keeps_the_best_and_overwrites_best_json(tmp_path):
   best = json.load(open(tmp_path / "eval" / "best.json"))
   assert best["step"] == 200 and best["value"] == 0.7
   assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
-      "best.json", "step_100.json", "step_200.json", "step_300.json"]
+    "best.json",
+    "step_100.json",
+    "step_200.json",
+    "step_300.json",
+  ]

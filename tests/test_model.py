@@ -81,8 +81,13 @@ def test_gradients_reach_every_component_including_the_scorer(setup):
   labels = jnp.asarray([1, 2, 3])
 
   def loss(params):
-    (logits, _), _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, batch, train=True,
-                                 rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
+    (logits, _), _ = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      batch,
+      train=True,
+      rngs={"dropout": jax.random.key(1)},
+      mutable=["batch_stats"],
+    )
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits["emotion"]), labels[:, None], 1))
 
   grads = jax.jit(jax.grad(loss))(variables["params"])
@@ -99,7 +104,8 @@ def test_soft_selection_ablation_runs_all_frames():
   variables = model_lib.init_variables(config, jax.random.key(0))
   model = model_lib.EmotionModel(config.model)
   logits, explanation = jax.jit(lambda v, b: model.apply(v, b, train=False))(
-      variables, model_lib.zeros_batch(config, 2))
+    variables, model_lib.zeros_batch(config, 2)
+  )
   assert explanation["attention"].shape[-1] == 1 + config.data.num_frames + config.model.audio.num_segments
   assert logits["emotion"].shape == (2, 7)
 
@@ -111,8 +117,9 @@ def test_model_sizes():
 
   def count(config):
     model = model_lib.EmotionModel(config.model)
-    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, model_lib.zeros_batch(config, 1),
-                                               train=False))
+    shapes = jax.eval_shape(
+      lambda: model.init({"params": jax.random.key(0)}, model_lib.zeros_batch(config, 1), train=False)
+    )
     return model_lib.count_parameters(shapes["params"]), shapes["params"]
 
   edge_total, edge_params = count(edge)
@@ -133,8 +140,13 @@ def test_text_only_model_ignores_frames_and_audio(setup):
   model = model_lib.EmotionModel(config.model)
   apply = jax.jit(lambda v, b: model.apply(v, b, train=False))
   logits, explanation = apply(variables, batch)
-  other = dict(batch, frames=np.zeros_like(batch["frames"]), audio=np.zeros_like(batch["audio"]),
-               has_video=np.zeros(3, bool), has_audio=np.zeros(3, bool))
+  other = dict(
+    batch,
+    frames=np.zeros_like(batch["frames"]),
+    audio=np.zeros_like(batch["audio"]),
+    has_video=np.zeros(3, bool),
+    has_audio=np.zeros(3, bool),
+  )
   other_logits, _ = apply(variables, other)
   np.testing.assert_array_equal(logits["emotion"], other_logits["emotion"])
   text_changed = dict(batch, text_ids=batch["text_ids"] + 1)

@@ -14,6 +14,7 @@ from data import make_demo_corpus
 from data import meld_format
 from data import prepare
 from mer_jax.training import checkpoint as checkpoint_lib
+from mer_jax.export import contract
 from mer_jax.export import metadata as export_metadata
 from mer_jax.data import input_pipeline
 from mer_jax.tools import predict
@@ -26,9 +27,17 @@ def corpus(tmp_path_factory):
   """A 2+3-clip demo corpus prepared at 4 frames of 48 px (the tiny model resizes them to 32 px)."""
   root = tmp_path_factory.mktemp("predict")
   make_demo_corpus.make_corpus(root / "corpus", num_train=2, num_dev=3, num_test=0, seed=1, workers=1)
-  reading = meld_format.MeldFormatConfig(name="tiny_demo", version="1.0.0", num_frames=4, frame_size=48,
-                                         face_crop=False, max_audio_seconds=2.0, exact_frames=True,
-                                         skip_loop_filter=False, num_workers=1)
+  reading = meld_format.MeldFormatConfig(
+    name="tiny_demo",
+    version="1.0.0",
+    num_frames=4,
+    frame_size=48,
+    face_crop=False,
+    max_audio_seconds=2.0,
+    exact_frames=True,
+    skip_loop_filter=False,
+    num_workers=1,
+  )
   prepare.prepare(root / "corpus", root / "tfds", reading)
   config = tiny.get_config()
   config.data.builder_config = "tiny_demo"
@@ -80,17 +89,20 @@ def test_context_follows_the_pipeline_order():
 
 def test_missing_inputs_say_what_to_pass(tmp_path):
   with pytest.raises(FileNotFoundError, match="metadata.json"):
-    export_metadata.read_metadata(str(tmp_path))
+    contract.read_metadata(str(tmp_path))
   with pytest.raises(ValueError, match="training workdir, an export folder"):
     predict.load_model(str(tmp_path / "model.pt"))
   with pytest.raises(FileNotFoundError, match="--video .* not found"):
     predict.clip_inputs(str(tmp_path / "none.mp4"), "hi", predict.Preprocessing({}, {}))
+  with pytest.raises(FileNotFoundError, match="config.json not found.*or pass --config"):
+    predict.load_model(str(tmp_path))  # a folder that is neither a run nor an export
 
 
 @pytest.mark.slow
 def test_predict_end_to_end_jax_and_onnx_agree(corpus, tmp_path):
   from mer_jax.export import exporters as export
   from tests.test_export import _checkpoint_workdir
+
   root, config = corpus
   workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
   _checkpoint_workdir(config, workdir)
@@ -109,8 +121,9 @@ def test_predict_end_to_end_jax_and_onnx_agree(corpus, tmp_path):
   assert 0.0 < times[0] < times[-1] < by_jax["duration_seconds"]
 
   # Export on real dev examples, scored on the whole dev split.
-  parity = export.main(["--workdir", workdir, "--out", out, "--formats", "onnx", "--examples", "2",
-                        "--accuracy-split", "dev"])
+  parity = export.main(
+    ["--workdir", workdir, "--out", out, "--formats", "onnx", "--examples", "2", "--accuracy-split", "dev"]
+  )
   assert parity["examples"] == 2 and "'dev' split" in parity["examples_source"]
   accuracy = parity["accuracy"]
   assert accuracy["split"] == "dev" and accuracy["examples"] == 3
@@ -121,11 +134,30 @@ def test_predict_end_to_end_jax_and_onnx_agree(corpus, tmp_path):
 
   # The ONNX route in a fresh process: never imports JAX, agrees with JAX, writes the explanation.
   png = str(tmp_path / "explain.png")
-  script = ("import json, sys; from mer_jax import predict; "
-            f"r = predict.main(sys.argv[1:]); assert 'jax' not in sys.modules, 'jax imported'")
-  done = subprocess.run([sys.executable, "-c", script, "--model", os.path.join(out, "model.onnx"),
-                         "--video", video, "--text", text, "--json", "--explain", png],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  script = (
+    "import json, sys; from mer_jax.tools import predict; "
+    "r = predict.main(sys.argv[1:]); assert 'jax' not in sys.modules, 'jax imported'"
+  )
+  done = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      script,
+      "--model",
+      os.path.join(out, "model.onnx"),
+      "--video",
+      video,
+      "--text",
+      text,
+      "--json",
+      "--explain",
+      png,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   by_onnx = json.loads(done.stdout.strip().splitlines()[-1])
   assert by_onnx["runtime"] == "onnxruntime"

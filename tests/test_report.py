@@ -45,7 +45,8 @@ def tiny_root(tmp_path_factory):
   config.data.prepare = "demo"
   config.data.prepare_workers = 1
   config.data.demo_corpus = ml_collections.ConfigDict(
-      dict(num_train=8, num_dev=6, num_test=2, seed=0, resolution=(64, 64), workers=1))
+    dict(num_train=8, num_dev=6, num_test=2, seed=0, resolution=(64, 64), workers=1)
+  )
   launch.prepare_data_if_missing(config, str(root / "work"))
   return root
 
@@ -66,8 +67,13 @@ def _is_png(path) -> bool:
 
 
 def test_key_frames_identity_and_resampled():
-  record = {"key_frame_indices": [0, 1, 5, 7], "duration": 3.0, "fps": 15, "num_frames": 45,
-            "decoys": [{"frame_indices": [3, 4, 9, 11]}, {"frame_indices": [2, 6, 8, 10]}]}
+  record = {
+    "key_frame_indices": [0, 1, 5, 7],
+    "duration": 3.0,
+    "fps": 15,
+    "num_frames": 45,
+    "decoys": [{"frame_indices": [3, 4, 9, 11]}, {"frame_indices": [2, 6, 8, 10]}],
+  }
   assert report.key_frames(record, 12) == {0, 1, 5, 7}
   # 6 samples at t = (j + 0.5) * 0.5 s: video frames 3, 11, 18, 26, 33, 41 -> positions 0, 3, 4, 7, 8, 11.
   assert report.key_frames(record, 6) == {0, 3}
@@ -106,23 +112,30 @@ def test_measure_with_sidecar_gives_the_known_values(tmp_path):
   config.model.top_k = 2
   config.data.source_dir = str(tmp_path)
   base = {"duration": 2.0, "fps": 15, "num_frames": 30, "decoys": [{"frame_indices": [2]}, {"frame_indices": [3]}]}
-  sidecar = [dict(base, id="dev/a", key_frame_indices=[0, 1], corrupted=None),
-             dict(base, id="dev/b", key_frame_indices=[0, 2], corrupted=None),
-             dict(base, id="dev/c", key_frame_indices=[1, 3], corrupted="audio"),
-             dict(base, id="dev/d", key_frame_indices=[0, 1], corrupted="video")]
+  sidecar = [
+    dict(base, id="dev/a", key_frame_indices=[0, 1], corrupted=None),
+    dict(base, id="dev/b", key_frame_indices=[0, 2], corrupted=None),
+    dict(base, id="dev/c", key_frame_indices=[1, 3], corrupted="audio"),
+    dict(base, id="dev/d", key_frame_indices=[0, 1], corrupted="video"),
+  ]
   with open(tmp_path / "dev_ground_truth.jsonl", "w") as f:
     f.write("\n".join(json.dumps(r) for r in sidecar))
   right, wrong = np.eye(7)[3] * 5, np.eye(7)[0] * 5
   data = {
-      "ids": np.array(["dev/a", "dev/b", "dev/c", "dev/d"], object),
-      "selected": np.array([[0, 1], [0, 1], [1, 3], [2, 3]]),
-      "frame_scores": np.zeros((4, 4)), "gate_mean": np.full(4, 0.5),
-      "reliability_audio": np.array([0.9, 0.7, 0.2, 0.8]), "reliability_video": np.array([0.8, 0.8, 0.8, 0.1]),
-      "has_video": np.ones(4, bool), "has_audio": np.ones(4, bool),
-      "labels/emotion": np.array([3, 3, 3, 3]), "logits/emotion": np.stack([right, right, right, wrong]),
-      "labels/sentiment": np.array([0, 1, -1, 2]), "logits/sentiment": np.zeros((4, 3)),
-      "blank_chosen/emotion": np.stack([wrong, wrong, right, wrong]),
-      "blank_random/emotion": np.stack([right, right, right, wrong]),
+    "ids": np.array(["dev/a", "dev/b", "dev/c", "dev/d"], object),
+    "selected": np.array([[0, 1], [0, 1], [1, 3], [2, 3]]),
+    "frame_scores": np.zeros((4, 4)),
+    "gate_mean": np.full(4, 0.5),
+    "reliability_audio": np.array([0.9, 0.7, 0.2, 0.8]),
+    "reliability_video": np.array([0.8, 0.8, 0.8, 0.1]),
+    "has_video": np.ones(4, bool),
+    "has_audio": np.ones(4, bool),
+    "labels/emotion": np.array([3, 3, 3, 3]),
+    "logits/emotion": np.stack([right, right, right, wrong]),
+    "labels/sentiment": np.array([0, 1, -1, 2]),
+    "logits/sentiment": np.zeros((4, 3)),
+    "blank_chosen/emotion": np.stack([wrong, wrong, right, wrong]),
+    "blank_random/emotion": np.stack([right, right, right, wrong]),
   }
   classes = {"emotion": [str(i) for i in range(7)], "sentiment": ["a", "b", "c"]}
   result = report.measure(config, data, classes, "dev")
@@ -162,13 +175,19 @@ def test_blanked_frames_are_never_reselected():
 @pytest.mark.slow
 def test_report_cli_writes_claims_plots_and_markdown(trained, tmp_path):
   out = tmp_path / "report"
-  result = report.main(["--workdir", trained, "--out", str(out), "--split", "dev", "--max-examples", "5",
-                        "--seed", "3"])
+  result = report.main(
+    ["--workdir", trained, "--out", str(out), "--split", "dev", "--max-examples", "5", "--seed", "3"]
+  )
   saved = json.load(open(out / "claims.json"))
   assert saved["num_examples"] == 5 and saved["split"] == "dev" and saved["seed"] == 3
   assert saved["claims"] == result["claims"]
-  assert set(saved["claims"]) == {"selection_precision_at_k", "audio_reliability_drop", "video_reliability_drop",
-                                  "accuracy_audio_corrupted", "faithfulness_gap"}
+  assert set(saved["claims"]) == {
+    "selection_precision_at_k",
+    "audio_reliability_drop",
+    "video_reliability_drop",
+    "accuracy_audio_corrupted",
+    "faithfulness_gap",
+  }
   for entry in saved["claims"].values():
     assert set(entry) >= {"value", "bar", "met"} and isinstance(entry["met"], bool)
   histogram = saved["selection_histogram"]
@@ -212,11 +231,28 @@ def _tiny_root_of(workdir: str) -> str:
 @pytest.mark.slow
 def test_ablations_short_mode(tiny_root, tmp_path):
   root = tmp_path / "ablations"
-  summary = ablations.main([
-      "--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir-root", str(root), "--steps", "2",
-      "--only", "k1,no_gate", "--max-examples", "4", "--set", f"data.data_dir={tiny_root / 'tfds'}",
-      "--set", f"data.source_dir={tiny_root / 'corpus'}", "--set", "data.builder_config=demo_tiny",
-      "--set", "eval_every_steps=2"])
+  summary = ablations.main(
+    [
+      "--config",
+      os.path.join(REPO, "configs", "tiny.py"),
+      "--workdir-root",
+      str(root),
+      "--steps",
+      "2",
+      "--only",
+      "k1,no_gate",
+      "--max-examples",
+      "4",
+      "--set",
+      f"data.data_dir={tiny_root / 'tfds'}",
+      "--set",
+      f"data.source_dir={tiny_root / 'corpus'}",
+      "--set",
+      "data.builder_config=demo_tiny",
+      "--set",
+      "eval_every_steps=2",
+    ]
+  )
   saved = json.load(open(root / "ablations.json"))
   assert saved == json.loads(json.dumps(summary))
   rows = {row["variant"]: row for row in saved["variants"]}

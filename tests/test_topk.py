@@ -1,11 +1,15 @@
-"""Straight-through hard Top-K: exact K-hot forward, surrogate gradient backward, composes with jit/vmap/grad."""
+"""Text-guided Top-K frame selection: the straight-through selection and the gather compose with jit/vmap/grad,
+the scorer follows the text and gives the same scores and gradients under every ops form. (The ops themselves,
+exact K-hot forward and surrogate gradient included: tests/test_ops.py.)"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mer_jax import ops
 from mer_jax.models import frame_selector as topk
+from mer_jax.ops import reference
 
 
 def random_scores(batch=3, frames=12, seed=0):
@@ -14,7 +18,7 @@ def random_scores(batch=3, frames=12, seed=0):
 
 def test_forward_is_exactly_k_hot_on_the_top_scores_in_time_order():
   scores = random_scores()
-  selection = topk.straight_through_topk(scores, 4, 1.0)
+  selection = ops.REFERENCE.straight_through_topk(scores, 4, 1.0)
   assert selection.shape == (3, 4, 12)
   assert set(np.unique(np.asarray(selection))) <= {0.0, 1.0}
   np.testing.assert_array_equal(selection.sum(-1), 1.0)  # one frame per slot
@@ -22,24 +26,24 @@ def test_forward_is_exactly_k_hot_on_the_top_scores_in_time_order():
   assert np.all(chosen.sum(-1) == 4) and chosen.max() == 1.0  # K distinct frames
   top4 = np.sort(np.argsort(-np.asarray(scores), axis=-1)[:, :4], axis=-1)
   np.testing.assert_array_equal(np.argmax(np.asarray(selection), -1), top4)
-  np.testing.assert_array_equal(topk.hard_topk_indices(scores, 4), top4)
+  np.testing.assert_array_equal(reference.sort_free_topk_indices(scores, 4), top4)
 
 
 def test_gradient_is_nonzero_and_equals_the_soft_surrogate_gradient():
   scores = random_scores()
   weights = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4, 12)), jnp.float32)
-  hard_grad = jax.grad(lambda s: jnp.sum(topk.straight_through_topk(s, 4, 0.5) * weights))(scores)
-  soft_grad = jax.grad(lambda s: jnp.sum(topk.soft_selection_surrogate(s, 4, 0.5) * weights))(scores)
+  hard_grad = jax.grad(lambda s: jnp.sum(ops.REFERENCE.straight_through_topk(s, 4, 0.5) * weights))(scores)
+  soft_grad = jax.grad(lambda s: jnp.sum(reference.soft_selection_surrogate(s, 4, 0.5) * weights))(scores)
   assert float(jnp.abs(hard_grad).max()) > 1e-3
   np.testing.assert_allclose(hard_grad, soft_grad, rtol=1e-6, atol=1e-7)
 
 
-def test_jit_vmap_grad_compose():
+def test_jit_vmap_grad_compose(ops_form):
   scores = random_scores(batch=2)
-  frames = jnp.asarray(np.random.default_rng(2).integers(0, 255, (2, 12, 8, 8, 1)), jnp.float32)
+  frames = jnp.asarray(np.random.default_rng(2).integers(0, 255, (2, 12, 8, 8, 1)), jnp.uint8)
 
   def loss(s, f):
-    return jnp.sum(topk.gather_frames(topk.straight_through_topk(s, 3, 1.0), f) ** 2)
+    return jnp.sum(ops_form.frame_gather(ops_form.straight_through_topk(s, 3, 1.0), f) ** 2)
 
   eager = jax.grad(loss)(scores, frames)
   jitted = jax.jit(jax.grad(loss))(scores, frames)
@@ -50,20 +54,21 @@ def test_jit_vmap_grad_compose():
   assert float(jnp.abs(eager).sum()) > 0
 
 
-def test_unchosen_frames_cannot_change_the_gathered_output():
+def test_unchosen_frames_cannot_change_the_gathered_output(ops_form):
   scores = random_scores(batch=2)
   rng = np.random.default_rng(3)
   frames = jnp.asarray(rng.integers(0, 255, (2, 12, 8, 8, 1)), jnp.uint8)
-  selection = topk.straight_through_topk(scores, 4, 1.0)
-  gathered = topk.gather_frames(selection, frames)
+  selection = ops_form.straight_through_topk(scores, 4, 1.0)
+  gathered = ops_form.frame_gather(selection, frames)
   chosen = np.asarray(selection.sum(1)) > 0
   changed = np.where(chosen[:, :, None, None, None], np.asarray(frames), rng.integers(0, 255, frames.shape))
-  gathered_changed = topk.gather_frames(selection, jnp.asarray(changed, jnp.uint8))
+  gathered_changed = ops_form.frame_gather(selection, jnp.asarray(changed, jnp.uint8))
   np.testing.assert_array_equal(gathered, gathered_changed)
   # And the gathered frames are exactly the chosen ones, in time order.
-  indices = np.asarray(topk.hard_topk_indices(scores, 4))
-  np.testing.assert_array_equal(gathered, np.take_along_axis(np.asarray(frames, np.float32),
-                                                             indices[:, :, None, None, None], axis=1))
+  indices = np.asarray(reference.sort_free_topk_indices(scores, 4))
+  np.testing.assert_array_equal(
+    gathered, np.take_along_axis(np.asarray(frames, np.float32), indices[:, :, None, None, None], axis=1)
+  )
 
 
 def test_text_guided_selector_follows_the_text():
@@ -114,11 +119,13 @@ def test_frame_evidence_gives_each_frame_its_own_logits():
   assert not np.allclose(changed[1, 2], logits[1, 2])
 
 
-@pytest.mark.parametrize("shape, downscale", [((2, 3, 112, 112, 1), 2), ((1, 2, 13, 11, 1), 2),
-                                              ((1, 2, 16, 16, 1), 4), ((1, 2, 8, 8, 1), 1)])
+@pytest.mark.parametrize(
+  "shape, downscale", [((2, 3, 112, 112, 1), 2), ((1, 2, 13, 11, 1), 2), ((1, 2, 16, 16, 1), 4), ((1, 2, 8, 8, 1), 1)]
+)
 def test_downscaled_pixels_equal_average_pooling_of_centred_pixels(shape, downscale):
   """The strided-slice sum is nn.avg_pool (VALID: remainder rows/columns dropped) of (x - 127.5) / 64."""
   import flax.linen as nn
+
   frames = jnp.asarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
   centred = (frames.reshape((-1,) + shape[2:]).astype(jnp.float32) - 127.5) / 64.0
   expected = nn.avg_pool(centred, (downscale, downscale), strides=(downscale, downscale))
@@ -128,33 +135,30 @@ def test_downscaled_pixels_equal_average_pooling_of_centred_pixels(shape, downsc
   assert float(jnp.std(got)) > 0.1  # varied pixels, not a constant image
 
 
-def test_scorer_cpu_path_equals_the_conv_path(monkeypatch):
-  """On the CPU the scorer's grey first conv runs as shifted slices (SingleChannelConv); other backends and
-  export keep nn.Conv. Both read the same parameters and give the same scores and gradients."""
-  scorer = topk.FrameScorer(channels=(4, 8, 8), query_dim=8, downscale=2)
+def test_scorer_gives_equal_scores_and_gradients_under_every_form(ops_form):
+  """The scorer's grey first conv and its later convs run as the form's grey_conv and conv; every form reads
+  the same parameters and gives the reference form's scores and gradients."""
   rng = np.random.default_rng(5)
   frames = jnp.asarray(rng.integers(0, 256, (2, 3, 24, 20, 1)), jnp.uint8)
   text = jnp.asarray(rng.normal(size=(2, 16)), jnp.float32)
 
-  def run():
+  def run(form):
+    scorer = topk.FrameScorer(channels=(4, 8, 8), query_dim=8, downscale=2, ops=form)
     variables = scorer.init(jax.random.key(0), frames, text)
 
     def loss(params):
       scores = scorer.apply({"params": params}, frames, text)
       return jnp.sum(jnp.sin(scores) * jnp.arange(3.0)), scores
 
-    convs = str(jax.make_jaxpr(loss)(variables["params"])).count("conv_general_dilated")
-    (_, scores), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
-    return variables, scores, grads, convs
+    (_, scores), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    return variables, scores, grads
 
-  cpu_variables, cpu_scores, cpu_grads, cpu_convs = run()
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  conv_variables, conv_scores, conv_grads, conv_convs = run()
-  assert cpu_convs < conv_convs  # the two runs really took different paths
-  assert jax.tree.structure(cpu_variables) == jax.tree.structure(conv_variables)
-  for got, expected in zip(jax.tree.leaves(cpu_variables), jax.tree.leaves(conv_variables)):
+  variables, scores, grads = run(ops_form)
+  reference_variables, reference_scores, reference_grads = run(ops.REFERENCE)
+  assert jax.tree.structure(variables) == jax.tree.structure(reference_variables)
+  for got, expected in zip(jax.tree.leaves(variables), jax.tree.leaves(reference_variables)):
     np.testing.assert_array_equal(got, expected)
-  np.testing.assert_allclose(cpu_scores, conv_scores, rtol=1e-5, atol=1e-5)
-  for got, expected in zip(jax.tree.leaves(cpu_grads), jax.tree.leaves(conv_grads)):
+  np.testing.assert_allclose(scores, reference_scores, rtol=1e-5, atol=1e-5)
+  for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads)):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-  assert float(jnp.abs(cpu_grads["conv0"]["kernel"]).max()) > 1e-3
+  assert float(jnp.abs(grads["conv0"]["kernel"]).max()) > 1e-3

@@ -7,18 +7,20 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip(
-    "torch", reason="PyTorch is a benchmark-only dependency: pip install -r requirements-bench.txt")
+  "torch", reason="PyTorch is a benchmark-only dependency: pip install -r requirements-bench.txt"
+)
 
 from benchmarks import torch_reference, torch_train, workers  # noqa: E402
 from configs import default, tiny  # noqa: E402
+from mer_jax import ops  # noqa: E402
 from mer_jax.models import emotion_model as model_lib  # noqa: E402
-from mer_jax.models import frame_selector as topk  # noqa: E402
 
 
 def flax_params(config):
   model = model_lib.EmotionModel(config.model)
-  return jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, model_lib.zeros_batch(config, 1),
-                                           train=False))["params"]
+  return jax.eval_shape(
+    lambda: model.init({"params": jax.random.key(0)}, model_lib.zeros_batch(config, 1), train=False)
+  )["params"]
 
 
 def module_counts(params) -> dict:
@@ -30,8 +32,11 @@ def test_parameter_counts_equal_module_by_module(config_module):
   config = config_module.get_config()
   params = flax_params(config)
   torch_model = torch_reference.TorchEmotionModel(config.model, config.data.num_mel_bins)
-  torch_counts = {name: torch_reference.count_parameters(child) for name, child in torch_model.named_children()
-                  if torch_reference.count_parameters(child)}
+  torch_counts = {
+    name: torch_reference.count_parameters(child)
+    for name, child in torch_model.named_children()
+    if torch_reference.count_parameters(child)
+  }
   assert torch_counts == module_counts(params)
   assert torch_reference.count_parameters(torch_model) == model_lib.count_parameters(params)
   if config_module is default:
@@ -67,7 +72,7 @@ def test_straight_through_topk_is_k_hot_in_time_order_with_jax_ties():
   assert tuple(selection.shape) == (2, 3, 5)
   assert torch.all(selection.sum(-1) == 1) and set(selection.unique().tolist()) == {0.0, 1.0}
   assert selection.argmax(-1).tolist() == [[1, 2, 3], [0, 1, 2]]
-  want = topk.straight_through_topk(jnp.asarray(scores.numpy()), 3, 1.0)
+  want = ops.REFERENCE.straight_through_topk(jnp.asarray(scores.numpy()), 3, 1.0)
   np.testing.assert_array_equal(selection.numpy(), np.asarray(want))
 
 
@@ -76,7 +81,7 @@ def test_straight_through_gradient_matches_jax_custom_vjp():
   scores, cotangent = rng.normal(size=(4, 12)).astype(np.float32), rng.normal(size=(4, 3, 12)).astype(np.float32)
   scores_t = torch.tensor(scores, requires_grad=True)
   torch_reference.StraightThroughTopK.apply(scores_t, 3, 0.7).backward(torch.tensor(cotangent))
-  _, vjp = jax.vjp(lambda s: topk.straight_through_topk(s, 3, 0.7), jnp.asarray(scores))
+  _, vjp = jax.vjp(lambda s: ops.REFERENCE.straight_through_topk(s, 3, 0.7), jnp.asarray(scores))
   np.testing.assert_allclose(scores_t.grad.numpy(), np.asarray(vjp(jnp.asarray(cotangent))[0]), atol=1e-6)
 
 
@@ -93,14 +98,16 @@ def test_ported_flax_weights_give_the_same_outputs():
     torch_logits, torch_explanation = model.eval()(torch_reference.batch_to_torch(inputs))
   for task in logits:
     np.testing.assert_allclose(torch_logits[task].numpy(), np.asarray(logits[task]), atol=1e-5)
-  np.testing.assert_array_equal(torch_explanation["selected_indices"].numpy(),
-                                np.asarray(explanation["selected_indices"]))
+  np.testing.assert_array_equal(
+    torch_explanation["selected_indices"].numpy(), np.asarray(explanation["selected_indices"])
+  )
   for key in ("frame_scores", "gate", "reliability_video", "reliability_audio"):
     np.testing.assert_allclose(torch_explanation[key].numpy(), np.asarray(explanation[key]), atol=1e-5)
   # Rows of padded text queries differ by design (see SelfAttention); every valid query row agrees.
   valid = batch["text_mask"][:, None, :, None]
-  np.testing.assert_allclose(torch_explanation["attention"].numpy() * valid,
-                             np.asarray(explanation["attention"]) * valid, atol=1e-5)
+  np.testing.assert_allclose(
+    torch_explanation["attention"].numpy() * valid, np.asarray(explanation["attention"]) * valid, atol=1e-5
+  )
 
 
 def test_torch_train_step_learns_and_updates_batch_norm():

@@ -60,7 +60,8 @@ def data_dir(tmp_path_factory):
   config.data.source_dir = str(root / "corpus")
   config.data.prepare_workers = 1
   config.data.demo_corpus = ml_collections.ConfigDict(
-      dict(num_train=12, num_dev=6, num_test=2, seed=0, resolution=(64, 64), workers=1))
+    dict(num_train=12, num_dev=6, num_test=2, seed=0, resolution=(64, 64), workers=1)
+  )
   launch.prepare_data_if_missing(config, str(root / "work"))
   assert os.path.exists(os.path.join(root, "corpus", "train_sent_emo.csv"))
   return str(root / "tfds")
@@ -124,8 +125,9 @@ def test_frame_selection_loss_pulls_the_scorer_to_the_frames_whose_evidence_agre
   log_p = lambda logits: jax.nn.log_softmax(logits[:2], axis=-1)[..., 2]
   np.testing.assert_allclose(losses["evidence"], -np.mean(log_p(evidence)), rtol=1e-5)
   np.testing.assert_allclose(losses["head"], -np.mean(log_p(relevance)), rtol=1e-5)
-  scorer_loss = lambda s: losses_lib.frame_selection_loss(jnp.asarray(evidence), jnp.asarray(relevance), s,
-                                                          labels, valid)["scorer"]
+  scorer_loss = lambda s: losses_lib.frame_selection_loss(
+    jnp.asarray(evidence), jnp.asarray(relevance), s, labels, valid
+  )["scorer"]
   grad = jax.grad(scorer_loss)(scores)
   # Descending the loss raises the frames that show the label and lowers the others, in every frame.
   assert np.all(grad[0, [1, 3]] < 0) and np.all(grad[0, [0, 2]] > 0)
@@ -135,16 +137,19 @@ def test_frame_selection_loss_pulls_the_scorer_to_the_frames_whose_evidence_agre
   agreeing = jnp.asarray([[-5.0, 5.0, -5.0, 5.0], [5.0, -5.0, 5.0, -5.0], [0, 0, 0, 0]])
   assert scorer_loss(agreeing) < scorer_loss(scores) < scorer_loss(-agreeing)
   # The scorer's targets carry no gradient into the evidence head.
-  evidence_grad = jax.grad(lambda e: losses_lib.frame_selection_loss(e, jnp.asarray(relevance), agreeing,
-                                                                     labels, valid)["scorer"])(jnp.asarray(evidence))
+  evidence_grad = jax.grad(
+    lambda e: losses_lib.frame_selection_loss(e, jnp.asarray(relevance), agreeing, labels, valid)["scorer"]
+  )(jnp.asarray(evidence))
   np.testing.assert_array_equal(evidence_grad, 0.0)
 
 
 def test_the_scorer_word_table_learns_with_sgd_and_everything_else_with_adamw():
   options = train.step_options(tiny.get_config())
   params = {"scorer_words": {"embedding": jnp.ones((5, 2))}, "head": {"kernel": jnp.ones((2, 2))}}
-  grads = {"scorer_words": {"embedding": jnp.zeros((5, 2)).at[1].set(100.0)},
-           "head": {"kernel": jnp.full((2, 2), 100.0)}}
+  grads = {
+    "scorer_words": {"embedding": jnp.zeros((5, 2)).at[1].set(100.0)},
+    "head": {"kernel": jnp.full((2, 2), 100.0)},
+  }
   tx = train.make_optimizer(dataclasses.replace(options, warmup_steps=0, grad_clip_norm=1.0))
   updates, _ = tx.update(grads, tx.init(params), params)
   rate = options.scorer_word_learning_rate
@@ -152,8 +157,7 @@ def test_the_scorer_word_table_learns_with_sgd_and_everything_else_with_adamw():
   np.testing.assert_allclose(updates["scorer_words"]["embedding"][1], -rate * 100.0, rtol=1e-5)
   np.testing.assert_array_equal(updates["scorer_words"]["embedding"][0], 0.0)
   # AdamW: a step of about the learning rate, whatever the gradient's size.
-  np.testing.assert_allclose(updates["head"]["kernel"], -options.learning_rate * (1 + options.weight_decay),
-                             rtol=1e-3)
+  np.testing.assert_allclose(updates["head"]["kernel"], -options.learning_rate * (1 + options.weight_decay), rtol=1e-3)
 
 
 def test_modality_dropout_never_drops_both():
@@ -203,22 +207,24 @@ def test_balanced_class_weights(data_dir):
 
 
 def test_meld_missing_says_how_to_get_it(tmp_path):
-  from configs import meld
+  from data import sources
+
   with pytest.raises(FileNotFoundError, match=r"(?s)MELD\.Raw\.tar\.gz.*MELD_DIR.*configs/demo\.py"):
-    meld.check_meld_source("")
+    sources.check_meld_source("")
   (tmp_path / "MELD.Raw").mkdir()
   for name in ("train_sent_emo.csv", "dev_sent_emo.csv"):
     (tmp_path / "MELD.Raw" / name).write_text("Utterance\n")
   with pytest.raises(FileNotFoundError, match="missing: train_splits"):
-    meld.check_meld_source(str(tmp_path))
+    sources.check_meld_source(str(tmp_path))
   (tmp_path / "MELD.Raw" / "train_splits").mkdir()
-  meld.check_meld_source(str(tmp_path))  # one folder down, as the tarball unpacks
+  sources.check_meld_source(str(tmp_path))  # one folder down, as the tarball unpacks
   config = tiny.get_config()  # 4 frames of 32 px under the name of the 12 x 112 'demo' data
   config.data.prepare = "demo"
   with pytest.raises(ValueError, match="demo_4x32"):
     launch._builder_config(config)
   # The demo job trains at 64 px on the registered 112 px 'demo' data: the pipeline resizes, nothing to rename.
   from configs import demo
+
   demo_config = demo.get_config()
   assert demo_config.data.frame_size < 112
   assert launch._builder_config(demo_config).frame_size == 112
@@ -287,9 +293,11 @@ def test_nan_stops_training_naming_the_step(data_dir, tmp_path, monkeypatch):
     ds = make_dataset(config, split, train=train, **kwargs)
     if not train:
       return ds
+
     def poison(index, batch):
       nan = tf.fill(tf.shape(batch["audio"]), float("nan"))
       return {**batch, "audio": tf.where(tf.equal(index, 2), nan, batch["audio"])}
+
     return ds.enumerate().map(poison)
 
   monkeypatch.setattr(input_pipeline, "make_dataset", poisoned)
@@ -321,8 +329,9 @@ def test_a_non_finite_step_leaves_the_whole_state_unchanged(data_dir, straight_r
   moved, _, status = train_fn(fresh_state(), train.global_batch(batch, mesh), rng)
   assert bool(status["finite"]) and int(moved.step) == int(before.step) + 1
   # Step 0's learning rate is 0 (warmup), so the params stay; the optimizer's moments move.
-  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), jax.device_get(moved.opt_state),
-                                         before.opt_state))
+  changed = jax.tree.leaves(
+    jax.tree.map(lambda a, b: bool(np.any(a != b)), jax.device_get(moved.opt_state), before.opt_state)
+  )
   assert sum(changed) > len(changed) // 2
 
 
@@ -366,9 +375,12 @@ def _two_steps(config, data_dir, mesh):
     global_batch = train.global_batch(batch, mesh)
     state, metrics, status = train_fn(state, global_batch, rng)
     losses.append(float(status["loss"]))
-  return {"losses": losses, "grad_norm": float(metrics.compute()["grad_norm"]),
-          "param_sum": float(sum(np.abs(np.asarray(x)).sum() for x in jax.tree.leaves(state.params))),
-          "shards": len(global_batch["frames"].addressable_shards)}
+  return {
+    "losses": losses,
+    "grad_norm": float(metrics.compute()["grad_norm"]),
+    "param_sum": float(sum(np.abs(np.asarray(x)).sum() for x in jax.tree.leaves(state.params))),
+    "shards": len(global_batch["frames"].addressable_shards),
+  }
 
 
 EIGHT_DEVICES = """
@@ -386,8 +398,9 @@ def test_eight_devices_same_loss_as_one(data_dir):
   """The same global batch of 8 on 8 host devices (a subprocess) and on 1 device (here, where the
   in-process tests already compiled the 1-device step)."""
   env = _env(XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
-  proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, data_dir], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(
+    [sys.executable, "-c", EIGHT_DEVICES, data_dir], env=env, cwd=REPO, capture_output=True, text=True, timeout=900
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   eight = json.loads(proc.stdout.split("RESULT ", 1)[1])
   one = _two_steps(tiny_config(data_dir), data_dir, train.make_mesh())
@@ -407,15 +420,28 @@ def _free_port() -> int:
 def test_two_processes_agree(data_dir, tmp_path):
   """launch.py as 2 processes (jax.distributed on localhost, gloo CPU collectives), 3 steps."""
   address = f"localhost:{_free_port()}"
-  args = [sys.executable, os.path.join(REPO, "launch.py"), "--config", os.path.join(REPO, "configs", "tiny.py"),
-          f"--workdir={tmp_path / 'work'}", "--config.data.builder_config=demo_tiny",
-          f"--config.data.data_dir={data_dir}", "--config.num_train_steps=3", "--config.log_every_steps=1",
-          "--config.eval_every_steps=3", f"--coordinator_address={address}", "--num_processes=2"]
-  # Without the malloc settings, so that launch.py's own restart is what sets them.
-  env = host_memory.without_fast_malloc(_env(XLA_FLAGS=FAST_COMPILE))
-  env.pop(host_memory.CHOICE, None)
-  procs = [subprocess.Popen(args + [f"--process_id={i}"], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+  args = [
+    sys.executable,
+    os.path.join(REPO, "launch.py"),
+    "--config",
+    os.path.join(REPO, "configs", "tiny.py"),
+    f"--workdir={tmp_path / 'work'}",
+    "--config.data.builder_config=demo_tiny",
+    f"--config.data.data_dir={data_dir}",
+    "--config.num_train_steps=3",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=3",
+    f"--coordinator_address={address}",
+    "--num_processes=2",
+  ]
+  # With the malloc settings a user opts into (launch.py never restarts itself to get them).
+  env = host_memory.environment(_env(XLA_FLAGS=FAST_COMPILE))
+  procs = [
+    subprocess.Popen(
+      args + [f"--process_id={i}"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    for i in (0, 1)
+  ]
   logs = []
   try:
     for proc in procs:
@@ -428,13 +454,13 @@ def test_two_processes_agree(data_dir, tmp_path):
   for proc, log in zip(procs, logs):
     assert proc.returncode == 0, log[-3000:]
     assert "process 1 of 2" in log or "process 0 of 2" in log
-    # launch.py restarted itself with the malloc host_memory chooses on this machine.
+    # The opted-in malloc is the one that ran.
     if host_memory.find_tcmalloc():
       assert "Host malloc: tcmalloc" in log
     elif host_memory.huge_pages_supported():
       assert "Host malloc: glibc, huge pages" in log
-    # Two devices: the model keeps its XLA-op forms, which XLA partitions over the mesh.
-    assert "CPU kernels (convs, BatchNorm sums, frame gather): XLA ops (several devices" in log
+    # Two devices: 'auto' picks the xla ops form, which XLA partitions over the mesh (an FFI call would not be).
+    assert "Ops form (config.model.ops='auto'): xla" in log
     summaries.append(json.loads(re.search(r"Run summary: (\{.*\})", log).group(1)))
   assert summaries[0]["step"] == summaries[1]["step"] == 3
   assert len(summaries[0]["losses"]) == 3 and np.all(np.isfinite(summaries[0]["losses"]))

@@ -9,8 +9,8 @@ SENTIMENTS = ("neutral", "positive", "negative")
 # MESC-format builder config passes its own list (see data/meld_format.py).
 
 TASK_CLASSES = {
-    "emotion": EMOTIONS,
-    "sentiment": SENTIMENTS,
+  "emotion": EMOTIONS,
+  "sentiment": SENTIMENTS,
 }
 
 # Values in a label column that mean "no label for this task" (mapped to -1).
@@ -18,9 +18,11 @@ NO_LABEL_VALUES = ("", "undefined", "none", "nan")
 
 
 def num_classes(task: str, classes: dict | None = None) -> int:
-    """Number of classes of `task`, from `classes` (task -> names) or the defaults above."""
-    table = classes if classes is not None else TASK_CLASSES
-    if task not in table:
-        raise KeyError(f"Unknown task {task!r}; known tasks: {sorted(table)}. "
-                       "Add its class list to the config (config.tasks) or to mer_jax/data/labels.py.")
-    return len(table[task])
+  """Number of classes of `task`, from `classes` (task -> names) or the defaults above."""
+  table = classes if classes is not None else TASK_CLASSES
+  if task not in table:
+    raise KeyError(
+      f"Unknown task {task!r}; known tasks: {sorted(table)}. "
+      "Add its class list to the config (config.tasks) or to mer_jax/data/labels.py."
+    )
+  return len(table[task])

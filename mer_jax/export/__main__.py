@@ -4,4 +4,4 @@ import sys
 
 from mer_jax.export import exporters
 
-sys.exit(0 if exporters.main() else 1)
+sys.exit(exporters.cli())

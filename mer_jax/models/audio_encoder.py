@@ -49,6 +49,7 @@ def segment_pool(values: jax.Array, mask: jax.Array, num_segments: int):
 
 class AudioEncoder(nn.Module):
   """(B, F, M) log-mel + (B, F) mask -> vector (B, D), segment tokens (B, S, D), token mask (B, S)."""
+
   features: int = 128
   channels: tuple[int, ...] = (64, 96, 128, 128)
   kernel: int = 5
@@ -70,8 +71,14 @@ class AudioEncoder(nn.Module):
     x = (centred / jnp.sqrt(variance + 1e-3)).astype(self.dtype)
     for index, channels in enumerate(self.channels):
       x = x * mask[..., None].astype(x.dtype)
-      x = nn.Conv(channels, (self.kernel,), strides=(2,), padding=((self.kernel // 2, self.kernel // 2),),
-                  dtype=self.dtype, name=f"conv{index}")(x)
+      x = nn.Conv(
+        channels,
+        (self.kernel,),
+        strides=(2,),
+        padding=((self.kernel // 2, self.kernel // 2),),
+        dtype=self.dtype,
+        name=f"conv{index}",
+      )(x)
       x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name=f"norm{index}")(x))
       mask = downsample_mask(mask, 2)
     x = nn.Dense(self.features, dtype=self.dtype, name="project")(x)

@@ -14,14 +14,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mer_jax.models import dropout
+from mer_jax import ops as ops_lib
+from mer_jax.models import layers
 
 
 class TextToAudioVisualAttention(nn.Module):
   """(B, L, D) text states, (B, N, D) keys, (B, L) text mask, (B, N) key mask -> (B, L, D), weights."""
+
   num_heads: int = 4
   dropout_rate: float = 0.1
   dtype: Any = jnp.float32
+  ops: ops_lib.Ops = ops_lib.REFERENCE
 
   @nn.compact
   def __call__(self, text_states, key_tokens, text_mask, key_mask, *, train: bool):
@@ -43,6 +46,6 @@ class TextToAudioVisualAttention(nn.Module):
     attended = nn.DenseGeneral(features, axis=(-2, -1), dtype=self.dtype, name="out")(attended)
     # No MLP after the attention: the classifier's hidden layer follows right after pooling, and the
     # edge model's FLOPs budget is better spent on the backbone.
-    x = text_states + dropout.Dropout(self.dropout_rate, deterministic=not train)(attended)
+    x = text_states + layers.Dropout(self.dropout_rate, deterministic=not train, ops=self.ops)(attended)
     x = x * text_mask[..., None].astype(x.dtype)
     return x, weights

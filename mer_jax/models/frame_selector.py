@@ -13,64 +13,14 @@ Frames are gathered as P @ frames in pixel space, so only K frames reach the bac
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mer_jax.ops.cpu import kernels as cpu_kernels
-from mer_jax.models import mobilenet_v3
-
-
-def hard_topk_indices(scores: jax.Array, k: int) -> jax.Array:
-  """(B, T) scores -> (B, K) int32 indices of the K highest scores, sorted by time (ascending index)."""
-  _, indices = jax.lax.top_k(scores, k)
-  return jnp.sort(indices, axis=-1).astype(jnp.int32)
-
-
-def soft_selection_surrogate(scores: jax.Array, k: int, temperature: float) -> jax.Array:
-  """The differentiable stand-in for the hard selection: every slot gets softmax(scores / tau); (B, K, T)."""
-  soft = jax.nn.softmax(scores / temperature, axis=-1)
-  return jnp.broadcast_to(soft[:, None, :], (scores.shape[0], k, scores.shape[1]))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def straight_through_topk(scores: jax.Array, k: int, temperature: float) -> jax.Array:
-  """(B, T) scores -> (B, K, T) exact K-hot selection; gradient of `soft_selection_surrogate` backward."""
-  indices = hard_topk_indices(scores, k)
-  return jax.nn.one_hot(indices, scores.shape[-1], dtype=scores.dtype)
-
-
-def _straight_through_forward(scores, k, temperature):
-  return straight_through_topk(scores, k, temperature), scores
-
-
-def _straight_through_backward(k, temperature, scores, cotangent):
-  _, surrogate_vjp = jax.vjp(lambda s: soft_selection_surrogate(s, k, temperature), scores)
-  return surrogate_vjp(cotangent)
-
-
-straight_through_topk.defvjp(_straight_through_forward, _straight_through_backward)
-
-
-def einsum_gather_frames(selection: jax.Array, frames: jax.Array) -> jax.Array:
-  """P @ frames: (B, K, T) selection, (B, T, H, W, C) frames -> (B, K, H, W, C) in the selection's dtype.
-
-  With an exactly one-hot P each output is a copy of one frame; frames not chosen are multiplied by 0 and
-  cannot change the result. Gradients reach P through the frames' pixels (the straight-through path).
-  """
-  return jnp.einsum("bkt,bthwc->bkhwc", selection, frames.astype(selection.dtype))
-
-
-def gather_frames(selection: jax.Array, frames: jax.Array) -> jax.Array:
-  """`einsum_gather_frames`; on one CPU device with a float32 selection and uint8 frames, the FFI kernel
-  `cpu_kernels.frame_gather` instead, which reads the frames as bytes and skips zero weights (XLA's dot
-  works on a float copy of all T frames, forward and backward). Same values (test_cpu_kernels)."""
-  if frames.dtype == jnp.uint8 and cpu_kernels.applies(selection):
-    return cpu_kernels.frame_gather(selection, frames)
-  return einsum_gather_frames(selection, frames)
+from mer_jax import ops as ops_lib
+from mer_jax.models import layers
 
 
 class WordQuery(nn.Module):
@@ -83,14 +33,16 @@ class WordQuery(nn.Module):
   and cannot memorise their clips. Adam's per-weight scaling would move a word seen once as far as a word
   seen every step (measured on the demo corpus: dev precision@K 0.45 with Adam, 1.0 with SGD).
   """
+
   vocab_size: int
   features: int = 32
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, token_ids, mask):
-    vectors = nn.Embed(self.vocab_size, self.features, embedding_init=nn.initializers.normal(0.02),
-                       dtype=self.dtype, name="embedding")(token_ids)
+    vectors = nn.Embed(
+      self.vocab_size, self.features, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype, name="embedding"
+    )(token_ids)
     return jnp.sum(vectors * mask[..., None].astype(vectors.dtype), axis=1)
 
 
@@ -101,15 +53,17 @@ class FrameEvidence(nn.Module):
   for the clip's label; frames whose own evidence agrees with the label become the scorer's targets. It
   stays separate from the scorer's trunk: sharing it slowed the scorer's learning 2x on the demo corpus.
   """
+
   num_classes: int
   channels: tuple[int, ...] = (8, 16, 32)
   downscale: int = 2
   dtype: Any = jnp.float32
+  ops: ops_lib.Ops = ops_lib.REFERENCE
 
   @nn.compact
   def __call__(self, frames):
     batch, num_frames = frames.shape[:2]
-    x = _scorer_trunk(frames, self.channels, self.downscale, self.dtype)
+    x = _scorer_trunk(frames, self.channels, self.downscale, self.dtype, self.ops)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(jnp.mean(x, axis=(1, 2)))
     return logits.reshape(batch, num_frames, self.num_classes).astype(jnp.float32)
 
@@ -120,36 +74,24 @@ def downscaled_pixels(frames: jax.Array, downscale: int, dtype: Any) -> jax.Arra
   The same values as `nn.avg_pool` over `(frames - 127.5) / 64` with a VALID window (a remainder row or
   column is dropped), written as downscale**2 strided slices of the uint8 frames added up: elementwise
   work that XLA fuses into one pass reading the uint8 frames. `nn.avg_pool` became a library reduction
-  on CPU that first needs the whole float image written out (two kernels, 6 + 8 ms in a profile of the
-  batch-32 train step on 2 cores; the step itself got ~1% faster).
+  on CPU that first needs the whole float image written out (docs/PERFORMANCE.md).
   """
   batch, num_frames, height, width, depth = frames.shape
   x = frames.reshape(batch * num_frames, height, width, depth)
   if downscale == 1:
     return (x.astype(dtype) - 127.5) / 64.0
   rows, cols = height // downscale * downscale, width // downscale * downscale
-  total = sum(x[:, i:rows:downscale, j:cols:downscale].astype(dtype)
-              for i in range(downscale) for j in range(downscale))
-  return (total / downscale ** 2 - 127.5) / 64.0
+  total = sum(
+    x[:, i:rows:downscale, j:cols:downscale].astype(dtype) for i in range(downscale) for j in range(downscale)
+  )
+  return (total / downscale**2 - 127.5) / 64.0
 
 
-def _scorer_trunk(frames, channels, downscale, dtype):
-  """(B, T, H, W, 1) uint8 -> (B*T, h, w, channels[-1]): centred, average-pooled pixels; 3x3 stride-2 convs.
-
-  The first conv reads one grey channel; on CPU it runs as `mobilenet_v3.SingleChannelConv` (nn.Conv's
-  parameters), whose forward XLA:CPU runs ~7x faster than nn.Conv's generic path, and the others as
-  `mobilenet_v3.SmallConv` (nn.Conv's parameters and forward, an FFI kernel gradient).
-  """
+def _scorer_trunk(frames, channels, downscale, dtype, ops):
+  """(B, T, H, W, 1) uint8 -> (B*T, h, w, channels[-1]): centred, average-pooled pixels; 3x3 stride-2 convs."""
   x = downscaled_pixels(frames, downscale, dtype)
   for index, features in enumerate(channels):
-    if index == 0 and x.shape[-1] == 1 and mobilenet_v3.on_cpu():
-      x = mobilenet_v3.SingleChannelConv(features, 3, 2, dtype=dtype, name=f"conv{index}")(x)
-    elif mobilenet_v3.on_cpu():
-      x = mobilenet_v3.SmallConv(features, 3, 2, dtype=dtype, name=f"conv{index}")(x)
-    else:
-      x = nn.Conv(features, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=dtype,
-                  name=f"conv{index}")(x)
-    x = nn.hard_swish(x)
+    x = nn.hard_swish(layers.Conv(features, 3, 2, dtype=dtype, ops=ops, name=f"conv{index}")(x))
   return x
 
 
@@ -159,15 +101,17 @@ class FrameScorer(nn.Module):
   Frames are average-pooled by `downscale` before three 3x3 stride-2 convs, so for 112x112 inputs the scorer
   costs ~1 MFLOP per frame against ~30 MFLOPs for the backbone.
   """
+
   channels: tuple[int, ...] = (8, 16, 32)
   query_dim: int = 32
   downscale: int = 2
   dtype: Any = jnp.float32
+  ops: ops_lib.Ops = ops_lib.REFERENCE
 
   @nn.compact
   def __call__(self, frames, text_vector):
     batch, num_frames = frames.shape[:2]
-    x = _scorer_trunk(frames, self.channels, self.downscale, self.dtype)
+    x = _scorer_trunk(frames, self.channels, self.downscale, self.dtype, self.ops)
     keys = nn.Dense(self.query_dim, dtype=self.dtype, name="keys")(x)  # (B*T, h, w, Q)
     keys = keys.reshape(batch, num_frames, -1, self.query_dim)
     query = nn.Dense(self.query_dim, dtype=self.dtype, name="query")(text_vector.astype(self.dtype))
@@ -182,21 +126,24 @@ class TopKFrameSelector(nn.Module):
   Returns (selected (B, K, H, W, 1) float, scores (B, T) float32, indices (B, K) int32). Frames of a sample
   without video get equal scores; its selection is then the first K frames, all zeros anyway.
   """
+
   k: int
   temperature: float = 1.0
   scorer_channels: tuple[int, ...] = (8, 16, 32)
   scorer_query_dim: int = 32
   scorer_downscale: int = 2
   dtype: Any = jnp.float32
+  ops: ops_lib.Ops = ops_lib.REFERENCE
 
   @nn.compact
   def __call__(self, frames, text_vector, has_video):
     num_frames = frames.shape[1]
     if not 1 <= self.k <= num_frames:
       raise ValueError(f"top_k={self.k} must be between 1 and the number of frames ({num_frames}).")
-    scores = FrameScorer(self.scorer_channels, self.scorer_query_dim, self.scorer_downscale,
-                         dtype=self.dtype, name="scorer")(frames, text_vector)
+    scores = FrameScorer(
+      self.scorer_channels, self.scorer_query_dim, self.scorer_downscale, dtype=self.dtype, ops=self.ops, name="scorer"
+    )(frames, text_vector)
     scores = jnp.where(has_video[:, None], scores, 0.0)
-    selection = straight_through_topk(scores, self.k, self.temperature)
+    selection = self.ops.straight_through_topk(scores, self.k, self.temperature)
     indices = jnp.argmax(selection, axis=-1).astype(jnp.int32)
-    return gather_frames(selection.astype(self.dtype), frames), scores, indices
+    return self.ops.frame_gather(selection.astype(self.dtype), frames), scores, indices

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 class ReliabilityHead(nn.Module):
   """Small MLP -> sigmoid: (B, D_in) -> (B,)."""
+
   hidden: int = 64
   dtype: Any = jnp.float32
 
@@ -37,6 +38,7 @@ class GatedFusion(nn.Module):
   is fixed at 0.5 and with `use_reliability=False` both reliabilities are 1 (ablations), presence masks still
   applied.
   """
+
   features: int
   use_gate: bool = True
   use_reliability: bool = True
@@ -60,14 +62,18 @@ class GatedFusion(nn.Module):
       gate = jnp.full((batch, self.features), 0.5, self.dtype)
     if self.use_reliability:
       reliability_video = ReliabilityHead(self.reliability_hidden, dtype=self.dtype, name="reliability_video")(
-          jnp.concatenate([video, text], axis=-1))
+        jnp.concatenate([video, text], axis=-1)
+      )
       reliability_audio = ReliabilityHead(self.reliability_hidden, dtype=self.dtype, name="reliability_audio")(
-          jnp.concatenate([audio, text], axis=-1))
+        jnp.concatenate([audio, text], axis=-1)
+      )
     else:
       reliability_video = jnp.ones((batch,), jnp.float32)
       reliability_audio = jnp.ones((batch,), jnp.float32)
     reliability_video = reliability_video * has_video.astype(jnp.float32)
     reliability_audio = reliability_audio * has_audio.astype(jnp.float32)
-    fused = (reliability_video[:, None].astype(self.dtype) * gate * video_hidden
-             + reliability_audio[:, None].astype(self.dtype) * (1.0 - gate) * audio_hidden)
+    fused = (
+      reliability_video[:, None].astype(self.dtype) * gate * video_hidden
+      + reliability_audio[:, None].astype(self.dtype) * (1.0 - gate) * audio_hidden
+    )
     return fused, gate, reliability_video, reliability_audio

@@ -13,33 +13,38 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mer_jax.models import dropout
+from mer_jax import ops as ops_lib
+from mer_jax.models import layers
 from mer_jax.models import minilm
 from mer_jax.models.audio_encoder import masked_mean
 
 
 class TransformerLayer(nn.Module):
   """Pre-LN self-attention + MLP block over (B, L, D) with a (B, L) key mask."""
+
   num_heads: int
   mlp_dim: int
   dropout_rate: float = 0.1
   dtype: Any = jnp.float32
+  ops: ops_lib.Ops = ops_lib.REFERENCE
 
   @nn.compact
   def __call__(self, x, mask, *, train: bool):
     attention_mask = nn.make_attention_mask(mask, mask)
     y = nn.LayerNorm(dtype=self.dtype, name="attention_norm")(x)
-    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, dropout_rate=0.0,
-                                        name="attention")(y, y, mask=attention_mask)
-    x = x + dropout.Dropout(self.dropout_rate, deterministic=not train)(y)
+    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, dropout_rate=0.0, name="attention")(
+      y, y, mask=attention_mask
+    )
+    x = x + layers.Dropout(self.dropout_rate, deterministic=not train, ops=self.ops)(y)
     y = nn.LayerNorm(dtype=self.dtype, name="mlp_norm")(x)
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp_in")(y)
     y = nn.Dense(x.shape[-1], dtype=self.dtype, name="mlp_out")(nn.gelu(y))
-    return x + dropout.Dropout(self.dropout_rate, deterministic=not train)(y)
+    return x + layers.Dropout(self.dropout_rate, deterministic=not train, ops=self.ops)(y)
 
 
 class CompactTextEncoder(nn.Module):
   """(B, L) token ids + mask -> (B, L, D) token states. Learned positions, pre-LN layers, final LayerNorm."""
+
   vocab_size: int = 30522
   features: int = 128
   num_layers: int = 2
@@ -48,20 +53,24 @@ class CompactTextEncoder(nn.Module):
   max_length: int = 128
   dropout_rate: float = 0.1
   dtype: Any = jnp.float32
+  ops: ops_lib.Ops = ops_lib.REFERENCE
 
   @nn.compact
   def __call__(self, token_ids, mask, *, train: bool):
     length = token_ids.shape[1]
     if length > self.max_length:
-      raise ValueError(f"Text length {length} exceeds the encoder's max_length {self.max_length}; "
-                       "raise config.model.text.max_length or lower config.data.max_text_length.")
+      raise ValueError(
+        f"Text length {length} exceeds the encoder's max_length {self.max_length}; "
+        "raise config.model.text.max_length or lower config.data.max_text_length."
+      )
     x = nn.Embed(self.vocab_size, self.features, dtype=self.dtype, name="token_embedding")(token_ids)
     positions = self.param("position_embedding", nn.initializers.normal(0.02), (self.max_length, self.features))
     x = x + positions[None, :length].astype(self.dtype)
-    x = dropout.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = layers.Dropout(self.dropout_rate, deterministic=not train, ops=self.ops)(x)
     for index in range(self.num_layers):
-      x = TransformerLayer(self.num_heads, self.mlp_dim, self.dropout_rate, dtype=self.dtype,
-                           name=f"layer{index}")(x, mask, train=train)
+      x = TransformerLayer(
+        self.num_heads, self.mlp_dim, self.dropout_rate, dtype=self.dtype, ops=self.ops, name=f"layer{index}"
+      )(x, mask, train=train)
     return nn.LayerNorm(dtype=self.dtype, name="final_norm")(x)
 
 
@@ -70,18 +79,22 @@ class TextEncoder(nn.Module):
 
   The pooled vector is the masked mean of the token states (sentence-transformers' pooling for MiniLM).
   """
+
   kind: str = "compact"
   compact: dict | None = None  # CompactTextEncoder fields
   dtype: Any = jnp.float32
+  ops: ops_lib.Ops = ops_lib.REFERENCE
 
   @nn.compact
   def __call__(self, token_ids, mask, *, train: bool):
     if self.kind == "compact":
-      states = CompactTextEncoder(**(self.compact or {}), dtype=self.dtype, name="compact")(
-          token_ids, mask, train=train)
+      states = CompactTextEncoder(**(self.compact or {}), dtype=self.dtype, ops=self.ops, name="compact")(
+        token_ids, mask, train=train
+      )
     elif self.kind == "minilm":
-      states = minilm.MiniLMEncoder(minilm.MiniLMConfig(), dtype=self.dtype, name="minilm")(
-          token_ids, mask, train=train)
+      states = minilm.MiniLMEncoder(minilm.MiniLMConfig(), dtype=self.dtype, ops=self.ops, name="minilm")(
+        token_ids, mask, train=train
+      )
     else:
       raise ValueError(f"Unknown text encoder kind {self.kind!r}; use 'compact' or 'minilm'.")
     pooled = masked_mean(states, mask[..., None], axis=1)

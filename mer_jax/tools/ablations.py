@@ -16,23 +16,22 @@ import argparse
 import ast
 import json
 import os
+import sys
 import time
 from typing import Any, Sequence
 
-if __name__ == "__main__":  # before the heavy imports: this may restart the interpreter
-  from mer_jax.training import host_memory
-  host_memory.restart_with_fast_malloc()  # faster CPU train steps; MER_JAX_MALLOC=system turns it off
+from mer_jax import tools
 
 # name -> config overrides (dotted paths). K variants keep everything else; the others keep the config's K.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "k1": {"model.top_k": 1},
-    "k2": {"model.top_k": 2},
-    "k4": {"model.top_k": 4},
-    "k12": {"model.top_k": 12},
-    "no_gate": {"model.use_gate": False},
-    "no_reliability": {"model.use_reliability": False},
-    "soft_selection": {"model.selection": "soft"},
-    "no_text_guidance": {"model.text_guided_selection": False},
+  "k1": {"model.top_k": 1},
+  "k2": {"model.top_k": 2},
+  "k4": {"model.top_k": 4},
+  "k12": {"model.top_k": 12},
+  "no_gate": {"model.use_gate": False},
+  "no_reliability": {"model.use_reliability": False},
+  "soft_selection": {"model.selection": "soft"},
+  "no_text_guidance": {"model.text_guided_selection": False},
 }
 
 
@@ -64,6 +63,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def variant_config(base, name: str, steps: int | None):
   """A copy of `base` with the variant's overrides and, with `steps`, that training budget."""
   import ml_collections
+
   config = ml_collections.ConfigDict(base.to_dict())
   for path, value in VARIANTS[name].items():
     set_path(config, path, value)
@@ -73,14 +73,20 @@ def variant_config(base, name: str, steps: int | None):
   return config
 
 
-def run_variant(base, name: str, workdir_root: str, *, steps: int | None, max_examples: int | None,
-                faithfulness: bool, seed: int = 0) -> dict:
+def run_variant(
+  base, name: str, workdir_root: str, *, steps: int | None, max_examples: int | None, faithfulness: bool, seed: int = 0
+) -> dict:
   """Trains one variant (same budget as the others) and measures its best checkpoint -> a table row."""
   from mer_jax.tools import report
   from mer_jax.training import train
+
   config = variant_config(base, name, steps)
-  row: dict[str, Any] = {"variant": name, "overrides": VARIANTS[name], "top_k": int(config.model.top_k),
-                         "steps": int(config.num_train_steps)}
+  row: dict[str, Any] = {
+    "variant": name,
+    "overrides": VARIANTS[name],
+    "top_k": int(config.model.top_k),
+    "steps": int(config.num_train_steps),
+  }
   if config.model.top_k > config.data.num_frames:
     row["skipped"] = f"top_k={config.model.top_k} > num_frames={config.data.num_frames}"
     return row
@@ -88,19 +94,27 @@ def run_variant(base, name: str, workdir_root: str, *, steps: int | None, max_ex
   start = time.perf_counter()
   train.train_and_evaluate(config, workdir)
   row["train_seconds"] = round(time.perf_counter() - start, 1)
-  result = report.report_run(workdir, None, split=config.eval_split, max_examples=max_examples, seed=seed,
-                             faithfulness=faithfulness)
+  result = report.report_run(
+    workdir, None, split=config.eval_split, max_examples=max_examples, seed=seed, faithfulness=faithfulness
+  )
   task = result["primary_task"]
   faith = result.get("faithfulness") or {}
-  row.update({
-      "workdir": workdir, "split": config.eval_split, "num_examples": result["num_examples"],
-      "checkpoint_step": result["checkpoint"]["checkpoint_step"], "task": task,
-      "accuracy": result["tasks"][task]["accuracy"], "weighted_f1": result["tasks"][task]["weighted_f1"],
+  row.update(
+    {
+      "workdir": workdir,
+      "split": config.eval_split,
+      "num_examples": result["num_examples"],
+      "checkpoint_step": result["checkpoint"]["checkpoint_step"],
+      "task": task,
+      "accuracy": result["tasks"][task]["accuracy"],
+      "weighted_f1": result["tasks"][task]["weighted_f1"],
       "precision_at_k": (result["sidecar"] or {}).get("precision_at_k"),
       "precision_at_k_ceiling": (result["sidecar"] or {}).get("precision_at_k_ceiling"),
       "faithfulness_gap": (result["claims"].get("faithfulness_gap") or {}).get("value"),
-      "drop_blank_chosen": faith.get("drop_blank_chosen"), "drop_blank_random": faith.get("drop_blank_random"),
-  })
+      "drop_blank_chosen": faith.get("drop_blank_chosen"),
+      "drop_blank_random": faith.get("drop_blank_random"),
+    }
+  )
   return row
 
 
@@ -109,20 +123,32 @@ def _fmt(value) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-  lines = ["| variant | K | steps | accuracy | weighted F1 | precision@K (ceiling) | faithfulness gap | train s |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "| variant | K | steps | accuracy | weighted F1 | precision@K (ceiling) | faithfulness gap | train s |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for row in rows:
     if "skipped" in row:
       lines.append(f"| {row['variant']} | {row['top_k']} | - | skipped: {row['skipped']} | | | | |")
       continue
-    lines.append(f"| {row['variant']} | {row['top_k']} | {row['steps']} | {_fmt(row['accuracy'])} | "
-                 f"{_fmt(row['weighted_f1'])} | {_fmt(row['precision_at_k'])} ({_fmt(row['precision_at_k_ceiling'])})"
-                 f" | {_fmt(row['faithfulness_gap'])} | {row['train_seconds']} |")
+    lines.append(
+      f"| {row['variant']} | {row['top_k']} | {row['steps']} | {_fmt(row['accuracy'])} | "
+      f"{_fmt(row['weighted_f1'])} | {_fmt(row['precision_at_k'])} ({_fmt(row['precision_at_k_ceiling'])})"
+      f" | {_fmt(row['faithfulness_gap'])} | {row['train_seconds']} |"
+    )
   return "\n".join(lines) + "\n"
 
 
-def run_ablations(base, workdir_root: str, variants: Sequence[str], *, steps: int | None = None,
-                  max_examples: int | None = None, faithfulness: bool = False, config_path: str = "") -> dict:
+def run_ablations(
+  base,
+  workdir_root: str,
+  variants: Sequence[str],
+  *,
+  steps: int | None = None,
+  max_examples: int | None = None,
+  faithfulness: bool = False,
+  config_path: str = "",
+) -> dict:
   """Runs `variants` one after the other; writes ablations.json and ablations.md under `workdir_root`."""
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown:
@@ -130,8 +156,9 @@ def run_ablations(base, workdir_root: str, variants: Sequence[str], *, steps: in
   os.makedirs(workdir_root, exist_ok=True)
   rows = []
   for name in variants:
-    rows.append(run_variant(base, name, workdir_root, steps=steps, max_examples=max_examples,
-                            faithfulness=faithfulness))
+    rows.append(
+      run_variant(base, name, workdir_root, steps=steps, max_examples=max_examples, faithfulness=faithfulness)
+    )
     summary = {"config": config_path, "steps": steps, "max_examples": max_examples, "variants": rows}
     with open(os.path.join(workdir_root, "ablations.json"), "w") as f:  # after each: a crash keeps the rest
       json.dump(summary, f, indent=1)
@@ -142,7 +169,8 @@ def run_ablations(base, workdir_root: str, variants: Sequence[str], *, steps: in
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  from mer_jax.export import exporters as export
+  from mer_jax.training import runs
+
   parser = argparse.ArgumentParser(prog="python -m mer_jax.tools.ablations", description=__doc__.split("\n")[0])
   parser.add_argument("--config", required=True, help="config file, e.g. configs/demo.py")
   parser.add_argument("--workdir-root", required=True, help="one workdir per variant under it")
@@ -150,20 +178,35 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--only", default="", help=f"comma-separated variants (default all: {','.join(VARIANTS)})")
   parser.add_argument("--max-examples", type=int, default=None, help="measure the first N eval examples only")
   parser.add_argument("--faithfulness", action="store_true", help="also measure the blanking gap (3x eval cost)")
-  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="config override, e.g. --set data.data_dir=/data (repeatable)")
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="config override, e.g. --set data.data_dir=/data (repeatable)",
+  )
   args = parser.parse_args(argv)
-  base = export.load_config(args.config)
+  base = runs.load_config(args.config)
   for text in args.set:
     set_path(base, *parse_override(text))
   variants = [v.strip() for v in args.only.split(",") if v.strip()] or list(VARIANTS)
-  summary = run_ablations(base, args.workdir_root, variants, steps=args.steps, max_examples=args.max_examples,
-                          faithfulness=args.faithfulness, config_path=args.config)
+  summary = run_ablations(
+    base,
+    args.workdir_root,
+    variants,
+    steps=args.steps,
+    max_examples=args.max_examples,
+    faithfulness=args.faithfulness,
+    config_path=args.config,
+  )
   print(markdown_table(summary["variants"]))
   return summary
 
 
+def cli() -> int:
+  """Entry point of `mer-jax-ablations` and `python -m mer_jax.tools.ablations`: exit status 0 when `main` returns."""
+  return tools.run_command(main)
+
+
 if __name__ == "__main__":
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
-  main()
+  sys.exit(cli())

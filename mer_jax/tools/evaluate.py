@@ -6,9 +6,10 @@
 
 The run's config comes from WORKDIR/config.json and its weights from the best checkpoint (else the
 latest; --step picks one). The CSV (and the clip folder, when given) is prepared into a temporary folder
-by the project's own builder (data/meld_format.py), with the same clip reading, frame count and label
-columns as the run's training data, so evaluation sees what training saw. Without --clips the examples
-are text-only (has_video = has_audio = False). Context turns and max_text_length follow the run.
+by the library that also feeds the project's builder (mer_jax/data/meld_csv.py), with the same clip reading,
+frame count and label columns as the run's training data, so evaluation sees what training saw. Without
+--clips the examples are text-only (has_video = has_audio = False). Context turns and max_text_length
+follow the run.
 
 Rows that cannot be evaluated (unknown label, bad or duplicate ids) are skipped, never silently: their
 count and ids are printed (stderr) and listed under "skipped_rows" in the JSON.
@@ -30,64 +31,74 @@ import tempfile
 from typing import Any
 
 SPLIT = "eval"
-CSV_NAME = "eval.csv"
-CLIP_FOLDER = "clips"
 BUILDER_CONFIG_NAME = "evaluate_csv"
 MAX_LISTED_IDS = 20
 
 
-def _builder_config(config, with_clips: bool):
-  """The builder config that prepares one CSV (+ clips) as the run's training data was prepared.
+def csv_format(config, with_clips: bool):
+  """The MELD format that prepares one CSV (+ clips) as the run's training data was prepared.
 
-  Preparing raw CSVs is the builder's job (data/meld_format.py). mer_jax does not import data/ at module
-  level; this CLI is run from the repository root, where the builder lives, so it imports it here.
+  The format the run's data was prepared with (config.data.builder_config) when it is a known one, else
+  the one config.data.prepare names (launch.py renames it with config.data's frame settings).
   """
-  from data import meld_format
-  registered = {c.name: c for c in meld_format.BUILDER_CONFIGS}
-  data = config.data
+  from mer_jax.data import meld_csv
+
+  formats, data = meld_csv.FORMATS, config.data
   name = data.get("builder_config") or ""
-  if name in registered:  # the run read data prepared by this config (frames may be resized later)
-    base = registered[name]
+  if name in formats:  # the run read data prepared in this format (frames may be resized later)
+    base = formats[name]
     frame_size = base.frame_size
-  else:  # a renamed config (launch.py: the `prepare` one with config.data's frame settings)
-    base = registered.get(data.get("prepare") or "meld", registered["meld"])
+  else:
+    base = formats.get(data.get("prepare") or "meld", formats["meld"])
     frame_size = int(data.frame_size)
   if base.text_only and with_clips:  # e.g. a meld_text run evaluated on clips: read them as 'meld' does
-    base = dataclasses.replace(registered["meld"], tasks=base.tasks, task_classes=base.task_classes)
+    base = dataclasses.replace(formats["meld"], tasks=base.tasks, task_classes=base.task_classes)
   return dataclasses.replace(
-      base, name=BUILDER_CONFIG_NAME, splits=((SPLIT, CSV_NAME, CLIP_FOLDER),), text_only=not with_clips,
-      num_frames=int(data.num_frames), frame_size=max(frame_size, int(data.frame_size)),
-      max_audio_seconds=float(data.get("max_audio_seconds", base.max_audio_seconds)))
+    base,
+    text_only=not with_clips,
+    num_frames=int(data.num_frames),
+    frame_size=max(frame_size, int(data.frame_size)),
+    max_audio_seconds=float(data.get("max_audio_seconds", base.max_audio_seconds)),
+  )
 
 
 def prepare_csv(config, csv_path: str, clips_dir: str | None, work_dir: str) -> tuple[str, dict]:
-  """Prepares `csv_path` (+ `clips_dir`) under `work_dir` -> (data_dir, prepare report)."""
-  from data import prepare
+  """Prepares `csv_path` (+ `clips_dir`) under `work_dir`/tfds -> (data_dir, the split's report)."""
+  from mer_jax.data import meld_csv
+
   if not os.path.isfile(csv_path):
-    raise FileNotFoundError(f"--csv {csv_path} is not a file; pass a MELD-format CSV (Utterance, Speaker, "
-                            "Dialogue_ID, Utterance_ID and one column per label, e.g. Emotion, Sentiment).")
+    raise FileNotFoundError(
+      f"--csv {csv_path} is not a file; pass a MELD-format CSV (Utterance, Speaker, "
+      "Dialogue_ID, Utterance_ID and one column per label, e.g. Emotion, Sentiment)."
+    )
   if clips_dir is not None and not os.path.isdir(clips_dir):
-    raise FileNotFoundError(f"--clips {clips_dir} is not a folder of dia{{D}}_utt{{U}}.mp4 clips; leave it "
-                            "out for a text-only evaluation.")
-  source = os.path.join(work_dir, "source")
-  if os.path.exists(source) or os.path.exists(os.path.join(work_dir, "tfds")):
-    raise ValueError(f"{work_dir} already holds prepared data (source/, tfds/); --keep-prepared needs a new "
-                     "or empty folder, so that nothing prepared from another CSV is read by mistake.")
-  os.makedirs(source)
-  os.symlink(os.path.abspath(csv_path), os.path.join(source, CSV_NAME))
-  if clips_dir is not None:
-    os.symlink(os.path.abspath(clips_dir), os.path.join(source, CLIP_FOLDER))
+    raise FileNotFoundError(
+      f"--clips {clips_dir} is not a folder of dia{{D}}_utt{{U}}.mp4 clips; leave it out for a text-only evaluation."
+    )
   data_dir = os.path.join(work_dir, "tfds")
-  _, report_path = prepare.prepare(source, data_dir, _builder_config(config, clips_dir is not None))
-  with open(report_path) as f:
-    return data_dir, json.load(f)
+  if os.path.exists(data_dir):
+    raise ValueError(
+      f"{work_dir} already holds prepared data (tfds/); --keep-prepared needs a new or empty "
+      "folder, so that nothing prepared from another CSV is read by mistake."
+    )
+  os.makedirs(data_dir)
+  _, report = meld_csv.prepare_split(
+    csv_path,
+    clips_dir,
+    csv_format(config, clips_dir is not None),
+    data_dir,
+    split=SPLIT,
+    name=config.data.get("builder", "meld_format"),
+    config_name=BUILDER_CONFIG_NAME,
+  )
+  return data_dir, report
 
 
 def skipped_rows(report: dict) -> dict:
-  """{reason: {count, ids}} of the CSV rows the builder could not turn into examples."""
-  split = report["splits"].get(SPLIT, {})
-  return {reason: {"count": entry["count"], "ids": entry["ids"]}
-          for reason, entry in split.get("rows_skipped", {}).items()}
+  """{reason: {count, ids}} of the CSV rows (a split's report) that could not become examples."""
+  return {
+    reason: {"count": entry["count"], "ids": entry["ids"]} for reason, entry in report.get("rows_skipped", {}).items()
+  }
 
 
 def predict(config, variables: dict, data_dir: str, batch_size: int) -> dict:
@@ -98,13 +109,13 @@ def predict(config, variables: dict, data_dir: str, batch_size: int) -> dict:
 
   from mer_jax.data import input_pipeline
   from mer_jax.models import emotion_model as model_lib
+
   config = config.copy_and_resolve_references()
   config.data.builder_config = BUILDER_CONFIG_NAME
   config.eval_batch_size = int(batch_size)
-  model = model_lib.EmotionModel(config.model)
+  model = model_lib.for_this_host(config.model)
   forward = jax.jit(lambda v, b: model.apply(v, b, train=False)[0])
-  ds = input_pipeline.make_dataset(config, SPLIT, train=False, data_dir=data_dir, process_index=0,
-                                   process_count=1)
+  ds = input_pipeline.make_dataset(config, SPLIT, train=False, data_dir=data_dir, process_index=0, process_count=1)
   tasks = list(config.model.tasks)
   chunks: dict[str, list] = {"id": []}
   for batch in input_pipeline.as_numpy(ds):
@@ -112,9 +123,11 @@ def predict(config, variables: dict, data_dir: str, batch_size: int) -> dict:
     keep = np.asarray(batch["example_mask"], bool)
     chunks["id"].append(batch["id"][keep])
     for task in tasks:
-      for key, value in ((f"labels/{task}", batch[f"labels/{task}"]),
-                         (f"logits/{task}", np.asarray(logits[task], np.float32)),
-                         (f"predictions/{task}", np.argmax(logits[task], axis=-1))):
+      for key, value in (
+        (f"labels/{task}", batch[f"labels/{task}"]),
+        (f"logits/{task}", np.asarray(logits[task], np.float32)),
+        (f"predictions/{task}", np.argmax(logits[task], axis=-1)),
+      ):
         chunks.setdefault(key, []).append(np.asarray(value)[keep])
   return {key: np.concatenate(values) for key, values in chunks.items()}
 
@@ -127,6 +140,7 @@ def task_metrics(outputs: dict, classes: dict) -> dict:
   import numpy as np
 
   from mer_jax.training import metrics as metrics_lib
+
   result = {}
   for task, names in classes.items():
     labels, predictions = outputs[f"labels/{task}"], outputs[f"predictions/{task}"]
@@ -134,41 +148,51 @@ def task_metrics(outputs: dict, classes: dict) -> dict:
     confusion = np.zeros((len(names), len(names)), np.int64)
     np.add.at(confusion, (labels[keep], predictions[keep]), 1)
     report = metrics_lib.classification_report(confusion, names)
-    result[task] = {"accuracy": report["accuracy"], "weighted_f1": report["weighted_f1"],
-                    "macro_f1": report["macro_f1"],
-                    "per_class_f1": {name: scores["f1"] for name, scores in report["per_class"].items()},
-                    "confusion": report["confusion_matrix"], "class_names": list(names),
-                    "num_examples": report["num_examples"]}
+    result[task] = {
+      "accuracy": report["accuracy"],
+      "weighted_f1": report["weighted_f1"],
+      "macro_f1": report["macro_f1"],
+      "per_class_f1": {name: scores["f1"] for name, scores in report["per_class"].items()},
+      "confusion": report["confusion_matrix"],
+      "class_names": list(names),
+      "num_examples": report["num_examples"],
+    }
   return result
 
 
-def evaluate_csv(workdir: str, csv_path: str, clips_dir: str | None = None, batch_size: int | None = None,
-                 step: int | None = None, keep_dir: str | None = None, config_path: str | None = None) -> dict:
+def evaluate_csv(
+  workdir: str,
+  csv_path: str,
+  clips_dir: str | None = None,
+  batch_size: int | None = None,
+  step: int | None = None,
+  keep_dir: str | None = None,
+  config_path: str | None = None,
+) -> dict:
   """The whole job; returns the JSON report (see module docstring). `keep_dir`: prepare there and keep
   the prepared data (default: a temporary folder, removed afterwards). `config_path`: the config file the
   run was trained with, for workdirs without config.json."""
-  from mer_jax.training import checkpoint as checkpoint_lib
-  from mer_jax.export import exporters as export
   from mer_jax.data import input_pipeline
-  config = export.load_config(config_path) if config_path else checkpoint_lib.load_run_config(workdir)
-  variables, source, _ = export.load_checkpoint(config, workdir, step)
+  from mer_jax.training import runs
+
+  run = runs.load_run(workdir, config_path, step)
+  config = run.config
   work_dir = keep_dir or tempfile.mkdtemp(prefix="mer_jax_evaluate_")
   try:
-    data_dir, report = prepare_csv(config, csv_path, clips_dir, work_dir)
+    data_dir, split_report = prepare_csv(config, csv_path, clips_dir, work_dir)
     eval_config = config.copy_and_resolve_references()
     eval_config.data.builder_config = BUILDER_CONFIG_NAME
     classes = input_pipeline.dataset_info(eval_config, data_dir)["classes"]
-    outputs = predict(config, variables, data_dir,
-                      batch_size or int(config.get("eval_batch_size", config.batch_size)))
+    outputs = predict(
+      config, run.variables, data_dir, batch_size or int(config.get("eval_batch_size", config.batch_size))
+    )
   finally:
     if keep_dir is None:
       shutil.rmtree(work_dir, ignore_errors=True)
   result: dict[str, Any] = task_metrics(outputs, {task: classes[task] for task in config.model.tasks})
-  split_report = report["splits"].get(SPLIT, {})
-  result["skipped_rows"] = skipped_rows(report)
-  result["clip_problems"] = {reason: entry["count"]
-                             for reason, entry in split_report.get("clip_problems", {}).items()}
-  result["checkpoint"] = source
+  result["skipped_rows"] = skipped_rows(split_report)
+  result["clip_problems"] = {reason: entry["count"] for reason, entry in split_report.get("clip_problems", {}).items()}
+  result["checkpoint"] = run.source
   result["csv"] = os.path.abspath(csv_path)
   result["rows_read"] = split_report.get("rows_read")
   return result
@@ -177,18 +201,24 @@ def evaluate_csv(workdir: str, csv_path: str, clips_dir: str | None = None, batc
 def format_report(result: dict) -> str:
   """Human-readable summary: per task accuracy, weighted F1, per-class F1 and the confusion matrix."""
   from mer_jax.training import metrics as metrics_lib
+
   checkpoint = result["checkpoint"]
-  lines = [f"{result['csv']}: {result['rows_read']} rows; checkpoint step {checkpoint['checkpoint_step']} "
-           f"({checkpoint['chosen_as']}) of {checkpoint['workdir']}"]
+  lines = [
+    f"{result['csv']}: {result['rows_read']} rows; checkpoint step {checkpoint['checkpoint_step']} "
+    f"({checkpoint['chosen_as']}) of {checkpoint['workdir']}"
+  ]
   for task, scores in result.items():
     if not isinstance(scores, dict) or "weighted_f1" not in scores:
       continue
-    lines.append(f"\n{task}: {scores['num_examples']} examples, accuracy {scores['accuracy']:.4f}, "
-                 f"weighted F1 {scores['weighted_f1']:.4f}, macro F1 {scores['macro_f1']:.4f}")
+    lines.append(
+      f"\n{task}: {scores['num_examples']} examples, accuracy {scores['accuracy']:.4f}, "
+      f"weighted F1 {scores['weighted_f1']:.4f}, macro F1 {scores['macro_f1']:.4f}"
+    )
     lines.append("  per-class F1: " + ", ".join(f"{n} {f:.3f}" for n, f in scores["per_class_f1"].items()))
     lines.append("  confusion matrix (rows = true, columns = predicted):")
-    table = metrics_lib.format_confusion({"class_names": scores["class_names"],
-                                          "confusion_matrix": scores["confusion"]})
+    table = metrics_lib.format_confusion(
+      {"class_names": scores["class_names"], "confusion_matrix": scores["confusion"]}
+    )
     lines.extend("  " + row for row in table.splitlines())
   return "\n".join(lines)
 
@@ -199,8 +229,7 @@ def _report_skipped(result: dict) -> None:
     more = f" (+{entry['count'] - len(ids)} more)" if entry["count"] > len(ids) else ""
     print(f"skipped {entry['count']} rows ({reason}): {', '.join(ids)}{more}", file=sys.stderr)
   for reason, count in result["clip_problems"].items():
-    print(f"{count} clips with problems ({reason}): evaluated with that modality marked missing",
-          file=sys.stderr)
+    print(f"{count} clips with problems ({reason}): evaluated with that modality marked missing", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -212,17 +241,23 @@ def main(argv=None) -> int:
   parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval_batch_size")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
   parser.add_argument("--config", default=None, help="config file, for workdirs without config.json")
-  parser.add_argument("--keep-prepared", default=None, metavar="DIR",
-                      help="prepare the CSV into DIR and keep it (default: a temporary folder)")
+  parser.add_argument(
+    "--keep-prepared",
+    default=None,
+    metavar="DIR",
+    help="prepare the CSV into DIR and keep it (default: a temporary folder)",
+  )
   args = parser.parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow as tf
+
   tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
   try:
     # stdout carries the report alone (TFDS prints "Downloading and preparing dataset ..." there).
     with contextlib.redirect_stdout(sys.stderr):
-      result = evaluate_csv(args.workdir, args.csv, args.clips, args.batch_size, args.step, args.keep_prepared,
-                            args.config)
+      result = evaluate_csv(
+        args.workdir, args.csv, args.clips, args.batch_size, args.step, args.keep_prepared, args.config
+      )
   except (FileNotFoundError, ValueError) as err:  # bad paths, columns, no usable row: the message says why
     print(f"error: {err}", file=sys.stderr)
     return 2

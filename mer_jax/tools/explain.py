@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -18,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from mer_jax import tools  # noqa: E402
 
 CHOSEN_COLOUR = "#d62728"
 
@@ -28,25 +31,32 @@ def softmax(logits: np.ndarray) -> np.ndarray:
   return exp / np.sum(exp, axis=-1, keepdims=True)
 
 
-def explanation_record(example_id: str, text: str, frames: np.ndarray, logits: Mapping[str, np.ndarray],
-                       explanation: Mapping[str, np.ndarray], class_names: Mapping[str, Sequence[str]],
-                       labels: Mapping[str, int] | None = None, frame_times: Sequence[float] | None = None) -> dict:
+def explanation_record(
+  example_id: str,
+  text: str,
+  frames: np.ndarray,
+  logits: Mapping[str, np.ndarray],
+  explanation: Mapping[str, np.ndarray],
+  class_names: Mapping[str, Sequence[str]],
+  labels: Mapping[str, int] | None = None,
+  frame_times: Sequence[float] | None = None,
+) -> dict:
   """The JSON-able explanation of one example (arrays without the batch axis)."""
   scores = np.asarray(explanation["frame_scores"], np.float64)
   chosen = [int(i) for i in np.asarray(explanation["selected_indices"])]
   gate = np.asarray(explanation["gate"], np.float64)
   record = {
-      "id": example_id,
-      "text": text,
-      "num_frames": int(frames.shape[0]),
-      "frame_scores": [round(float(s), 5) for s in scores],
-      "selected_indices": chosen,
-      "frame_times": None if frame_times is None else [round(float(t), 3) for t in frame_times],
-      "gate_mean": round(float(gate.mean()), 5),
-      "gate_quartiles": [round(float(q), 5) for q in np.quantile(gate, [0.25, 0.5, 0.75])],
-      "reliability_video": round(float(explanation["reliability_video"]), 5),
-      "reliability_audio": round(float(explanation["reliability_audio"]), 5),
-      "tasks": {},
+    "id": example_id,
+    "text": text,
+    "num_frames": int(frames.shape[0]),
+    "frame_scores": [round(float(s), 5) for s in scores],
+    "selected_indices": chosen,
+    "frame_times": None if frame_times is None else [round(float(t), 3) for t in frame_times],
+    "gate_mean": round(float(gate.mean()), 5),
+    "gate_quartiles": [round(float(q), 5) for q in np.quantile(gate, [0.25, 0.5, 0.75])],
+    "reliability_video": round(float(explanation["reliability_video"]), 5),
+    "reliability_audio": round(float(explanation["reliability_audio"]), 5),
+    "tasks": {},
   }
   if "attention" in explanation:
     # Share of attention (averaged over heads and valid text tokens) on [fused, frames..., audio...].
@@ -57,8 +67,8 @@ def explanation_record(example_id: str, text: str, frames: np.ndarray, logits: M
     probabilities = softmax(np.asarray(task_logits, np.float64))
     names = list(class_names[task])
     entry = {
-        "probabilities": {name: round(float(p), 5) for name, p in zip(names, probabilities)},
-        "predicted": names[int(np.argmax(probabilities))],
+      "probabilities": {name: round(float(p), 5) for name, p in zip(names, probabilities)},
+      "predicted": names[int(np.argmax(probabilities))],
     }
     if labels is not None and task in labels and int(labels[task]) >= 0:
       entry["label"] = names[int(labels[task])]
@@ -67,10 +77,18 @@ def explanation_record(example_id: str, text: str, frames: np.ndarray, logits: M
   return record
 
 
-def show_prediction_sample(example_id: str, text: str, frames: np.ndarray, logits: Mapping[str, np.ndarray],
-                           explanation: Mapping[str, np.ndarray], class_names: Mapping[str, Sequence[str]],
-                           out_png: str, labels: Mapping[str, int] | None = None,
-                           frame_times: Sequence[float] | None = None, out_json: str | None = None) -> dict:
+def show_prediction_sample(
+  example_id: str,
+  text: str,
+  frames: np.ndarray,
+  logits: Mapping[str, np.ndarray],
+  explanation: Mapping[str, np.ndarray],
+  class_names: Mapping[str, Sequence[str]],
+  out_png: str,
+  labels: Mapping[str, int] | None = None,
+  frame_times: Sequence[float] | None = None,
+  out_json: str | None = None,
+) -> dict:
   """Writes the PNG (and JSON, default next to it) for one example; returns the JSON record.
 
   frames: (T, H, W, 1) uint8; logits: task -> (classes,); explanation: the model's explanation for this example
@@ -88,16 +106,23 @@ def show_prediction_sample(example_id: str, text: str, frames: np.ndarray, logit
     axis.set_xticks([])
     axis.set_yticks([])
     when = "" if frame_times is None else f"\n{float(frame_times[index]):.2f}s"
-    axis.set_title(f"{record['frame_scores'][index]:+.2f}{when}", fontsize=8,
-                   color=CHOSEN_COLOUR if index in chosen else "black")
+    axis.set_title(
+      f"{record['frame_scores'][index]:+.2f}{when}", fontsize=8, color=CHOSEN_COLOUR if index in chosen else "black"
+    )
     for spine in axis.spines.values():
       spine.set_edgecolor(CHOSEN_COLOUR if index in chosen else "#bbbbbb")
       spine.set_linewidth(3.5 if index in chosen else 0.5)
   text_axis = figure.add_subplot(grid[1, :])
   text_axis.axis("off")
   shown_text = text if len(text) < 160 else text[:157] + "..."
-  text_axis.text(0.0, 0.5, f"{example_id}: \"{shown_text}\"   (frames outlined in red: the K chosen; "
-                 "numbers: text-guided scores)", fontsize=9, va="center", wrap=True)
+  text_axis.text(
+    0.0,
+    0.5,
+    f"{example_id}: \"{shown_text}\"   (frames outlined in red: the K chosen; numbers: text-guided scores)",
+    fontsize=9,
+    va="center",
+    wrap=True,
+  )
   columns = len(tasks) + 1
   span = max(num_frames, 4) // columns
   modality_axis = figure.add_subplot(grid[2, 0:span])
@@ -107,7 +132,7 @@ def show_prediction_sample(example_id: str, text: str, frames: np.ndarray, logit
   modality_axis.set_title("reliabilities and mean gate", fontsize=9)
   modality_axis.tick_params(labelsize=7)
   for position, task in enumerate(tasks, start=1):
-    axis = figure.add_subplot(grid[2, position * span:(position + 1) * span])
+    axis = figure.add_subplot(grid[2, position * span : (position + 1) * span])
     entry = record["tasks"][task]
     names = list(entry["probabilities"])
     colours = ["#2ca02c" if name == entry.get("label") else "#9467bd" for name in names]
@@ -128,28 +153,13 @@ def show_prediction_sample(example_id: str, text: str, frames: np.ndarray, logit
 # ----------------------------------------------------------------------------- a trained run, one example
 
 
-def load_run(workdir: str, config_path: str | None = None, step: int | None = None):
-  """(config, variables, source, best) of a training workdir: its config (WORKDIR/config.json, or the
-  `config_path` file for runs written before config.json existed) and the best checkpoint (else latest)."""
-  from mer_jax.training import checkpoint as checkpoint_lib
-  from mer_jax.export import exporters as export
-  config = export.load_config(config_path) if config_path else checkpoint_lib.load_run_config(workdir)
-  config = export.export_config(config)  # float32 compute: explanations are read, not trained
-  variables, source, best = export.load_checkpoint(config, workdir, step)
-  return config, variables, source, best
-
-
 def predict_fn(config):
   """Jitted (variables, batch) -> (logits, explanation) in eval mode; `batch` without host-only `id`."""
   import jax
   from mer_jax.models import emotion_model as model_lib
-  model = model_lib.EmotionModel(config.model)
+
+  model = model_lib.for_this_host(config.model)
   return jax.jit(lambda variables, batch: model.apply(variables, batch, train=False))
-
-
-def run_data_dir(config, workdir: str) -> str:
-  from mer_jax.training import train
-  return train.resolve_data_dir(config, workdir)
 
 
 def find_example(config, data_dir: str, split: str, example_id: str) -> tuple[dict, dict]:
@@ -160,42 +170,67 @@ def find_example(config, data_dir: str, split: str, example_id: str) -> tuple[di
   import tensorflow as tf
   import tensorflow_datasets as tfds
   from mer_jax.data import input_pipeline
+
   builder = input_pipeline.load_builder(config, data_dir)
   if split not in builder.info.splits:
     raise ValueError(f"Split {split!r} is not in the prepared data (it has {sorted(builder.info.splits)}).")
-  ids_ds = builder.as_dataset(split=split, shuffle_files=False,
-                              decoders=tfds.decode.PartialDecoding({"id": True}))
+  ids_ds = builder.as_dataset(split=split, shuffle_files=False, decoders=tfds.decode.PartialDecoding({"id": True}))
   ids = [v.decode() for v in tfds.as_numpy(ids_ds.map(lambda ex: ex["id"]))]
   if example_id not in ids:
-    raise KeyError(f"No example {example_id!r} in split {split!r} ({len(ids)} examples; ids look like "
-                   f"{ids[:3]}). Pass --split to match the id's prefix.")
+    raise KeyError(
+      f"No example {example_id!r} in split {split!r} ({len(ids)} examples; ids look like "
+      f"{ids[:3]}). Pass --split to match the id's prefix."
+    )
   position = ids.index(example_id)
   raw_ds = builder.as_dataset(split=f"{split}[{position}:{position + 1}]", shuffle_files=False)
   raw = next(iter(tfds.as_numpy(raw_ds)))
   if raw["id"].decode() != example_id:  # a split slice that does not follow file order would land here
     raise RuntimeError(f"Reading {split}[{position}] gave {raw['id']!r}, not {example_id!r}.")
   table = input_pipeline.split_token_table(builder, split, config)
-  batch_ds = input_pipeline.dataset_from_examples(tf.data.Dataset.from_tensors(raw), config, train=False,
-                                                  batch_size=1, token_table=table)
+  batch_ds = input_pipeline.dataset_from_examples(
+    tf.data.Dataset.from_tensors(raw), config, train=False, batch_size=1, token_table=table
+  )
   return raw, next(input_pipeline.as_numpy(batch_ds))
 
 
-def explain_example(workdir: str, split: str, example_id: str, out_png: str, *, config_path: str | None = None,
-                    step: int | None = None, out_json: str | None = None) -> dict:
+def explain_example(
+  workdir: str,
+  split: str,
+  example_id: str,
+  out_png: str,
+  *,
+  config_path: str | None = None,
+  step: int | None = None,
+  out_json: str | None = None,
+) -> dict:
   """Runs the trained model of `workdir` on one prepared example and writes its PNG + JSON explanation."""
   import jax
-  from mer_jax.export import exporters as export
+
   from mer_jax.data import input_pipeline
-  config, variables, source, best = load_run(workdir, config_path, step)
-  raw, batch = find_example(config, run_data_dir(config, workdir), split, example_id)
-  logits, explanation = predict_fn(config)(variables, input_pipeline.model_inputs(batch))
+  from mer_jax.export import contract
+  from mer_jax.export import metadata as export_metadata
+  from mer_jax.training import runs
+
+  run = runs.load_run(workdir, config_path, step)
+  config = contract.export_config(run.config)  # float32 compute: explanations are read, not trained
+  raw, batch = find_example(config, run.data_dir(), split, example_id)
+  logits, explanation = predict_fn(config)(run.variables, input_pipeline.model_inputs(batch))
   logits, explanation = jax.tree.map(lambda x: np.asarray(x)[0], (logits, explanation))
   labels = {task: int(batch[f"labels/{task}"][0]) for task in config.model.tasks}
   text = raw["text"].decode("utf-8")
-  record = show_prediction_sample(example_id, text, batch["frames"][0], logits, explanation,
-                                  export.class_names(config, best), out_png, labels=labels,
-                                  frame_times=raw["frame_times"].tolist(), out_json=out_json)
-  record["checkpoint"] = source
+  record = show_prediction_sample(
+    example_id,
+    text,
+    batch["frames"][0],
+    logits,
+    explanation,
+    export_metadata.class_names(config, run.best),
+    out_png,
+    labels=labels,
+    frame_times=raw["frame_times"].tolist(),
+    out_json=out_json,
+  )
+  record["checkpoint"] = run.source
   if out_json is None:
     out_json = os.path.splitext(out_png)[0] + ".json"
   with open(out_json, "w") as f:
@@ -205,8 +240,10 @@ def explain_example(workdir: str, split: str, example_id: str, out_png: str, *, 
 
 def main(argv: Sequence[str] | None = None) -> dict:
   import argparse
-  parser = argparse.ArgumentParser(prog="python -m mer_jax.tools.explain",
-                                   description="PNG + JSON explanation of one prepared example.")
+
+  parser = argparse.ArgumentParser(
+    prog="python -m mer_jax.tools.explain", description="PNG + JSON explanation of one prepared example."
+  )
   parser.add_argument("--workdir", required=True, help="training workdir (config.json, checkpoints/)")
   parser.add_argument("--id", required=True, help="example id, e.g. dev/dia0_utt0")
   parser.add_argument("--split", default=None, help="prepared split (default: the id's prefix)")
@@ -224,7 +261,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   return record
 
 
+def cli() -> int:
+  """Entry point of `mer-jax-explain` and `python -m mer_jax.tools.explain`: exit status 0 when `main` returns."""
+  return tools.run_command(main)
+
+
 if __name__ == "__main__":
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
-  main()
+  sys.exit(cli())

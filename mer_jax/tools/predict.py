@@ -19,31 +19,14 @@ import json
 import os
 import sys
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from mer_jax.export import metadata as export_metadata
+from mer_jax.export import contract
+from mer_jax.export import runtimes
 
 EDGE_SUFFIXES = (".onnx", ".tflite")
-SIGNALS = ("frame_scores", "selected_indices", "reliability_video", "reliability_audio", "gate")
-
-
-def import_tensorflow_without_jax():
-  """`import tensorflow` that leaves JAX unimported.
-
-  TF 2.21's tflite util runs `from jax import jit` when JAX is installed (~0.7 s, and what an edge
-  prediction must not need); blocked for that import only, TF records JAX as missing and goes on.
-  """
-  if "tensorflow" not in sys.modules and "jax" not in sys.modules:
-    sys.modules["jax"] = None  # makes `import jax` raise ImportError
-    try:
-      import tensorflow  # noqa: F401
-    finally:
-      if sys.modules.get("jax", 0) is None:
-        del sys.modules["jax"]
-  import tensorflow
-  return tensorflow
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -59,6 +42,7 @@ class Preprocessing:
 
   def reader_config(self):
     from mer_jax.data import clip_reader
+
     known = {f.name for f in dataclasses.fields(clip_reader.ClipReadConfig)}
     unknown = sorted(set(self.clip_read_config) - known)
     if unknown:
@@ -79,12 +63,13 @@ def clip_inputs(video: str, text: str, prep: Preprocessing, contexts: Sequence[s
   Inputs follow the batch contract: frames (1, T, S, S, 1) uint8, audio (1, F, M) float32, audio_mask
   (1, F) bool, text_ids / text_mask (1, L), has_video / has_audio (1,) bool.
   """
-  tf = import_tensorflow_without_jax()
+  tf = runtimes.import_tensorflow_without_jax()
   from mer_jax.data import clip_reader
   from mer_jax.data import features
   from mer_jax.data import input_pipeline
   from mer_jax.data import text_normalize
   from mer_jax.data import tokenizer as tokenizer_lib
+
   if not os.path.isfile(video):
     raise FileNotFoundError(f"--video {video} not found; pass the path of an mp4 (or any clip FFmpeg reads).")
   data = prep.data
@@ -92,65 +77,26 @@ def clip_inputs(video: str, text: str, prep: Preprocessing, contexts: Sequence[s
   frames = input_pipeline.resize_frames(tf.constant(clip.frames), int(data["frame_size"])).numpy()
   log_mel, audio_mask = features.audio_features(clip.audio, data)
   tokenizer = tokenizer_lib.load_tokenizer(prep.tokenizer_dir)
-  # Normalised as data/meld_format.py normalises a CSV's utterances (context lines included).
+  # Normalised as mer_jax/data/meld_csv.py normalises a CSV's utterances (context lines included).
   contexts = [text_normalize.normalize_text(line) for line in contexts] if contexts else contexts
   context = _context_text(contexts, int(data.get("context_turns", 0)))
   text = text_normalize.normalize_text(text)
-  text_ids, text_mask = tokenizer_lib.tokenize(tokenizer, [text], int(data["max_text_length"]),
-                                               contexts=None if context is None else [context])
-  inputs = {"frames": frames[None], "audio": log_mel.numpy()[None], "audio_mask": audio_mask.numpy()[None],
-            "text_ids": text_ids, "text_mask": text_mask, "has_video": np.array([clip.has_video]),
-            "has_audio": np.array([clip.has_audio])}
+  text_ids, text_mask = tokenizer_lib.tokenize(
+    tokenizer, [text], int(data["max_text_length"]), contexts=None if context is None else [context]
+  )
+  inputs = {
+    "frames": frames[None],
+    "audio": log_mel.numpy()[None],
+    "audio_mask": audio_mask.numpy()[None],
+    "text_ids": text_ids,
+    "text_mask": text_mask,
+    "has_video": np.array([clip.has_video]),
+    "has_audio": np.array([clip.has_audio]),
+  }
   return inputs, clip
 
 
-# ----------------------------------------------------------------------------- runtimes (no JAX)
-
-
-def onnx_session(path: str, threads: int = 0, optimization: str = "all"):
-  """onnxruntime CPU session; threads 0 = onnxruntime's choice (one per physical core)."""
-  import onnxruntime as ort
-  options = ort.SessionOptions()
-  options.log_severity_level = 3
-  options.intra_op_num_threads = int(threads)
-  options.graph_optimization_level = {
-      "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-      "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-      "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
-  return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
-def run_onnx_session(session, inputs: dict) -> list[np.ndarray]:
-  return session.run(None, {d.name: inputs[d.name] for d in session.get_inputs()})
-
-
-def tflite_interpreter(path: str, threads: int | None = None):
-  """(interpreter with tensors allocated, runtime name): LiteRT's, else TF's (deprecated, in TF 2.21)."""
-  try:
-    from ai_edge_litert.interpreter import Interpreter
-    runtime = "ai-edge-litert"
-  except ImportError:
-    Interpreter = import_tensorflow_without_jax().lite.Interpreter
-    runtime = "tf.lite"
-  interpreter = Interpreter(model_path=path, num_threads=threads)
-  interpreter.allocate_tensors()
-  return interpreter, runtime
-
-
-def run_tflite_interpreter(interpreter, inputs: dict) -> list[np.ndarray]:
-  """Runs the fixed-batch model over `inputs` in chunks (the last one padded with copies of row 0)."""
-  details = {d["name"]: d for d in interpreter.get_input_details()}
-  batch = int(details["frames"]["shape"][0])
-  total = len(inputs["frames"])
-  chunks = []
-  for start in range(0, total, batch):
-    rows = np.arange(start, start + batch)
-    rows = np.where(rows < total, rows, 0)
-    for name, detail in details.items():
-      interpreter.set_tensor(detail["index"], np.ascontiguousarray(inputs[name][rows]))
-    interpreter.invoke()
-    chunks.append([interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()])
-  return [np.concatenate(parts)[:total] for parts in zip(*chunks)]
+# ----------------------------------------------------------------------------- models
 
 
 class EdgeModel:
@@ -158,25 +104,26 @@ class EdgeModel:
 
   def __init__(self, path: str, threads: int | None = None):
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"--model {path} not found; pass a training workdir or an exported "
-                              "model.onnx / model*.tflite (python -m mer_jax.export).")
+      raise FileNotFoundError(
+        f"--model {path} not found; pass a training workdir or an exported "
+        "model.onnx / model*.tflite (python -m mer_jax.export)."
+      )
     self.path, self.export_dir = path, os.path.dirname(os.path.abspath(path))
-    self.metadata = export_metadata.read_metadata(self.export_dir)
+    self.metadata = contract.read_metadata(self.export_dir)
     pre = self.metadata["preprocessing"]
-    self.preprocessing = Preprocessing(pre["data"], pre["clip_read_config"],
-                                       export_metadata.tokenizer_dir(self.export_dir))
+    self.preprocessing = Preprocessing(pre["data"], pre["clip_read_config"], contract.tokenizer_dir(self.export_dir))
     self.class_names = self.metadata["labels"]
-    self.names = export_metadata.output_order(self.metadata)
+    self.names = contract.output_names(self.metadata)
     if path.endswith(".onnx"):
-      self.runtime, self._session = "onnxruntime", onnx_session(path, threads or 0)
+      self.runtime, self._session = "onnxruntime", runtimes.onnx_session(path, threads or 0)
     else:
-      self._session, self.runtime = tflite_interpreter(path, threads)
+      self._session, self.runtime = runtimes.tflite_interpreter(path, threads)
 
   def __call__(self, inputs: dict) -> dict[str, np.ndarray]:
     if self.runtime == "onnxruntime":
-      outputs = run_onnx_session(self._session, inputs)
+      outputs = runtimes.run_onnx_session(self._session, inputs)
     else:
-      outputs = run_tflite_interpreter(self._session, inputs)
+      outputs = runtimes.run_tflite_interpreter(self._session, inputs)
     # Exports made before the gate output existed have fewer outputs: zip stops at the shorter.
     return dict(zip(self.names, outputs))
 
@@ -185,34 +132,29 @@ class JaxModel:
   """A training workdir's best checkpoint (else its latest), run with JAX."""
 
   def __init__(self, workdir: str, config_path: str | None = None, step: int | None = None):
-    from mer_jax.training import checkpoint as checkpoint_lib
-    from mer_jax.export import exporters as export
-    from mer_jax.training import train
-    if config_path:
-      config = export.load_config(config_path)
-    else:
-      try:
-        config = checkpoint_lib.load_run_config(workdir)
-      except FileNotFoundError as error:
-        raise FileNotFoundError(f"{error} (or pass --config configs/<the run's config>.py)") from error
-    self.config = export.export_config(config)
-    self.variables, self.source, best = export.load_checkpoint(self.config, workdir, step)
-    self.class_names = export_metadata.class_names(self.config, best)
-    reading, _ = export_metadata.clip_read_config(self.config, train.resolve_data_dir(self.config, workdir))
+    from mer_jax.export import metadata as export_metadata
+    from mer_jax.training import runs
+
+    run = runs.load_run(workdir, config_path, step)
+    self.config = contract.export_config(run.config)
+    self.variables, self.source = run.variables, run.source
+    self.class_names = export_metadata.class_names(self.config, run.best)
+    reading, _ = export_metadata.clip_read_config(self.config, run.data_dir())
     self.preprocessing = Preprocessing(export_metadata.data_fields(self.config), reading)
     self.runtime, self.path = "jax", workdir
 
   def __call__(self, inputs: dict) -> dict[str, np.ndarray]:
-    from mer_jax.export import exporters as export
-    return export.jax_reference(self.config, self.variables, inputs)
+    from mer_jax.export import exporters
+
+    return exporters.jax_reference(self.config, self.variables, inputs)
 
 
-def load_model(model: str, config_path: str | None = None, step: int | None = None,
-               threads: int | None = None):
+def load_model(model: str, config_path: str | None = None, step: int | None = None, threads: int | None = None):
   """A JaxModel for a workdir, an EdgeModel for an .onnx / .tflite file (or an export folder)."""
   if os.path.isdir(model):
     if os.path.isdir(os.path.join(model, "checkpoints")) or not os.path.isfile(
-        os.path.join(model, export_metadata.METADATA_FILE)):
+      os.path.join(model, contract.METADATA_FILE)
+    ):
       return JaxModel(model, config_path, step)
     candidates = [os.path.join(model, f) for f in ("model.onnx", "model.tflite")]
     model = next((c for c in candidates if os.path.isfile(c)), candidates[0])
@@ -231,46 +173,63 @@ def predict(model, video: str, text: str, contexts: Sequence[str] | None = None)
   selected = [int(i) for i in outputs["selected_indices"]]
   times = [float(t) for t in clip.frame_times]
   result = {
-      "video": video, "text": text, "model": model.path, "runtime": model.runtime,
-      "tasks": {}, "has_video": bool(clip.has_video), "has_audio": bool(clip.has_audio),
-      "clip_problems": list(clip.problems), "duration_seconds": round(float(clip.duration), 3),
-      "frame_times": [round(t, 3) for t in times],
-      "frame_scores": [round(float(s), 5) for s in outputs["frame_scores"]],
-      "selected_frames": [{"index": i, "time_seconds": round(times[i], 3)} for i in selected],
-      "reliability_video": round(float(outputs["reliability_video"]), 5),
-      "reliability_audio": round(float(outputs["reliability_audio"]), 5),
+    "video": video,
+    "text": text,
+    "model": model.path,
+    "runtime": model.runtime,
+    "tasks": {},
+    "has_video": bool(clip.has_video),
+    "has_audio": bool(clip.has_audio),
+    "clip_problems": list(clip.problems),
+    "duration_seconds": round(float(clip.duration), 3),
+    "frame_times": [round(t, 3) for t in times],
+    "frame_scores": [round(float(s), 5) for s in outputs["frame_scores"]],
+    "selected_frames": [{"index": i, "time_seconds": round(times[i], 3)} for i in selected],
+    "reliability_video": round(float(outputs["reliability_video"]), 5),
+    "reliability_audio": round(float(outputs["reliability_audio"]), 5),
   }
   for task, names in model.class_names.items():
     probs = np.asarray(outputs[f"probs_{task}"], np.float64)
     order = np.argsort(-probs)
-    result["tasks"][task] = {"predicted": names[int(order[0])],
-                             "probabilities": {names[i]: round(float(probs[i]), 5) for i in order}}
+    result["tasks"][task] = {
+      "predicted": names[int(order[0])],
+      "probabilities": {names[i]: round(float(probs[i]), 5) for i in order},
+    }
   return result, outputs, (inputs, clip)
 
 
 def explain(result: dict, outputs: dict, inputs: dict, clip, class_names: dict, out_png: str) -> dict:
   """The explanation PNG (+ JSON beside it) of a prediction, via explain.show_prediction_sample."""
   from mer_jax.tools import explain as explain_lib
+
   with np.errstate(divide="ignore"):  # log(0) = -inf: softmax of the log gives the probabilities back
     logits = {task: np.log(np.asarray(outputs[f"probs_{task}"], np.float64)) for task in class_names}
   width = int(np.asarray(outputs.get("gate", np.zeros(1))).size)
-  signals = {name: outputs[name] for name in SIGNALS if name in outputs}
+  signals = {name: outputs[name] for name in contract.SIGNAL_NAMES if name in outputs}
   signals.setdefault("gate", np.full(width, np.nan))  # exports older than the gate output
   return explain_lib.show_prediction_sample(
-      os.path.basename(result["video"]), result["text"], inputs["frames"][0], logits, signals, class_names,
-      out_png, frame_times=clip.frame_times)
+    os.path.basename(result["video"]),
+    result["text"],
+    inputs["frames"][0],
+    logits,
+    signals,
+    class_names,
+    out_png,
+    frame_times=clip.frame_times,
+  )
 
 
 def format_result(result: dict) -> str:
-  lines = [f"{result['video']} ({result['duration_seconds']:.2f} s) with {result['runtime']}: "
-           f"\"{result['text']}\""]
+  lines = [f"{result['video']} ({result['duration_seconds']:.2f} s) with {result['runtime']}: \"{result['text']}\""]
   for task, entry in result["tasks"].items():
     top = ", ".join(f"{name} {p:.3f}" for name, p in entry["probabilities"].items())
     lines.append(f"  {task:10s} {entry['predicted']:10s} ({top})")
   chosen = ", ".join(f"#{f['index']} at {f['time_seconds']:.2f} s" for f in result["selected_frames"])
   lines.append(f"  chosen frames: {chosen}")
-  lines.append(f"  reliability: video {result['reliability_video']:.3f}, audio {result['reliability_audio']:.3f}"
-               f"  (has_video {result['has_video']}, has_audio {result['has_audio']})")
+  lines.append(
+    f"  reliability: video {result['reliability_video']:.3f}, audio {result['reliability_audio']:.3f}"
+    f"  (has_video {result['has_video']}, has_audio {result['has_audio']})"
+  )
   if result["clip_problems"]:
     lines.append(f"  clip problems: {', '.join(result['clip_problems'])}")
   return "\n".join(lines)
@@ -278,13 +237,18 @@ def format_result(result: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(prog="python -m mer_jax.tools.predict", description=__doc__.split("\n")[0])
-  parser.add_argument("--model", required=True,
-                      help="training workdir (JAX), export folder, or exported model.onnx / model*.tflite")
+  parser.add_argument(
+    "--model", required=True, help="training workdir (JAX), export folder, or exported model.onnx / model*.tflite"
+  )
   parser.add_argument("--video", required=True, help="the clip (mp4 or anything FFmpeg reads)")
   parser.add_argument("--text", required=True, help="the utterance's transcript")
-  parser.add_argument("--context", action="append", default=None,
-                      help="an earlier utterance of the dialogue ('Speaker: text'), oldest first; repeat. "
-                           "Used when the model was trained with config.data.context_turns > 0")
+  parser.add_argument(
+    "--context",
+    action="append",
+    default=None,
+    help="an earlier utterance of the dialogue ('Speaker: text'), oldest first; repeat. "
+    "Used when the model was trained with config.data.context_turns > 0",
+  )
   parser.add_argument("--config", default=None, help="workdir only: override WORKDIR/config.json")
   parser.add_argument("--step", type=int, default=None, help="workdir only: checkpoint step (default best)")
   parser.add_argument("--threads", type=int, default=None, help="ONNX/TFLite CPU threads")
@@ -300,5 +264,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   return result
 
 
-if __name__ == "__main__":
+def cli() -> int:
+  """Entry point of `mer-jax-predict` and `python -m mer_jax.tools.predict`: exit status 0 when `main` returns."""
   main()
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(cli())

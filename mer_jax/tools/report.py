@@ -20,28 +20,47 @@ import argparse
 import json
 import math
 import os
+import sys
 from typing import Any, Sequence
 
 import numpy as np
 
+from mer_jax import tools
 from mer_jax.tools import explain
 from mer_jax.training import metrics as metrics_lib
-from mer_jax.tools.report_figures import (GROUPS, _fmt, plot_faithfulness, plot_modalities, plot_selection, plot_task,
-                                    write_markdown)
+from mer_jax.tools.report_figures import (
+  GROUPS,
+  _fmt,
+  plot_faithfulness,
+  plot_modalities,
+  plot_selection,
+  plot_task,
+  write_markdown,
+)
 
 EXCLUDED_SCORE = -1e9
 # name -> (comparison, threshold, what is measured). The bars come from the issue ("explanation and the claims").
 BARS = {
-    "selection_precision_at_k": (">=", 0.9, "share of the K chosen frames that show the key (cue) group, on "
-                                 "clips whose video is not corrupted"),
-    "audio_reliability_drop": (">=", 0.3, "mean r_a on clean clips minus mean r_a on audio-corrupted clips"),
-    "video_reliability_drop": (">=", 0.3, "mean r_v on clean clips minus mean r_v on video-corrupted clips"),
-    "accuracy_audio_corrupted": (">=", 0.9, "primary-task accuracy on audio-corrupted clips"),
-    "faithfulness_gap": (">", 0.0, "accuracy drop when the K chosen frames are blanked minus the drop when K "
-                         "random other frames are blanked"),
+  "selection_precision_at_k": (
+    ">=",
+    0.9,
+    "share of the K chosen frames that show the key (cue) group, on clips whose video is not corrupted",
+  ),
+  "audio_reliability_drop": (">=", 0.3, "mean r_a on clean clips minus mean r_a on audio-corrupted clips"),
+  "video_reliability_drop": (">=", 0.3, "mean r_v on clean clips minus mean r_v on video-corrupted clips"),
+  "accuracy_audio_corrupted": (">=", 0.9, "primary-task accuracy on audio-corrupted clips"),
+  "faithfulness_gap": (
+    ">",
+    0.0,
+    "accuracy drop when the K chosen frames are blanked minus the drop when K random other frames are blanked",
+  ),
 }
-SIDECAR_CLAIMS = ("selection_precision_at_k", "audio_reliability_drop", "video_reliability_drop",
-                  "accuracy_audio_corrupted")
+SIDECAR_CLAIMS = (
+  "selection_precision_at_k",
+  "audio_reliability_drop",
+  "video_reliability_drop",
+  "accuracy_audio_corrupted",
+)
 
 
 # ----------------------------------------------------------------------------- running the model
@@ -55,7 +74,8 @@ def blanked_predict_fn(config):
   import jax.numpy as jnp
   from mer_jax.models import emotion_model as model_lib
   from mer_jax.models import frame_selector as topk
-  model = model_lib.EmotionModel(config.model)
+
+  model = model_lib.for_this_host(config.model)
 
   def apply(variables, batch, excluded):
     def interceptor(next_fun, args, kwargs, context):
@@ -63,8 +83,10 @@ def blanked_predict_fn(config):
       if not (isinstance(context.module, topk.FrameScorer) and context.method_name == "__call__"):
         return out
       return jnp.where(excluded, EXCLUDED_SCORE, out)
+
     with nn.intercept_methods(interceptor):
       return model.apply(variables, batch, train=False)
+
   return jax.jit(apply)
 
 
@@ -94,20 +116,28 @@ def _mask(indices: np.ndarray, num_frames: int) -> np.ndarray:
   return mask
 
 
-def collect(config, variables, data_dir: str, split: str, *, max_examples: int | None = None, seed: int = 0,
-            faithfulness: bool = True) -> dict:
+def collect(
+  config,
+  variables,
+  data_dir: str,
+  split: str,
+  *,
+  max_examples: int | None = None,
+  seed: int = 0,
+  faithfulness: bool = True,
+) -> dict:
   """Runs the model over `split` (eval order, at most `max_examples`) -> numpy arrays per example:
   ids (N,), labels/<task> (N,), logits/<task> (N, C), frame_scores (N, T), selected (N, K), gate_mean (N,),
   reliability_video/audio (N,), has_video/has_audio (N,), and with `faithfulness`
   blank_chosen/<task>, blank_random/<task> logits (N, C)."""
   import jax
   from mer_jax.data import input_pipeline
+
   tasks = list(config.model.tasks)
   predict = explain.predict_fn(config)
   blanked = blanked_predict_fn(config) if faithfulness else None
   rng = np.random.default_rng(seed)
-  ds = input_pipeline.make_dataset(config, split, train=False, data_dir=data_dir, process_index=0,
-                                   process_count=1)
+  ds = input_pipeline.make_dataset(config, split, train=False, data_dir=data_dir, process_index=0, process_count=1)
   parts: dict[str, list] = {}
   count = 0
   for batch in input_pipeline.as_numpy(ds):
@@ -119,19 +149,22 @@ def collect(config, variables, data_dir: str, split: str, *, max_examples: int |
     inputs = input_pipeline.model_inputs(batch)
     logits, explanation = jax.device_get(predict(variables, inputs))
     num_frames = inputs["frames"].shape[1]
-    row = {"ids": np.array([i.decode() for i in batch["id"]], object),
-           "frame_scores": explanation["frame_scores"], "selected": explanation["selected_indices"],
-           "gate_mean": np.asarray(explanation["gate"]).mean(-1),
-           "reliability_video": explanation["reliability_video"],
-           "reliability_audio": explanation["reliability_audio"],
-           "has_video": batch["has_video"].astype(bool), "has_audio": batch["has_audio"].astype(bool)}
+    row = {
+      "ids": np.array([i.decode() for i in batch["id"]], object),
+      "frame_scores": explanation["frame_scores"],
+      "selected": explanation["selected_indices"],
+      "gate_mean": np.asarray(explanation["gate"]).mean(-1),
+      "reliability_video": explanation["reliability_video"],
+      "reliability_audio": explanation["reliability_audio"],
+      "has_video": batch["has_video"].astype(bool),
+      "has_audio": batch["has_audio"].astype(bool),
+    }
     for task in tasks:
       row[f"labels/{task}"] = batch[f"labels/{task}"]
       row[f"logits/{task}"] = logits[task]
     if faithfulness:
       chosen = np.asarray(explanation["selected_indices"])
-      for name, indices in (("blank_chosen", chosen),
-                            ("blank_random", random_other_frames(rng, chosen, num_frames))):
+      for name, indices in (("blank_chosen", chosen), ("blank_random", random_other_frames(rng, chosen, num_frames))):
         excluded = _mask(indices, num_frames)
         frames = inputs["frames"].copy()
         frames[excluded] = 0  # black
@@ -165,17 +198,21 @@ def _summary(values: np.ndarray) -> dict:
   values = np.asarray(values, np.float64)
   if not values.size:
     return {"n": 0}
-  return {"n": int(values.size), "mean": float(values.mean()), "std": float(values.std()),
-          "quartiles": [float(q) for q in np.quantile(values, [0.25, 0.5, 0.75])]}
+  return {
+    "n": int(values.size),
+    "mean": float(values.mean()),
+    "std": float(values.std()),
+    "quartiles": [float(q) for q in np.quantile(values, [0.25, 0.5, 0.75])],
+  }
 
 
 def selection_histogram(selected: np.ndarray, rows: np.ndarray, num_frames: int) -> dict:
   """Counts of chosen positions over `rows` (N_rows * K in all) and a chi-square test against uniform."""
   from scipy import stats
+
   counts = np.bincount(selected[rows].ravel(), minlength=num_frames)
   total = int(counts.sum())
-  result = {"counts": counts.tolist(), "num_examples": int(rows.sum()), "total": total, "chi2": None,
-            "p_value": None}
+  result = {"counts": counts.tolist(), "num_examples": int(rows.sum()), "total": total, "chi2": None, "p_value": None}
   if total:
     chi2, p_value = stats.chisquare(counts)
     # All counts equal (e.g. K = T) gives chi2 = 0 and p = 1 (scipy may say NaN on 0 / 0).
@@ -203,9 +240,15 @@ def faithfulness_metrics(data: dict, task: str, rows: np.ndarray) -> dict:
   chosen = _accuracy(labels, data[f"blank_chosen/{task}"], rows)
   random = _accuracy(labels, data[f"blank_random/{task}"], rows)
   drop = lambda after: None if clean is None or after is None else clean - after
-  return {"task": task, "num_examples": int((rows & (labels >= 0)).sum()), "accuracy": clean,
-          "accuracy_blank_chosen": chosen, "accuracy_blank_random": random,
-          "drop_blank_chosen": drop(chosen), "drop_blank_random": drop(random)}
+  return {
+    "task": task,
+    "num_examples": int((rows & (labels >= 0)).sum()),
+    "accuracy": clean,
+    "accuracy_blank_chosen": chosen,
+    "accuracy_blank_random": random,
+    "drop_blank_chosen": drop(chosen),
+    "drop_blank_random": drop(random),
+  }
 
 
 # ----------------------------------------------------------------------------- the ground-truth sidecar
@@ -218,8 +261,10 @@ def load_sidecar(config, split: str) -> tuple[dict | None, str]:
     return None, "config.data.source_dir is empty, so there is no ground-truth sidecar (real data such as MELD)."
   path = os.path.join(os.path.expanduser(source), f"{split}_ground_truth.jsonl")
   if not os.path.isfile(path):
-    return None, (f"{path} does not exist: the dataset has no ground truth for frames or corruptions "
-                  "(only the generated demo corpus has one).")
+    return None, (
+      f"{path} does not exist: the dataset has no ground truth for frames or corruptions "
+      "(only the generated demo corpus has one)."
+    )
   with open(path) as f:
     records = [json.loads(line) for line in f if line.strip()]
   return {r["id"]: r for r in records}, f"ground truth read from {path}"
@@ -261,14 +306,21 @@ def sidecar_metrics(data: dict, sidecar: dict, task: str, top_k: int) -> dict:
   groups = {}
   for name in GROUPS:
     rows = known & (group == name)
-    groups[name] = {"num_examples": int(rows.sum()),
-                    "reliability_audio": _mean(data["reliability_audio"], rows),
-                    "reliability_video": _mean(data["reliability_video"], rows),
-                    "accuracy": _accuracy(data[f"labels/{task}"], data[f"logits/{task}"], rows)}
-  return {"num_examples_with_ground_truth": int(known.sum()), "num_examples_without": int((~known).sum()),
-          "precision_at_k": float(np.mean(precisions)) if precisions else None,
-          "precision_at_k_ceiling": float(np.mean(ceilings)) if ceilings else None,
-          "precision_num_examples": len(precisions), "groups": groups, "task": task}
+    groups[name] = {
+      "num_examples": int(rows.sum()),
+      "reliability_audio": _mean(data["reliability_audio"], rows),
+      "reliability_video": _mean(data["reliability_video"], rows),
+      "accuracy": _accuracy(data[f"labels/{task}"], data[f"logits/{task}"], rows),
+    }
+  return {
+    "num_examples_with_ground_truth": int(known.sum()),
+    "num_examples_without": int((~known).sum()),
+    "precision_at_k": float(np.mean(precisions)) if precisions else None,
+    "precision_at_k_ceiling": float(np.mean(ceilings)) if ceilings else None,
+    "precision_num_examples": len(precisions),
+    "groups": groups,
+    "task": task,
+  }
 
 
 # ----------------------------------------------------------------------------- claims
@@ -295,13 +347,18 @@ def measure(config, data: dict, classes: dict, split: str) -> dict:
   num_frames = data["frame_scores"].shape[1]
   sidecar, sidecar_note = load_sidecar(config, split)
   result: dict[str, Any] = {
-      "num_examples": int(data["ids"].size), "primary_task": task, "top_k": int(config.model.top_k),
-      "num_frames": int(num_frames), "tasks": task_metrics(data, classes),
-      "selection_histogram": selection_histogram(data["selected"], data["has_video"], num_frames),
-      "gate_mean": _summary(data["gate_mean"]),
-      "reliability_video": _summary(data["reliability_video"]),
-      "reliability_audio": _summary(data["reliability_audio"]),
-      "sidecar_note": sidecar_note, "sidecar": None, "faithfulness": None,
+    "num_examples": int(data["ids"].size),
+    "primary_task": task,
+    "top_k": int(config.model.top_k),
+    "num_frames": int(num_frames),
+    "tasks": task_metrics(data, classes),
+    "selection_histogram": selection_histogram(data["selected"], data["has_video"], num_frames),
+    "gate_mean": _summary(data["gate_mean"]),
+    "reliability_video": _summary(data["reliability_video"]),
+    "reliability_audio": _summary(data["reliability_audio"]),
+    "sidecar_note": sidecar_note,
+    "sidecar": None,
+    "faithfulness": None,
   }
   claims = {}
   if sidecar is not None:
@@ -309,10 +366,12 @@ def measure(config, data: dict, classes: dict, split: str) -> dict:
     result["sidecar"] = side
     groups = side["groups"]
     claims["selection_precision_at_k"] = claim("selection_precision_at_k", side["precision_at_k"])
-    claims["audio_reliability_drop"] = claim("audio_reliability_drop", _difference(
-        groups["clean"]["reliability_audio"], groups["audio"]["reliability_audio"]))
-    claims["video_reliability_drop"] = claim("video_reliability_drop", _difference(
-        groups["clean"]["reliability_video"], groups["video"]["reliability_video"]))
+    claims["audio_reliability_drop"] = claim(
+      "audio_reliability_drop", _difference(groups["clean"]["reliability_audio"], groups["audio"]["reliability_audio"])
+    )
+    claims["video_reliability_drop"] = claim(
+      "video_reliability_drop", _difference(groups["clean"]["reliability_video"], groups["video"]["reliability_video"])
+    )
     claims["accuracy_audio_corrupted"] = claim("accuracy_audio_corrupted", groups["audio"]["accuracy"])
   if f"blank_chosen/{task}" in data:
     rows = data["has_video"].copy()
@@ -321,8 +380,9 @@ def measure(config, data: dict, classes: dict, split: str) -> dict:
     faith = faithfulness_metrics(data, task, rows)
     faith["rows"] = "has_video" + (" and video not corrupted (sidecar)" if sidecar is not None else "")
     result["faithfulness"] = faith
-    claims["faithfulness_gap"] = claim("faithfulness_gap", _difference(faith["drop_blank_chosen"],
-                                                                       faith["drop_blank_random"]))
+    claims["faithfulness_gap"] = claim(
+      "faithfulness_gap", _difference(faith["drop_blank_chosen"], faith["drop_blank_random"])
+    )
   result["claims"] = claims
   return result
 
@@ -346,9 +406,12 @@ def write_report(result: dict, data: dict, config, out_dir: str) -> dict:
   """claims.json, report.md and the PNGs into `out_dir`; returns the names of the plots."""
   os.makedirs(out_dir, exist_ok=True)
   sidecar, _ = load_sidecar(config, result["split"])
-  plots = {"selection": plot_selection(result["selection_histogram"], result["top_k"],
-                                       os.path.join(out_dir, "selection_positions.png")),
-           "modalities": plot_modalities(data, sidecar, os.path.join(out_dir, "modalities.png"))}
+  plots = {
+    "selection": plot_selection(
+      result["selection_histogram"], result["top_k"], os.path.join(out_dir, "selection_positions.png")
+    ),
+    "modalities": plot_modalities(data, sidecar, os.path.join(out_dir, "modalities.png")),
+  }
   for task, report in result["tasks"].items():
     plots[f"task_{task}"] = plot_task(task, report, os.path.join(out_dir, f"task_{task}.png"))
   if result["faithfulness"] is not None:
@@ -360,16 +423,29 @@ def write_report(result: dict, data: dict, config, out_dir: str) -> dict:
   return plots
 
 
-def report_run(workdir: str, out_dir: str | None, *, split: str = "dev", max_examples: int | None = None,
-               seed: int = 0, config_path: str | None = None, step: int | None = None,
-               faithfulness: bool = True) -> dict:
+def report_run(
+  workdir: str,
+  out_dir: str | None,
+  *,
+  split: str = "dev",
+  max_examples: int | None = None,
+  seed: int = 0,
+  config_path: str | None = None,
+  step: int | None = None,
+  faithfulness: bool = True,
+) -> dict:
   """Loads the run, measures `split`, and (with `out_dir`) writes the report. Returns the claims.json dict."""
-  from mer_jax.export import exporters as export
-  config, variables, source, best = explain.load_run(workdir, config_path, step)
-  data = collect(config, variables, explain.run_data_dir(config, workdir), split, max_examples=max_examples,
-                 seed=seed, faithfulness=faithfulness)
-  result = {"workdir": os.path.abspath(workdir), "split": split, "seed": seed, "checkpoint": source}
-  result.update(measure(config, data, export.class_names(config, best), split))
+  from mer_jax.export import contract
+  from mer_jax.export import metadata as export_metadata
+  from mer_jax.training import runs
+
+  run = runs.load_run(workdir, config_path, step)
+  config = contract.export_config(run.config)  # float32 compute: the claims are measured, not trained
+  data = collect(
+    config, run.variables, run.data_dir(), split, max_examples=max_examples, seed=seed, faithfulness=faithfulness
+  )
+  result = {"workdir": os.path.abspath(workdir), "split": split, "seed": seed, "checkpoint": run.source}
+  result.update(measure(config, data, export_metadata.class_names(config, run.best), split))
   if out_dir:
     write_report(result, data, config, out_dir)
   return _jsonable(result)
@@ -386,15 +462,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
   parser.add_argument("--no-faithfulness", action="store_true", help="skip the blanking runs (3x faster)")
   args = parser.parse_args(argv)
-  result = report_run(args.workdir, args.out, split=args.split, max_examples=args.max_examples, seed=args.seed,
-                      config_path=args.config, step=args.step, faithfulness=not args.no_faithfulness)
+  result = report_run(
+    args.workdir,
+    args.out,
+    split=args.split,
+    max_examples=args.max_examples,
+    seed=args.seed,
+    config_path=args.config,
+    step=args.step,
+    faithfulness=not args.no_faithfulness,
+  )
   for name, entry in result["claims"].items():
     print(f"{name}: {_fmt(entry['value'])} (bar {entry['bar']}) -> {'met' if entry['met'] else 'NOT met'}")
   print(f"Wrote {os.path.join(args.out, 'claims.json')} and report.md")
   return result
 
 
+def cli() -> int:
+  """Entry point of `mer-jax-report` and `python -m mer_jax.tools.report`: exit status 0 when `main` returns."""
+  return tools.run_command(main)
+
+
 if __name__ == "__main__":
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
-  main()
+  sys.exit(cli())

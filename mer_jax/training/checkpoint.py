@@ -11,6 +11,8 @@ without metrics only count as "latest"). Saves are asynchronous; `close()` waits
 
 from __future__ import annotations
 
+import copy
+import importlib.resources
 import json
 import os
 import signal
@@ -25,7 +27,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 # Model fields that change neither the parameter tree nor its shapes: a run may resume with new values.
-RESUMABLE_MODEL_FIELDS = frozenset({"dtype", "dropout_rate", "selection_temperature"})
+RESUMABLE_MODEL_FIELDS = frozenset({"dtype", "dropout_rate", "selection_temperature", "ops"})
 
 
 def absolute_path(path: str) -> str:
@@ -50,12 +52,19 @@ def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> str:
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with (WORKDIR/config.json, written by train_and_evaluate).
 
-  Lists become tuples again, as the config files write them.
+  Fields that config.json lacks (it was written by an older version) come from configs/default.py's values
+  (`default_config_dict`), and are logged; lists become tuples again, as the config files write them.
   """
   path = epath.Path(absolute_path(workdir)) / CONFIG_FILE
   if not path.exists():
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir written by this version "
-                            "(python launch.py --config ... --workdir ...). Pass the config file explicitly.")
+    raise FileNotFoundError(
+      f"{path} not found: {workdir} is not a training workdir written by this version "
+      "(python launch.py --config ... --workdir ...). Pass the config file explicitly."
+    )
+  config = json.loads(path.read_text())
+  filled = fill_missing_fields(config, default_config_dict())
+  if filled:
+    logging.info("%s predates config fields %s: using configs/default.py's values for them.", path, ", ".join(filled))
 
   def tuples(node):
     if isinstance(node, dict):
@@ -63,7 +72,38 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     if isinstance(node, list):
       return tuple(tuples(value) for value in node)
     return node
-  return ml_collections.ConfigDict(tuples(json.loads(path.read_text())))
+
+  return ml_collections.ConfigDict(tuples(config))
+
+
+# configs/default.py's get_config() in config.json's form, shipped inside the package: mer_jax never imports the
+# top-level `configs`. tests/test_configs.py checks it against configs/default.py and says how to regenerate it.
+DEFAULT_CONFIG_FILE = "default_config.json"
+
+# Mappings keyed by task names (data, not fields): taken whole when absent, never merged into, so that a run's
+# own tasks and task weights stay exactly as it wrote them.
+WHOLE_FIELDS = frozenset({"model.tasks", "task_weights"})
+
+
+def default_config_dict() -> dict:
+  """configs/default.py's get_config() as JSON values (lists, not tuples), from the package's snapshot."""
+  return json.loads(importlib.resources.files("mer_jax.training").joinpath(DEFAULT_CONFIG_FILE).read_text())
+
+
+def fill_missing_fields(config: dict, defaults: dict, prefix: str = "") -> list[str]:
+  """Adds to `config` (in place, recursively) the fields of `defaults` it lacks; a field it has always wins.
+
+  Returns the dotted names of the fields added (a missing sub-config counts once, by its own name).
+  """
+  filled = []
+  for key, default in defaults.items():
+    name = f"{prefix}{key}"
+    if key not in config:
+      config[key] = copy.deepcopy(default)
+      filled.append(name)
+    elif isinstance(config[key], dict) and isinstance(default, dict) and name not in WHOLE_FIELDS:
+      filled.extend(fill_missing_fields(config[key], default, f"{name}."))
+  return filled
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -100,18 +140,30 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 class Checkpointer:
   """orbax CheckpointManager for `{'state': train state, 'config': model config JSON}` under `directory`."""
 
-  def __init__(self, directory: str, config: ml_collections.ConfigDict, *, keep: int = 3,
-               best_metric: str | None = None, asynchronous: bool = True):
+  def __init__(
+    self,
+    directory: str,
+    config: ml_collections.ConfigDict,
+    *,
+    keep: int = 3,
+    best_metric: str | None = None,
+    asynchronous: bool = True,
+  ):
     self.directory = absolute_path(directory)
     self.model_config = model_config_dict(config)
     preserve: list[Any] = [checkpoint_managers.LatestN(n=max(1, int(keep)))]
     if best_metric:
-      preserve.append(checkpoint_managers.BestN(
-          get_metric_fn=lambda metrics: float(metrics[best_metric]), n=1,
-          keep_checkpoints_without_metrics=False))
+      preserve.append(
+        checkpoint_managers.BestN(
+          get_metric_fn=lambda metrics: float(metrics[best_metric]), n=1, keep_checkpoints_without_metrics=False
+        )
+      )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=checkpoint_managers.AnyPreservationPolicy(preserve),
-        enable_async_checkpointing=asynchronous, create=True, cleanup_tmp_directories=True)
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy(preserve),
+      enable_async_checkpointing=asynchronous,
+      create=True,
+      cleanup_tmp_directories=True,
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "config"))
 
   def latest_step(self) -> int | None:
@@ -129,20 +181,21 @@ class Checkpointer:
     differences = config_differences(self.saved_model_config(step), self.model_config)
     if differences:
       raise IncompatibleCheckpointError(
-          f"The checkpoint at step {step} in {self.directory} was written with another model config:\n  "
-          + "\n  ".join(differences)
-          + "\nUse a new --workdir for this config, or restore the old values with --config.<field>=...")
+        f"The checkpoint at step {step} in {self.directory} was written with another model config:\n  "
+        + "\n  ".join(differences)
+        + "\nUse a new --workdir for this config, or restore the old values with --config.<field>=..."
+      )
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores the train state of `step` into `abstract_state`'s tree, shapes and shardings."""
     self.check_compatible(step)
     try:
-      restored = self.manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     except (ValueError, KeyError, TypeError) as e:  # same config, other tree: e.g. code changed
       raise IncompatibleCheckpointError(
-          f"The checkpoint at step {step} in {self.directory} does not fit the train state of this "
-          f"code and config ({type(e).__name__}: {e}). Use a new --workdir.") from e
+        f"The checkpoint at step {step} in {self.directory} does not fit the train state of this "
+        f"code and config ({type(e).__name__}: {e}). Use a new --workdir."
+      ) from e
     return restored["state"]
 
   def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> bool:
@@ -150,12 +203,15 @@ class Checkpointer:
     if step in self.manager.all_steps():
       return False
     saved = self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      config=ocp.args.JsonSave(self.model_config)),
-        metrics=metrics, force=True)
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(self.model_config)),
+      metrics=metrics,
+      force=True,
+    )
     if jax.process_index() == 0:
       (epath.Path(self.directory) / "model_config.json").write_text(
-          json.dumps(self.model_config, indent=2, sort_keys=True))
+        json.dumps(self.model_config, indent=2, sort_keys=True)
+      )
     return saved
 
   def wait(self) -> None:
@@ -169,9 +225,11 @@ class Checkpointer:
 
 def abstract_like(tree: Any, sharding_fn: Callable[[Any], Any] | None = None) -> Any:
   """ShapeDtypeStructs (with shardings) of `tree`'s arrays: the target of a restore."""
+
   def leaf(x):
     sharding = sharding_fn(x) if sharding_fn is not None else getattr(x, "sharding", None)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
   return jax.tree.map(leaf, tree)
 
 
@@ -193,6 +251,7 @@ class PreemptionWatcher:
     if jax.process_count() == 1:
       return self.requested
     from jax.experimental import multihost_utils
+
     try:
       return multihost_utils.reached_preemption_sync_point(step)
     except RuntimeError:  # preemption service off (jax_enable_preemption_service=False)

@@ -1,25 +1,27 @@
-"""Host malloc for XLA:CPU: tcmalloc when it is installed, else glibc's transparent-huge-page tunable.
+"""Host malloc for XLA:CPU, opt-in: tcmalloc when it is installed, else glibc's transparent-huge-page tunable.
 
 XLA:CPU mallocs each execution's temporary buffer and frees it when the execution ends: 666 MB for the edge
 model's train step at batch 32. glibc serves an allocation that large with a fresh `mmap` and returns it
-with `munmap`, so every step touched 164,000 new 4 KiB pages, and the kernel spent ~270 ms of CPU per step
-zeroing and mapping them (2-core x86 CPU, `strace`: one mmap/munmap pair per step). Two fixes, best first:
+with `munmap`, so every step maps and zeroes its pages afresh in the kernel. Two fixes, best first (measured
+in docs/PERFORMANCE.md):
 
 - tcmalloc (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`) keeps freed memory mapped and hands the
-  same pages back next step: ~100 page faults per step, and the step took 0.83-0.98x (median 0.94x) the
-  huge-page one's time in five paired runs (docs/PERFORMANCE.md). It has to be loaded before anything else, through `LD_PRELOAD`.
+  same pages back next step: ~100 page faults per step. It has to be loaded before anything else, through
+  `LD_PRELOAD`.
 - `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35): malloc asks for transparent huge pages, and a
-  step faults ~750 2 MiB pages instead (train step ~430 -> ~270 ms).
+  step faults ~750 2 MiB pages instead.
 
-Both are read when a process starts, so an entry point calls `restart_with_fast_malloc()` first thing; it
-restarts the interpreter once with the environment `environment()` gives. `MER_JAX_MALLOC` chooses:
-`auto` (default: tcmalloc if found, else huge pages), `tcmalloc`, `hugepages` or `system` (leave it alone).
-A malloc the user preloads, or a hugetlb tunable the user sets, wins. For your own scripts:
-`eval "$(python -m mer_jax.training.host_memory)"` prints the same settings as shell exports.
+Both are read when a process starts, and the library never restarts a process to set them: the user opts in
+with `eval "$(python -m mer_jax.training.host_memory)"` (or `mer-jax-host-memory`) before starting Python,
+which prints the exports `environment()` adds. `MER_JAX_MALLOC` chooses what it prints: `auto` (default:
+tcmalloc if found, else huge pages), `tcmalloc`, `hugepages` or `system` (nothing). A malloc the user preloads,
+or a hugetlb tunable the user sets, wins. `advice()` is the log line saying what is left to gain;
+`environment()` also serves benchmarks that start worker processes.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes.util
 import os
 import platform
@@ -33,11 +35,17 @@ TUNABLE = "glibc.malloc.hugetlb"
 SETTING = f"{TUNABLE}=1"
 TRANSPARENT_HUGE_PAGES = "/sys/kernel/mm/transparent_hugepage/enabled"
 TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
-LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
-                "/usr/local/lib", "/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu")
+LIBRARY_DIRS = (
+  "/usr/lib/x86_64-linux-gnu",
+  "/usr/lib/aarch64-linux-gnu",
+  "/usr/lib64",
+  "/usr/lib",
+  "/usr/local/lib",
+  "/lib/x86_64-linux-gnu",
+  "/lib/aarch64-linux-gnu",
+)
 # tcmalloc prints a line for every allocation over 1 GiB by default; big batches make those routinely.
 QUIET_LARGE_ALLOCATIONS = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
-_RESTARTED = "MER_JAX_MALLOC_RESTARTED"  # at most one restart, whatever the dynamic loader made of the rest
 
 
 def choice(environ: Mapping[str, str] = os.environ) -> str:
@@ -102,26 +110,6 @@ def environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
   return result
 
 
-def restart_with_fast_malloc() -> None:
-  """Restart this Python process once with `environment()`, unless that changes nothing.
-
-  Call it first thing in an entry point (`if __name__ == "__main__":`), never from library code: the
-  process is replaced, with the same interpreter and command line (`python -m module` included).
-  """
-  if os.environ.get(_RESTARTED):
-    return
-  wanted = environment()
-  if wanted == dict(os.environ):
-    return
-  wanted[_RESTARTED] = "1"
-  sys.stdout.flush()
-  sys.stderr.flush()
-  try:
-    os.execve(sys.executable, list(sys.orig_argv), wanted)
-  except OSError:  # cannot restart (unusual interpreter setup): run on with the system malloc
-    pass
-
-
 def describe() -> str:
   """This process's malloc, for logs and benchmark records: 'tcmalloc' (or another preloaded malloc's
   name), 'glibc, huge pages' or 'glibc'."""
@@ -138,31 +126,75 @@ def describe() -> str:
   return "glibc"
 
 
-HINT = ("the system malloc faults in every step's temporaries again: `apt-get install libtcmalloc-minimal4` "
-        "makes CPU training faster (mer_jax/training/host_memory.py)")
-
-
 def without_fast_malloc(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
   """A copy of `environ` with tcmalloc taken out of LD_PRELOAD and the hugetlb tunable out of GLIBC_TUNABLES."""
   result = dict(environ)
-  for key, keep in (("LD_PRELOAD", lambda item: "tcmalloc" not in item),
-                    ("GLIBC_TUNABLES", lambda item: item.split("=")[0] != TUNABLE)):
+  for key, keep in (
+    ("LD_PRELOAD", lambda item: "tcmalloc" not in item),
+    ("GLIBC_TUNABLES", lambda item: item.split("=")[0] != TUNABLE),
+  ):
     separator = ":" if key == "GLIBC_TUNABLES" or ":" in environ.get(key, "") else " "
     items = [item for item in environ.get(key, "").split(separator) if item and keep(item)]
     if items:
       result[key] = separator.join(items)
     else:
       result.pop(key, None)
-  result.pop(_RESTARTED, None)
   return result
 
 
-def main() -> None:
-  """Print the variables `environment()` adds as shell exports: `eval "$(python -m mer_jax.training.host_memory)"`."""
-  current = dict(os.environ)
-  for key, value in environment(current).items():
-    if current.get(key) != value:
-      print(f"export {key}={shlex.quote(value)}")
+# Train step at batch 32 on the 2-core CPU, ms (docs/PERFORMANCE.md): for the log line.
+STEP_MS = {"glibc": 378, "hugepages": 270, "tcmalloc": 245}
+OPT_IN = '`eval "$(python -m mer_jax.training.host_memory)"` before starting Python'
+
+
+def advice(environ: Mapping[str, str] = os.environ) -> str:
+  """One log line: what a faster malloc would gain here and how to opt in. '' when one is in use, when the
+  user chose the malloc (`MER_JAX_MALLOC=system` included), or off Linux."""
+  if not sys.platform.startswith("linux") or describe() != "glibc":
+    return ""
+  try:
+    if choice(environ) == "system" or user_choice_present(environ):
+      return ""
+  except ValueError as error:  # a typo in MER_JAX_MALLOC: say so, but it is no reason to stop a training run
+    return str(error)
+  glibc, tcmalloc, huge_pages = STEP_MS["glibc"], STEP_MS["tcmalloc"], STEP_MS["hugepages"]
+  where = "train step at batch 32 on a 2-core CPU, docs/PERFORMANCE.md"
+  if find_tcmalloc():
+    return f"tcmalloc is installed but not in use: {OPT_IN} preloads it ({glibc} -> ~{tcmalloc} ms per {where})"
+  if huge_pages_supported():
+    return (
+      f"{OPT_IN} gives glibc huge pages ({glibc} -> ~{huge_pages} ms per {where}); "
+      f"`apt-get install libtcmalloc-minimal4` first for tcmalloc (~{tcmalloc} ms)"
+    )
+  return f"`apt-get install libtcmalloc-minimal4`, then {OPT_IN}: {glibc} -> ~{tcmalloc} ms per {where}"
+
+
+def exports(environ: Mapping[str, str] = os.environ) -> list[str]:
+  """The shell `export` lines for what `environment(environ)` adds or changes, values quoted for a POSIX shell."""
+  return [
+    f"export {key}={shlex.quote(value)}" for key, value in environment(environ).items() if environ.get(key) != value
+  ]
+
+
+def main(argv: list[str] | None = None) -> None:
+  """Print the exports that opt in to the faster malloc: `eval "$(python -m mer_jax.training.host_memory)"`."""
+  parser = argparse.ArgumentParser(
+    prog="python -m mer_jax.training.host_memory",
+    description=(
+      "Print shell exports that give XLA:CPU a faster malloc (tcmalloc if installed, else glibc's huge "
+      f"pages); use: {OPT_IN}. {CHOICE}=auto|tcmalloc|hugepages|system chooses."
+    ),
+  )
+  parser.parse_args(argv)
+  lines = exports(dict(os.environ))
+  for line in lines:
+    print(line)
+  if not lines:  # stderr, so that `eval` still gets nothing
+    print(
+      f"# {CHOICE}={choice()}: nothing to export (already set, chosen by you, or not available here: "
+      "tcmalloc needs libtcmalloc-minimal4, huge pages glibc >= 2.35)",
+      file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import optax
 
 from mer_jax.training import metrics as metrics_lib
 
-if TYPE_CHECKING:  # annotations only: train imports this module
-  from mer_jax.training.train import StepOptions
+if TYPE_CHECKING:
+  from mer_jax.training.options import StepOptions
 
 
 def modality_dropout(batch: dict, rng: jax.Array, rate: float) -> dict:
@@ -34,8 +34,14 @@ def modality_dropout(batch: dict, rng: jax.Array, rate: float) -> dict:
   return {**batch, "has_video": has_video & ~drop_video, "has_audio": has_audio & ~drop_audio}
 
 
-def task_loss(logits: jax.Array, labels: jax.Array, example_mask: jax.Array, *, label_smoothing: float = 0.0,
-              class_weights: tuple | None = None) -> tuple[jax.Array, jax.Array]:
+def task_loss(
+  logits: jax.Array,
+  labels: jax.Array,
+  example_mask: jax.Array,
+  *,
+  label_smoothing: float = 0.0,
+  class_weights: tuple | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Cross-entropy of one task: logits (B, C), labels (B,) int (-1 = none) -> (loss (), per row (B,)).
 
   The loss is the weighted mean over counted rows (label >= 0 and example_mask), weights = class
@@ -57,10 +63,14 @@ def task_loss(logits: jax.Array, labels: jax.Array, example_mask: jax.Array, *, 
 def multitask_loss(logits: dict, batch: dict, options: StepOptions) -> tuple[jax.Array, dict]:
   """sum_task task_weight * task_loss -> (total (), {task: loss ()})."""
   total, per_task = jnp.zeros((), jnp.float32), {}
-  for (task, _), task_weight, class_weights in zip(options.tasks, options.task_weights,
-                                                   options.class_weights):
-    per_task[task], _ = task_loss(logits[task], batch[f"labels/{task}"], batch["example_mask"],
-                                  label_smoothing=options.label_smoothing, class_weights=class_weights)
+  for (task, _), task_weight, class_weights in zip(options.tasks, options.task_weights, options.class_weights):
+    per_task[task], _ = task_loss(
+      logits[task],
+      batch[f"labels/{task}"],
+      batch["example_mask"],
+      label_smoothing=options.label_smoothing,
+      class_weights=class_weights,
+    )
     total = total + task_weight * per_task[task]
   return total, per_task
 
@@ -71,8 +81,9 @@ def _label_log_probs(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.take_along_axis(log_probs, labels[:, None, None], axis=-1)[..., 0]
 
 
-def frame_selection_loss(evidence_logits: jax.Array, relevance_logits: jax.Array, scores: jax.Array,
-                         labels: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+def frame_selection_loss(
+  evidence_logits: jax.Array, relevance_logits: jax.Array, scores: jax.Array, labels: jax.Array, valid: jax.Array
+) -> dict[str, jax.Array]:
   """Teaches the frame scorer and the backbone, from the clip's label alone, which frames matter.
 
   evidence_logits (B, T, C): every frame's primary-task logits from the cheap trunk (topk.FrameEvidence);
@@ -106,8 +117,11 @@ def frame_selection_loss(evidence_logits: jax.Array, relevance_logits: jax.Array
   centred = scores - jnp.mean(scores, axis=1, keepdims=True)
   bce = optax.sigmoid_binary_cross_entropy(centred, target)
   average = lambda per_row: jnp.sum(per_row * weights) / count
-  return {"evidence": -average(jnp.mean(evidence, axis=1)), "head": -average(jnp.mean(head, axis=1)),
-          "scorer": average(jnp.mean(bce, axis=1))}
+  return {
+    "evidence": -average(jnp.mean(evidence, axis=1)),
+    "head": -average(jnp.mean(head, axis=1)),
+    "scorer": average(jnp.mean(bce, axis=1)),
+  }
 
 
 # ----------------------------------------------------------------------------- class weights
@@ -117,6 +131,7 @@ def label_counts(config: ml_collections.ConfigDict, data_dir: str, split: str) -
   """{task: (C,) int64 label counts} of a prepared split (reads only the labels)."""
   import tensorflow_datasets as tfds
   from mer_jax.data import input_pipeline
+
   builder = input_pipeline.load_builder(config, data_dir)
   ds = builder.as_dataset(split=split, decoders=tfds.decode.PartialDecoding({"labels": True}))
   counts = {task: np.zeros(int(n), np.int64) for task, n in config.model.tasks.items()}
@@ -129,7 +144,7 @@ def label_counts(config: ml_collections.ConfigDict, data_dir: str, split: str) -
 
 def class_weights_for(config: ml_collections.ConfigDict, data_dir: str) -> dict | None:
   """config.class_weights: None / '' / 'none' -> None; 'balanced' -> n / (C * n_c) per task (as sklearn)."""
-  mode = config.get("class_weights") or "none"
+  mode = config.class_weights or "none"
   if mode == "none":
     return None
   if mode != "balanced":

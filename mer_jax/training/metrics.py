@@ -28,8 +28,7 @@ def valid_rows(labels: jax.Array, example_mask: jax.Array) -> jax.Array:
   return (labels >= 0) & example_mask.astype(bool)
 
 
-def confusion_matrix(labels: jax.Array, predictions: jax.Array, num_classes: int,
-                     mask: jax.Array) -> jax.Array:
+def confusion_matrix(labels: jax.Array, predictions: jax.Array, num_classes: int, mask: jax.Array) -> jax.Array:
   """(B,) int true labels, (B,) int predictions, (B,) bool mask -> (C, C) int32, rows = true class."""
   true_onehot = jax.nn.one_hot(jnp.where(mask, labels, 0), num_classes, dtype=jnp.int32)
   pred_onehot = jax.nn.one_hot(predictions, num_classes, dtype=jnp.int32)
@@ -40,6 +39,7 @@ def confusion_matrix(labels: jax.Array, predictions: jax.Array, num_classes: int
 @flax.struct.dataclass
 class ConfusionMatrix(clu_metrics.Metric):
   """Summed confusion counts (C, C) int32; subclassed per task by `confusion_metric`."""
+
   counts: jax.Array
 
   def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
@@ -54,7 +54,6 @@ def confusion_metric(task: str, num_classes: int):
 
   @flax.struct.dataclass
   class TaskConfusion(ConfusionMatrix):
-
     @classmethod
     def empty(cls):
       return cls(counts=jnp.zeros((num_classes, num_classes), jnp.int32))
@@ -74,6 +73,7 @@ def _accuracy_fn(task: str):
     labels = outputs[f"labels/{task}"]
     correct = jnp.argmax(outputs[f"logits/{task}"], axis=-1) == labels
     return {"values": correct.astype(jnp.float32), "mask": valid_rows(labels, outputs["example_mask"])}
+
   return fn
 
 
@@ -81,6 +81,7 @@ def _example_loss_fn(task: str):
   def fn(**outputs):
     labels = outputs[f"labels/{task}"]
     return {"values": outputs[f"example_loss/{task}"], "mask": valid_rows(labels, outputs["example_mask"])}
+
   return fn
 
 
@@ -88,8 +89,10 @@ def train_collection(tasks: Sequence[str], frame_relevance: bool = False):
   """clu Collection class for training. Model outputs it reads: `loss` (), `loss/<task>` (),
   `grad_norm` (), `logits/<task>` (B, C), `labels/<task>` (B,), `example_mask` (B,); with `frame_relevance`
   also `loss/frame_evidence`, `loss/frame_head` and `loss/frame_scorer` () (losses.frame_selection_loss)."""
-  fields: dict[str, Any] = {"loss": clu_metrics.Average.from_output("loss"),
-                            "grad_norm": clu_metrics.Average.from_output("grad_norm")}
+  fields: dict[str, Any] = {
+    "loss": clu_metrics.Average.from_output("loss"),
+    "grad_norm": clu_metrics.Average.from_output("grad_norm"),
+  }
   if frame_relevance:
     for name in ("evidence", "head", "scorer"):
       fields[f"loss_frame_{name}"] = clu_metrics.Average.from_output(f"loss/frame_{name}")
@@ -139,14 +142,16 @@ def classification_report(confusion: np.ndarray, class_names: Sequence[str] | No
   total = int(support.sum())
   present = (support + predicted) > 0
   return {
-      "num_examples": total,
-      "accuracy": float(true_positive.sum() / total) if total else float("nan"),
-      "weighted_f1": float((f1 * support).sum() / total) if total else float("nan"),
-      "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
-      "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                    for name, p, r, f, s in zip(names, precision, recall, f1, support)},
-      "class_names": names,
-      "confusion_matrix": cm.tolist(),
+    "num_examples": total,
+    "accuracy": float(true_positive.sum() / total) if total else float("nan"),
+    "weighted_f1": float((f1 * support).sum() / total) if total else float("nan"),
+    "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
+    "per_class": {
+      name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+      for name, p, r, f, s in zip(names, precision, recall, f1, support)
+    },
+    "class_names": names,
+    "confusion_matrix": cm.tolist(),
   }
 
 
@@ -185,9 +190,9 @@ def format_confusion(task_report: dict) -> str:
   """A confusion matrix as a fixed-width text table (rows = true class, columns = predicted)."""
   names = task_report["class_names"]
   width = max(6, max(len(n) for n in names) + 1)
-  lines = [" " * width + "".join(n[:width - 1].rjust(width) for n in names)]
+  lines = [" " * width + "".join(n[: width - 1].rjust(width) for n in names)]
   for name, row in zip(names, task_report["confusion_matrix"]):
-    lines.append(name[:width - 1].ljust(width) + "".join(str(v).rjust(width) for v in row))
+    lines.append(name[: width - 1].ljust(width) + "".join(str(v).rjust(width) for v in row))
   return "\n".join(lines)
 
 
@@ -205,8 +210,10 @@ class EvalLog:
   def add(self, step: int, split: str, report: dict) -> dict:
     """Records one evaluation ({task: report}); returns the record (its "value" is the best_metric)."""
     if self.task not in report or self.key not in report[self.task]:
-      raise ValueError(f"config.best_metric={self.best_metric!r}: use '<task>/<metric>' with a task of "
-                       f"{sorted(report)} and a metric of accuracy, weighted_f1, macro_f1.")
+      raise ValueError(
+        f"config.best_metric={self.best_metric!r}: use '<task>/<metric>' with a task of "
+        f"{sorted(report)} and a metric of accuracy, weighted_f1, macro_f1."
+      )
     value = report[self.task][self.key]
     record = {"step": step, "split": split, "best_metric": self.best_metric, "value": value, "tasks": report}
     self._write(f"step_{step}.json", record)

@@ -33,7 +33,9 @@ from mer_jax.training import checkpoint as checkpoint_lib
 from mer_jax.data import input_pipeline
 from mer_jax.training import losses as losses_lib
 from mer_jax.training import metrics as metrics_lib
+from mer_jax import ops as ops_lib
 from mer_jax.models import emotion_model as model_lib
+from mer_jax.training.options import StepOptions, step_options
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -42,58 +44,10 @@ class NonFiniteLossError(FloatingPointError):
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array          # () int32
+  step: jax.Array  # () int32
   params: Any
   opt_state: Any
   batch_stats: Any
-
-
-# The config.data fields that decide input shapes (all that the model's init reads).
-SHAPE_DATA_FIELDS = ("num_frames", "frame_size", "sample_rate", "max_audio_seconds", "num_mel_bins",
-                     "max_text_length")
-
-
-@dataclasses.dataclass(frozen=True)
-class StepOptions:
-  """Everything the compiled steps depend on (hashable: the key of the compiled-step cache)."""
-  model: ml_collections.FrozenConfigDict
-  data: ml_collections.FrozenConfigDict
-  tasks: tuple            # ((name, num_classes), ...)
-  task_weights: tuple     # (float, ...) per task
-  class_weights: tuple    # (None | (float, ...) per class, ...) per task
-  label_smoothing: float
-  modality_dropout: float
-  learning_rate: float
-  warmup_steps: int
-  num_train_steps: int
-  end_learning_rate_fraction: float
-  weight_decay: float
-  grad_clip_norm: float
-  frame_relevance_weight: float = 0.0
-  scorer_word_learning_rate: float = 10.0
-
-
-def step_options(config: ml_collections.ConfigDict, class_weights: dict | None = None) -> StepOptions:
-  tasks = tuple((task, int(n)) for task, n in config.model.tasks.items())
-  task_weights = config.get("task_weights") or {}
-  class_weights = class_weights or {}
-  return StepOptions(
-      model=ml_collections.FrozenConfigDict(config.model),
-      data=ml_collections.FrozenConfigDict({k: config.data[k] for k in SHAPE_DATA_FIELDS}),
-      tasks=tasks,
-      task_weights=tuple(float(task_weights.get(task, 1.0)) for task, _ in tasks),
-      class_weights=tuple(None if class_weights.get(task) is None
-                          else tuple(float(w) for w in class_weights[task]) for task, _ in tasks),
-      label_smoothing=float(config.get("label_smoothing", 0.0)),
-      modality_dropout=float(config.get("modality_dropout", 0.0)),
-      learning_rate=float(config.learning_rate),
-      warmup_steps=int(config.warmup_steps),
-      num_train_steps=int(config.num_train_steps),
-      end_learning_rate_fraction=float(config.get("end_learning_rate_fraction", 0.01)),
-      weight_decay=float(config.weight_decay),
-      grad_clip_norm=float(config.grad_clip_norm),
-      frame_relevance_weight=float(config.get("frame_relevance_weight", 0.0)),
-      scorer_word_learning_rate=float(config.get("scorer_word_learning_rate", 10.0)))
 
 
 # ----------------------------------------------------------------------------- optimizer and state
@@ -103,9 +57,12 @@ def learning_rate_schedule(options: StepOptions) -> optax.Schedule:
   """Linear warmup from 0 to `learning_rate`, then cosine decay to `end_learning_rate_fraction` of it."""
   warmup = min(options.warmup_steps, max(options.num_train_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=options.learning_rate, warmup_steps=warmup,
-      decay_steps=max(options.num_train_steps, warmup + 1),
-      end_value=options.learning_rate * options.end_learning_rate_fraction)
+    init_value=0.0,
+    peak_value=options.learning_rate,
+    warmup_steps=warmup,
+    decay_steps=max(options.num_train_steps, warmup + 1),
+    end_value=options.learning_rate * options.end_learning_rate_fraction,
+  )
 
 
 # Parameters under a module of this name (topk.WordQuery in the model) learn with SGD, not AdamW.
@@ -114,9 +71,11 @@ SGD_MODULES = ("scorer_words",)
 
 def _optimizer_groups(params) -> Any:
   """'sgd' for the leaves under an SGD_MODULES module, 'adamw' for all others."""
+
   def group(path, _):
     names = {getattr(key, "key", None) for key in path}
     return "sgd" if names & set(SGD_MODULES) else "adamw"
+
   return jax.tree_util.tree_map_with_path(group, params)
 
 
@@ -126,10 +85,10 @@ def make_optimizer(options: StepOptions) -> optax.GradientTransformation:
   that other parameters' gradients cannot shrink its steps."""
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   adamw = optax.chain(
-      optax.clip_by_global_norm(options.grad_clip_norm) if options.grad_clip_norm > 0 else optax.identity(),
-      optax.adamw(learning_rate_schedule(options), weight_decay=options.weight_decay, mask=decay_mask))
-  word_schedule = learning_rate_schedule(
-      dataclasses.replace(options, learning_rate=options.scorer_word_learning_rate))
+    optax.clip_by_global_norm(options.grad_clip_norm) if options.grad_clip_norm > 0 else optax.identity(),
+    optax.adamw(learning_rate_schedule(options), weight_decay=options.weight_decay, mask=decay_mask),
+  )
+  word_schedule = learning_rate_schedule(dataclasses.replace(options, learning_rate=options.scorer_word_learning_rate))
   sgd = optax.sgd(word_schedule, momentum=0.9)
   return optax.multi_transform({"adamw": adamw, "sgd": sgd}, _optimizer_groups)
 
@@ -140,20 +99,25 @@ def make_mesh(devices=None) -> Mesh:
 
 
 def _full_config(options: StepOptions) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({"model": options.model.as_configdict(),
-                                    "data": options.data.as_configdict()})
+  return ml_collections.ConfigDict({"model": options.model.as_configdict(), "data": options.data.as_configdict()})
 
 
 def _init_fn(options: StepOptions, seed: int):
-  model, tx = model_lib.EmotionModel(options.model), make_optimizer(options)
+  model, tx = model_lib.EmotionModel(options.model, ops=options.ops), make_optimizer(options)
 
   def init() -> TrainState:
     rng = jax.random.key(seed)
-    variables = model.init({"params": rng, "dropout": rng}, model_lib.zeros_batch(_full_config(options), 1),
-                           train=False)
+    variables = model.init(
+      {"params": rng, "dropout": rng}, model_lib.zeros_batch(_full_config(options), 1), train=False
+    )
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      batch_stats=variables.get("batch_stats", {}))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      batch_stats=variables.get("batch_stats", {}),
+    )
+
   return init
 
 
@@ -178,8 +142,9 @@ def create_train_state(options: StepOptions, mesh: Mesh, seed: int) -> TrainStat
   replicated = NamedSharding(mesh, P())
   state = _jitted_init(options, mesh, seed)()
   text = options.model.text
-  if text.kind == "minilm" and text.get("pretrained", True):
+  if text.kind == "minilm" and text.pretrained:
     from mer_jax.models import minilm
+
     pretrained = minilm.load_pretrained_params()
     current = state.params["text_encoder"]["minilm"]
 
@@ -188,6 +153,7 @@ def create_train_state(options: StepOptions, mesh: Mesh, seed: int) -> TrainStat
       if new.shape != old.shape:
         raise ValueError(f"Pretrained MiniLM weight of shape {new.shape} does not fit {old.shape}.")
       return jax.make_array_from_callback(new.shape, replicated, lambda index: new[index])
+
     params = dict(state.params)
     params["text_encoder"] = {**params["text_encoder"], "minilm": jax.tree.map(place, pretrained, current)}
     state = state.replace(params=params)
@@ -208,20 +174,30 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, options: StepO
   dropout_rng, modality_rng = jax.random.split(rng)
   batch = losses_lib.modality_dropout(batch, modality_rng, options.modality_dropout)
 
-  relevance = (options.frame_relevance_weight > 0 and bool(options.model.get("frame_relevance", False))
-               and "video" in tuple(options.model.get("modalities", model_lib.MODALITIES)))
+  relevance = (
+    options.frame_relevance_weight > 0
+    and bool(options.model.frame_relevance)
+    and "video" in tuple(options.model.modalities)
+  )
 
   def loss_fn(params):
     (logits, explanation), updates = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, batch, train=True,
-        rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+      {"params": params, "batch_stats": state.batch_stats},
+      batch,
+      train=True,
+      rngs={"dropout": dropout_rng},
+      mutable=["batch_stats"],
+    )
     loss, per_task = losses_lib.multitask_loss(logits, batch, options)
     if relevance:
       primary = options.tasks[0][0]
       selection_losses = losses_lib.frame_selection_loss(
-          explanation["frame_evidence_logits"], explanation["frame_relevance_logits"],
-          explanation["frame_scores"], batch[f"labels/{primary}"],
-          batch["example_mask"].astype(bool) & batch["has_video"].astype(bool))
+        explanation["frame_evidence_logits"],
+        explanation["frame_relevance_logits"],
+        explanation["frame_scores"],
+        batch[f"labels/{primary}"],
+        batch["example_mask"].astype(bool) & batch["has_video"].astype(bool),
+      )
       loss = loss + options.frame_relevance_weight * sum(selection_losses.values())
       per_task = dict(per_task, **{f"frame_{name}": value for name, value in selection_losses.items()})
     return loss, (logits, per_task, updates["batch_stats"])
@@ -229,17 +205,24 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, options: StepO
   (loss, (logits, per_task, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
   # A cond, not a select of new against old state: the select reads the old optimizer state after it is
   # updated in place, so XLA copied every optimizer buffer first (571 copies, 48 MB per step on the CPU).
   def apply(state):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                      opt_state=opt_state, batch_stats=batch_stats)
+    return TrainState(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, updates),
+      opt_state=opt_state,
+      batch_stats=batch_stats,
+    )
+
   new_state = jax.lax.cond(finite, apply, lambda state: state, state)
   outputs = {"loss": loss, "grad_norm": grad_norm, "example_mask": batch["example_mask"]}
   for task, _ in options.tasks:
-    outputs.update({f"loss/{task}": per_task[task], f"logits/{task}": logits[task],
-                    f"labels/{task}": batch[f"labels/{task}"]})
+    outputs.update(
+      {f"loss/{task}": per_task[task], f"logits/{task}": logits[task], f"labels/{task}": batch[f"labels/{task}"]}
+    )
   if relevance:
     outputs.update({f"loss/frame_{name}": per_task[f"frame_{name}"] for name in ("evidence", "head", "scorer")})
   collection = metrics_lib.train_collection([t for t, _ in options.tasks], relevance)
@@ -260,39 +243,33 @@ def eval_step(state: TrainState, batch: dict, *, options: StepOptions):
 
 @functools.lru_cache(maxsize=16)
 def _model_and_optimizer(options: StepOptions):
-  return model_lib.EmotionModel(options.model), make_optimizer(options)
-
-
-# XLA:CPU hands dots and reductions to YNNPACK by default, and the option below names which library
-# fusions it forms (a comma list). Dots always pay. Reductions did not at first: their inputs were mostly
-# fused elementwise work (BatchNorm statistics, gradient sums) that a library reduction cannot take over,
-# so each was written out in full (dots only: train step 687 -> 626 ms). Since BatchNorm sums each row in
-# the loop that reads it (batch_norm.channel_moments) and the depthwise gradients are gathers, the
-# reductions left are plain ones, and YNNPACK runs them faster than XLA's reduce-window trees: 2-3%
-# (paired medians 0.967-0.980 over 42 interleaved rounds, batch 32, 2-core x86 CPU). Single convolutions
-# in YNNPACK were 2% slower. CPU only: other backends do not know the option.
-CPU_TRAIN_COMPILER_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+  return model_lib.EmotionModel(options.model, ops=options.ops), make_optimizer(options)
 
 
 @functools.lru_cache(maxsize=8)
 def compiled_steps(options: StepOptions, mesh: Mesh):
   """(train_fn(state, batch, rng), eval_fn(state, batch)) jitted on `mesh`; cached per options."""
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  on_cpu = mesh.devices.flat[0].platform == "cpu"
-  train_fn = jax.jit(functools.partial(train_step, options=options), in_shardings=(replicated, data, replicated),
-                     out_shardings=(replicated, replicated, replicated), donate_argnums=(0,),
-                     compiler_options=CPU_TRAIN_COMPILER_OPTIONS if on_cpu else None)
-  eval_fn = jax.jit(functools.partial(eval_step, options=options), in_shardings=(replicated, data),
-                    out_shardings=replicated)
+  train_fn = jax.jit(
+    functools.partial(train_step, options=options),
+    in_shardings=(replicated, data, replicated),
+    out_shardings=(replicated, replicated, replicated),
+    donate_argnums=(0,),
+    compiler_options=options.ops.compiler_options(),
+  )
+  eval_fn = jax.jit(
+    functools.partial(eval_step, options=options), in_shardings=(replicated, data), out_shardings=replicated
+  )
   return train_fn, eval_fn
 
 
 def global_batch(batch: dict, mesh: Mesh) -> dict:
   """This process's numpy batch -> global jax arrays split on `data` (host-only `id` dropped)."""
   sharding = NamedSharding(mesh, P("data"))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in input_pipeline.model_inputs(batch).items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in input_pipeline.model_inputs(batch).items()
+  }
 
 
 def replicated_key(seed: int, mesh: Mesh) -> jax.Array:
@@ -305,7 +282,7 @@ def replicated_key(seed: int, mesh: Mesh) -> jax.Array:
 
 def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """config.data.data_dir, or `<workdir>/../data` when it is ''."""
-  if config.data.get("data_dir"):
+  if config.data.data_dir:
     return checkpoint_lib.absolute_path(config.data.data_dir)
   return os.path.join(os.path.dirname(checkpoint_lib.absolute_path(workdir)), "data")
 
@@ -315,24 +292,31 @@ def _check_setup(config: ml_collections.ConfigDict, info: dict) -> None:
   for name in ("batch_size", "eval_batch_size"):
     size = int(config[name])
     if size % devices or size % processes:
-      raise ValueError(f"config.{name}={size} must be a multiple of the {devices} devices (and of the "
-                       f"{processes} processes): the global batch is split evenly over the 'data' axis.")
+      raise ValueError(
+        f"config.{name}={size} must be a multiple of the {devices} devices (and of the "
+        f"{processes} processes): the global batch is split evenly over the 'data' axis."
+      )
   for split in (config.train_split, config.eval_split):
     if split not in info["splits"]:
-      raise ValueError(f"Split {split!r} is not in the prepared data (it has {sorted(info['splits'])}); "
-                       "set config.train_split / config.eval_split.")
+      raise ValueError(
+        f"Split {split!r} is not in the prepared data (it has {sorted(info['splits'])}); "
+        "set config.train_split / config.eval_split."
+      )
   for task, num_classes in config.model.tasks.items():
     names = info["classes"].get(task, ())
     if len(names) != int(num_classes):
-      raise ValueError(f"config.model.tasks.{task}={num_classes} but the prepared data has {len(names)} "
-                       f"classes for {task!r}: {list(names)}.")
+      raise ValueError(
+        f"config.model.tasks.{task}={num_classes} but the prepared data has {len(names)} "
+        f"classes for {task!r}: {list(names)}."
+      )
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
-def evaluate(eval_fn, state: TrainState, config: ml_collections.ConfigDict, data_dir: str, mesh: Mesh,
-             classes: dict) -> dict:
+def evaluate(
+  eval_fn, state: TrainState, config: ml_collections.ConfigDict, data_dir: str, mesh: Mesh, classes: dict
+) -> dict:
   """One pass over config.eval_split -> {task: metrics.classification_report + loss}."""
   ds = input_pipeline.make_dataset(config, config.eval_split, train=False, data_dir=data_dir)
   collection = None
@@ -347,12 +331,14 @@ def evaluate(eval_fn, state: TrainState, config: ml_collections.ConfigDict, data
 
 def _hparams(config: ml_collections.ConfigDict) -> dict:
   flat = {}
+
   def walk(node, prefix):
     for key, value in node.items():
       if isinstance(value, (dict, ml_collections.ConfigDict)):
         walk(value, f"{prefix}{key}.")
       else:
         flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
   walk(config, "")
   return flat
 
@@ -370,8 +356,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   info = input_pipeline.dataset_info(config, data_dir)
   _check_setup(config, info)
   best_task = config.best_metric.split("/")[0]
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config,
-                                             keep=config.keep_checkpoints, best_metric=config.best_metric)
+  checkpointer = checkpoint_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"), config, keep=config.keep_checkpoints, best_metric=config.best_metric
+  )
   latest = checkpointer.latest_step()
   if latest is not None:
     try:
@@ -379,8 +366,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except checkpoint_lib.IncompatibleCheckpointError:
       checkpointer.close()
       raise
-  options = step_options(config, losses_lib.class_weights_for(config, data_dir))
   mesh = make_mesh()
+  ops = ops_lib.choose_for_mesh(config.model.ops, mesh, config.model.dtype)
+  logging.info("Ops form (config.model.ops=%r): %s", config.model.ops, ops_lib.describe(ops))
+  options = step_options(config, losses_lib.class_weights_for(config, data_dir), ops)
   train_fn, eval_fn = compiled_steps(options, mesh)
   if latest is not None:
     state = checkpointer.restore(latest, abstract_train_state(options, mesh, config.seed))
@@ -388,19 +377,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state = create_train_state(options, mesh, config.seed)
   start = int(jax.device_get(state.step))
-  end = config.num_train_steps if config.stop_after_steps <= 0 else min(config.num_train_steps,
-                                                                          config.stop_after_steps)
+  end = config.num_train_steps if config.stop_after_steps <= 0 else min(config.num_train_steps, config.stop_after_steps)
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if is_main:
     checkpoint_lib.save_run_config(config, workdir)
   if start == 0:
     writer.write_hparams(_hparams(config))
-    logging.info("Model: %d parameters; mesh %s over %d devices in %d processes.",
-                 model_lib.count_parameters(state.params), dict(mesh.shape), jax.device_count(),
-                 jax.process_count())
+    logging.info(
+      "Model: %d parameters; mesh %s over %d devices in %d processes.",
+      model_lib.count_parameters(state.params),
+      dict(mesh.shape),
+      jax.device_count(),
+      jax.process_count(),
+    )
   eval_log = metrics_lib.EvalLog(os.path.join(workdir, "eval"), config.best_metric, write=is_main)
-  result = {"step": start, "losses": [], "state": state, "eval": None, "preempted": False,
-            "best": eval_log.best}
+  result = {"step": start, "losses": [], "state": state, "eval": None, "preempted": False, "best": eval_log.best}
   if start >= end:
     logging.info("Nothing to train: the checkpoint is at step %d, the run stops at %d.", start, end)
     checkpointer.close()
@@ -412,11 +403,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Skipping the %d batches consumed before step %d.", start, start)
     train_ds = train_ds.skip(start)
   train_iter = input_pipeline.as_numpy(train_ds)
-  rng = jax.jit(lambda: jax.random.fold_in(jax.random.key(config.seed), 1),
-                out_shardings=NamedSharding(mesh, P()))()
+  rng = jax.jit(lambda: jax.random.fold_in(jax.random.key(config.seed), 1), out_shardings=NamedSharding(mesh, P()))()
   schedule = learning_rate_schedule(options)
-  report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
-                                                    every_steps=config.log_every_steps, every_secs=None)
+  report_progress = periodic_actions.ReportProgress(
+    num_train_steps=config.num_train_steps, writer=writer, every_steps=config.log_every_steps, every_secs=None
+  )
   preemption = checkpoint_lib.PreemptionWatcher()
   losses, pending, train_metrics = result["losses"], None, None
 
@@ -425,10 +416,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not finite:
       good = checkpointer.all_steps()
       raise NonFiniteLossError(
-          f"The loss or the gradients became NaN/inf at step {step} (loss={float(loss)}). Training "
-          f"stopped; the last good checkpoint is step {max(good) if good else 'none'} in "
-          f"{checkpointer.directory}. Lower config.learning_rate or config.grad_clip_norm, or check the "
-          "input data for NaN.")
+        f"The loss or the gradients became NaN/inf at step {step} (loss={float(loss)}). Training "
+        f"stopped; the last good checkpoint is step {max(good) if good else 'none'} in "
+        f"{checkpointer.directory}. Lower config.learning_rate or config.grad_clip_norm, or check the "
+        "input data for NaN."
+      )
     losses.append(float(loss))
 
   try:
@@ -459,17 +451,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         record = eval_log.add(step, config.eval_split, eval_report)
         ranking = {config.best_metric: record["value"]}
         writer.write_scalars(step, metrics_lib.eval_scalars(eval_report, f"eval/{config.eval_split}"))
-        logging.info("Eval at step %d on %s: %s=%.4f (best %.4f at step %d). %s confusion matrix "
-                     "(rows = true):\n%s", step, config.eval_split, config.best_metric, record["value"],
-                     eval_log.best["value"], eval_log.best["step"], best_task,
-                     metrics_lib.format_confusion(eval_report[best_task]))
+        logging.info(
+          "Eval at step %d on %s: %s=%.4f (best %.4f at step %d). %s confusion matrix (rows = true):\n%s",
+          step,
+          config.eval_split,
+          config.best_metric,
+          record["value"],
+          eval_log.best["value"],
+          eval_log.best["step"],
+          best_task,
+          metrics_lib.format_confusion(eval_report[best_task]),
+        )
         result["eval"], result["best"] = eval_report, eval_log.best
       if do_save or stop:
         checkpointer.save(step, state, ranking)
       result["step"] = step
       if stop:
-        logging.warning("Stopped at step %d on SIGTERM; the checkpoint is in %s.", step,
-                        checkpointer.directory)
+        logging.warning("Stopped at step %d on SIGTERM; the checkpoint is in %s.", step, checkpointer.directory)
         result["preempted"] = True
         break
     if pending is not None:

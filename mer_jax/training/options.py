@@ -1,0 +1,66 @@
+"""StepOptions: everything the compiled train and eval steps depend on, taken from a config once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from mer_jax import ops as ops_lib
+
+# The config.data fields that decide input shapes (all that the model's init reads).
+SHAPE_DATA_FIELDS = ("num_frames", "frame_size", "sample_rate", "max_audio_seconds", "num_mel_bins", "max_text_length")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """Everything the compiled steps depend on (hashable: the key of the compiled-step cache)."""
+
+  model: ml_collections.FrozenConfigDict
+  data: ml_collections.FrozenConfigDict
+  tasks: tuple  # ((name, num_classes), ...)
+  task_weights: tuple  # (float, ...) per task
+  class_weights: tuple  # (None | (float, ...) per class, ...) per task
+  label_smoothing: float
+  modality_dropout: float
+  learning_rate: float
+  warmup_steps: int
+  num_train_steps: int
+  end_learning_rate_fraction: float
+  weight_decay: float
+  grad_clip_norm: float
+  frame_relevance_weight: float
+  scorer_word_learning_rate: float
+  ops: ops_lib.Ops = ops_lib.REFERENCE  # the ops form the run chose (mer_jax.ops.choose)
+
+
+def step_options(
+  config: ml_collections.ConfigDict, class_weights: dict | None = None, ops: ops_lib.Ops | None = None
+) -> StepOptions:
+  """StepOptions of a full config; `class_weights` from `losses.class_weights_for`, `ops` from `ops.choose` (by
+  default the form `config.model.ops` picks for JAX's default backend and all its devices)."""
+  if ops is None:
+    ops = ops_lib.choose(config.model.ops, dtype=config.model.dtype)
+  tasks = tuple((task, int(n)) for task, n in config.model.tasks.items())
+  task_weights = config.task_weights or {}
+  class_weights = class_weights or {}
+  return StepOptions(
+    model=ml_collections.FrozenConfigDict(config.model),
+    data=ml_collections.FrozenConfigDict({k: config.data[k] for k in SHAPE_DATA_FIELDS}),
+    tasks=tasks,
+    task_weights=tuple(float(task_weights.get(task, 1.0)) for task, _ in tasks),
+    class_weights=tuple(
+      None if class_weights.get(task) is None else tuple(float(w) for w in class_weights[task]) for task, _ in tasks
+    ),
+    label_smoothing=float(config.label_smoothing),
+    modality_dropout=float(config.modality_dropout),
+    learning_rate=float(config.learning_rate),
+    warmup_steps=int(config.warmup_steps),
+    num_train_steps=int(config.num_train_steps),
+    end_learning_rate_fraction=float(config.end_learning_rate_fraction),
+    weight_decay=float(config.weight_decay),
+    grad_clip_norm=float(config.grad_clip_norm),
+    frame_relevance_weight=float(config.frame_relevance_weight),
+    scorer_word_learning_rate=float(config.scorer_word_learning_rate),
+    ops=ops,
+  )
