@@ -24,13 +24,23 @@ def skip_or_fail(reason: str, switch: str = REQUIRE_KERNELS):
   pytest.skip(reason)
 
 
+def _form(name: str):
+  from mer_jax import ops
+  from mer_jax.ops.cpu import build
+
+  if name == "cpu_ffi" and not build.available():
+    skip_or_fail(f"the CPU kernels cannot be built here: {build.unavailable_reason()}", REQUIRE_KERNELS)
+  return ops.FORMS[name]
+
+
+@pytest.fixture(params=["xla", "cpu_ffi"])
+def non_reference_form(request):
+  """The ops forms that tests hold against the reference form."""
+  return _form(request.param)
+
+
 @pytest.fixture(params=["reference", "xla", "cpu_ffi"])
 def ops_form(request):
   """Runs a test with each ops form (mer_jax.ops.FORMS): the reference, the XLA:CPU form and the C++ kernels (where
   this machine can build them)."""
-  from mer_jax import ops
-  from mer_jax.ops.cpu import build
-
-  if request.param == "cpu_ffi" and not build.available():
-    skip_or_fail(f"the CPU kernels cannot be built here: {build.unavailable_reason()}", REQUIRE_KERNELS)
-  return ops.FORMS[request.param]
+  return _form(request.param)
