@@ -9,8 +9,9 @@ def hide_accelerators_from_tensorflow() -> None:
 
 
 def run_command(main) -> int:
-  """A tool's console-script body: `main()` with the GPUs kept for JAX; exit status 0 when it returns (a failure
-  raises)."""
+  """A tool's console-script body: `main()` with the GPUs kept for JAX; exit status 0 when it returns, 2 with one
+  line on stderr when the user passed something unusable (`mer_jax.errors.UserError`)."""
+  from mer_jax import errors
+
   hide_accelerators_from_tensorflow()
-  main()
-  return 0
+  return errors.run_cli(main)
