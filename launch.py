@@ -1,9 +1,13 @@
 """Train and evaluate: `python launch.py --config configs/demo.py --workdir runs/demo`.
 
-Config fields can be overridden on the command line: `--config.num_train_steps=20 --config.batch_size=8`.
-Prepared data that is missing is made first when the config says how (`config.data.prepare`: 'demo'
-generates and prepares the demo corpus, 'meld' prepares MELD.Raw, 'meld_text' MELD's CSVs alone, from
-config.data.source_dir / $MELD_DIR).
+Config fields can be overridden on the command line: `--config.num_train_steps=20 --config.batch_size=8`; a
+field that does not exist is an error, except a new task or split in the mappings keyed by them
+(`--config.data.classes.valence='("low", "high")'`, see OPEN_MAPPINGS). Prepared data that is missing is made
+first when the config says how (`config.data.prepare`: 'demo' generates and prepares the demo corpus, 'meld'
+prepares MELD.Raw, 'meld_text' MELD's CSVs alone, from config.data.source_dir / $MELD_DIR; 'csv' a corpus of
+one's own laid out as config.data says, docs/OWN_DATA.md). The model's heads follow config.data.tasks and
+config.data.classes. A mistake the user can fix (a missing folder, a config key that does not exist, a value
+that cannot be used) ends the command with one line, `error: ...`, and exit status 2.
 
 Several processes (one per host, or several on one machine): on a TPU pod, under SLURM or Open MPI,
 or with $JAX_COORDINATOR_ADDRESS set, jax.distributed finds its settings itself; elsewhere pass
@@ -12,18 +16,31 @@ to every process (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS
 """
 
 import dataclasses
+import difflib
 import json
 import logging as py_logging
 import os
+import re
 import sys
 
+import ml_collections
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+from ml_collections.config_flags import config_flags as config_flags_module
+
+from mer_jax import errors
+from mer_jax.data import labels
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (a get_config() module).", lock_config=True)
+# New keys are accepted while parsing so that a task or split can be added to a mapping keyed by them
+# (OPEN_MAPPINGS); `check_overrides` then refuses every other key the config file does not define.
+config_flags.DEFINE_config_file(
+  "config", None, "Config file (a get_config() module).", lock_config=False, accept_new_attributes=True
+)
+# Config mappings keyed by task or split names (data, not fields): an override may add a key to them.
+OPEN_MAPPINGS = ("data.classes", "data.label_columns", "data.csv_files", "data.clip_folders", "task_weights")
 flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and eval JSON go.")
 flags.DEFINE_string(
   "coordinator_address",
@@ -88,12 +105,79 @@ def _quiet_orbax() -> None:
   logging.get_absl_handler().addFilter(keep)
 
 
+def unknown_overrides(reference: ml_collections.ConfigDict, paths) -> list[str]:
+  """The override paths (e.g. 'data.nonexistent') that name no field of `reference` (the config file's own
+  get_config()), each with the fields it may have meant; a new key of an OPEN_MAPPINGS mapping is fine."""
+  unknown = []
+  for path in paths:
+    node, parts = reference, path.split(".")
+    for depth, key in enumerate(parts):
+      parent = ".".join(parts[:depth])
+      if isinstance(node, ml_collections.ConfigDict) and key in node:
+        node = node[key]
+        continue
+      if parent in OPEN_MAPPINGS and depth == len(parts) - 1:
+        break
+      known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(key, known, n=3)
+      where = f"config.{parent}" if parent else "the config"
+      prefix = f"{parent}." if parent else ""
+      hint = f" (did you mean {', '.join(f'--config.{prefix}{name}' for name in close)}?)" if close else ""
+      unknown.append(f"--config.{path}: {where} has no field {key!r}{hint}")
+      break
+  return unknown
+
+
+def check_overrides(argv) -> None:
+  """Raises InvalidInput when a --config.X override in `argv` names a field that the config file does not define.
+
+  Run before absl parses the flags: ml_collections would otherwise add the new key (accept_new_attributes) or
+  fail with a KeyError and a traceback (a missing parent).
+  """
+  config_file, paths = None, []
+  for index, arg in enumerate(argv):
+    if re.match(r"^--?config(=|$)", arg):
+      config_file = arg.split("=", 1)[1] if "=" in arg else (argv[index + 1] if index + 1 < len(argv) else None)
+    elif match := re.match(r"^--?(?:no)?config\.([^=]+)", arg):
+      paths.append(match.group(1))
+  if not config_file or not paths:
+    return
+  reference = config_flags_module.ConfigFileFlagParser("config", lock_config=False).parse(config_file)
+  if not isinstance(reference, ml_collections.ConfigDict):
+    return  # it failed to load: absl's parse says why
+  unknown = unknown_overrides(reference, paths)
+  if unknown:
+    raise errors.InvalidInput(
+      "; ".join(unknown) + ". A config key must exist in the config file (see it, or configs/default.py)."
+    )
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a mistake in the flags or the config overrides as one line and exit status 2."""
+  try:
+    check_overrides(FLAGS.read_flags_from_files(argv[1:], force_gnu=False))
+    remaining = FLAGS(argv)
+    # Locked from here on, so a misspelt field in the code fails loudly too; a config file that failed to load
+    # raises its OSError here (the message names the file).
+    FLAGS.config.lock()
+    labels.head_sizes(FLAGS.config.data)  # a task without a usable class list, said before JAX and TF load
+  except (flags.Error, errors.UserError, OSError) as error:
+    print(errors.one_line(error), file=sys.stderr)
+    sys.exit(errors.USER_ERROR_EXIT_STATUS)
+  return remaining
+
+
 def _builder_config(config):
-  """The builder config to prepare: the registered one named config.data.builder_config when its
-  frames fit config.data (same count, at least as large); otherwise the `config.data.prepare` one ('demo' /
-  'meld') renamed, with config.data's frame count and size (e.g. a tiny corpus for tests). config.data.prepare_workers
-  (optional) sets the clip-decoding processes."""
+  """The builder config that prepares config.data's data, named config.data.builder_config.
+
+  A registered name ('demo', 'meld', ...) prepares that preset: its frames must fit config.data (same count, at
+  least as large) and its layout, tasks and classes must agree with config.data's. Any other name reads clips as
+  the preset config.data.prepare names ('csv', a corpus of one's own: as 'meld') with config.data's frame count
+  and size, and takes the source layout, tasks and classes from config.data (csv_format.format_from_config).
+  Raises InvalidInput.
+  """
   from data import meld_format
+  from mer_jax.data import csv_format
 
   registered = {c.name: c for c in meld_format.BUILDER_CONFIGS}
   data = config.data
@@ -103,19 +187,32 @@ def _builder_config(config):
     builder_config = registered[name]
     # Larger prepared frames are fine: the input pipeline resizes them down to config.data.frame_size.
     if builder_config.num_frames != wanted["num_frames"] or builder_config.frame_size < wanted["frame_size"]:
-      raise ValueError(
+      raise errors.InvalidInput(
         f"Builder config {name!r} prepares {builder_config.num_frames} frames of {builder_config.frame_size} px "
         f"but config.data asks for {wanted['num_frames']} of {wanted['frame_size']} px; set "
         f"config.data.builder_config to a new name (e.g. '{name}_{wanted['num_frames']}x{wanted['frame_size']}') "
         "to prepare data with these settings."
       )
+    differences = csv_format.prepared_differences(builder_config.record(), data)
+    if differences:
+      raise errors.InvalidInput(
+        f"config.data.builder_config={name!r} is a preset that prepares other data than config.data names: "
+        f"{'; '.join(differences)}. Set --config.data.builder_config to a name of your own (e.g. 'mine') to "
+        "prepare your data with config.data's layout, tasks and classes."
+      )
   else:
+    base = registered.get(data.get("prepare") or "meld", registered["meld"])
     builder_config = dataclasses.replace(
-      registered[data.prepare], name=name, max_audio_seconds=float(data.max_audio_seconds), **wanted
+      csv_format.format_from_config(data, base),
+      name=name,
+      description=f"{base.description} Layout, tasks and classes from config.data.",
+      max_audio_seconds=float(data.max_audio_seconds),
+      **wanted,
     )
-  if data.get("prepare_workers"):
-    builder_config = dataclasses.replace(builder_config, num_workers=int(data.prepare_workers))
   return builder_config
+
+
+PREPARE_KINDS = ("demo", "meld", "meld_text", "csv")
 
 
 def _prepare(config, data_dir: str) -> None:
@@ -124,10 +221,16 @@ def _prepare(config, data_dir: str) -> None:
   from data import sources
 
   kind = config.data.prepare
+  if kind not in PREPARE_KINDS:
+    raise errors.InvalidInput(
+      f"config.data.prepare={kind!r}; use 'demo', 'meld', 'meld_text', 'csv' (a corpus of one's own) or '' (data "
+      "prepared beforehand)."
+    )
+  builder_config = _builder_config(config)  # a mistake in config.data shows before any long work
   source = os.path.expanduser(config.data.source_dir or (os.environ.get("MELD_DIR", "") if kind == "meld" else ""))
   if kind == "demo":
     if not source:
-      raise ValueError("config.data.source_dir is empty: where should the demo corpus be generated?")
+      raise errors.InvalidInput("config.data.source_dir is empty: set it to where the demo corpus should be generated.")
     if not os.path.exists(os.path.join(source, "train_sent_emo.csv")):
       sizes = dict(config.data.get("demo_corpus") or {})
       logging.info("Generating the demo corpus in %s (%s); this happens once.", source, sizes)
@@ -138,14 +241,16 @@ def _prepare(config, data_dir: str) -> None:
   elif kind == "meld_text":
     sources.check_meld_csvs(source)
   else:
-    raise ValueError(f"config.data.prepare={kind!r}; use 'demo', 'meld', 'meld_text' or '' (data prepared beforehand).")
+    sources.check_csv_source(source, builder_config, (config.train_split, config.eval_split))
   logging.info("Preparing %s into %s; this happens once.", source, data_dir)
-  _, report_path = prepare.prepare(source, data_dir, _builder_config(config))
+  workers = int(config.data.get("prepare_workers") or 0) or None  # clip-decoding processes; None: all cores
+  _, report_path = prepare.prepare(source, data_dir, builder_config, workers)
   logging.info("Prepared (report: %s):\n%s", report_path, prepare.summary(report_path))
 
 
 def prepare_data_if_missing(config, workdir: str) -> None:
-  """Makes the prepared dataset when it is missing and config.data.prepare says how."""
+  """Makes the prepared dataset when it is missing and config.data.prepare says how; PathNotFound when it is
+  missing and config.data.prepare is ''."""
   import jax
   from mer_jax.data import input_pipeline
   from mer_jax.training import train
@@ -154,9 +259,12 @@ def prepare_data_if_missing(config, workdir: str) -> None:
   try:
     input_pipeline.load_builder(config, data_dir)
     return
-  except FileNotFoundError:
+  except FileNotFoundError as error:
     if not config.data.get("prepare"):
-      raise
+      raise errors.PathNotFound(
+        f"{error} Or let launch.py prepare it: --config.data.prepare=csv --config.data.source_dir=DIR for a corpus "
+        "of your own (docs/OWN_DATA.md)."
+      ) from error
   if jax.process_index() == 0:
     _prepare(config, data_dir)
   if jax.process_count() > 1:  # the others wait, then read it (the data_dir must be shared storage)
@@ -181,15 +289,14 @@ def main(argv):
   from mer_jax.training import checkpoint
   from mer_jax.training import train
 
-  config = FLAGS.config
   try:
+    config = train.resolve_tasks(FLAGS.config)  # the heads config.data asks for, checked before any long work
     prepare_data_if_missing(config, FLAGS.workdir)
-  except FileNotFoundError as e:  # no data and no way to make it: the message says what to do
-    logging.error("%s", e)
-    sys.exit(2)
-  try:
     result = train.train_and_evaluate(config, FLAGS.workdir)
-  except (train.NonFiniteLossError, checkpoint.IncompatibleCheckpointError) as e:
+  except errors.UserError as error:  # the message says what to do
+    print(errors.one_line(error), file=sys.stderr)
+    sys.exit(errors.USER_ERROR_EXIT_STATUS)
+  except train.NonFiniteLossError as e:
     logging.error("%s", e)
     sys.exit(1)
   best = result["best"]
@@ -204,4 +311,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -444,7 +444,7 @@ class TorchEmotionModel(nn.Module):
       self.scorer_words = WordQuery(config.scorer.vocab_size, self.query_dim)
     self.frame_relevance = self.frame_evidence = None
     if config.get("frame_relevance", False):
-      primary_classes = list(config.tasks.values())[0]
+      primary_classes = config.tasks[config.primary_task]
       self.frame_relevance = nn.Linear(width, primary_classes)
       self.frame_evidence = FrameEvidence(primary_classes, tuple(config.scorer.channels), config.scorer.downscale)
     self.audio_encoder = AudioEncoder(

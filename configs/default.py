@@ -6,6 +6,7 @@ Other configs start from this one and override what differs. Launch:
 
 import ml_collections
 
+from mer_jax.data import csv_format
 from mer_jax.data import labels
 
 
@@ -42,16 +43,27 @@ def model_config(size: str = "edge") -> ml_collections.ConfigDict:
   model.text.compact = ml_collections.ConfigDict(
     dict(vocab_size=30522, features=128, num_layers=2, num_heads=4, mlp_dim=192, max_length=128)
   )
-  model.tasks = ml_collections.ConfigDict({task: len(labels.TASK_CLASSES[task]) for task in ("emotion", "sentiment")})
+  # One head per task of config.data.tasks, as many outputs as config.data.classes lists. Derived: training sets it
+  # again from config.data when it starts (train.resolve_tasks), so overriding the tasks or classes is enough.
+  model.tasks = ml_collections.ConfigDict(labels.head_sizes(data_config()))
+  # The task whose labels train the frame scorer and the frame-relevance heads: config.data.tasks[0], set again by
+  # train.resolve_tasks (ConfigDicts keep their keys sorted, so model.tasks cannot say which task comes first).
+  model.primary_task = data_config().tasks[0]
   return model
 
 
 def data_config() -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict()
   data.builder = "meld_format"
+  # The prepared data's name: data prepared once under a name is reused by every run that names it, so a change
+  # of the source layout, tasks or classes below needs a new name (launch.py refuses data prepared otherwise).
   data.builder_config = "demo"
   data.source_dir = ""  # raw MELD-format corpus (CSVs + clip folders)
   data.data_dir = ""  # prepared TFDS data; '' = WORKDIR/../data or the config's default
+  # launch.py prepares missing data: 'demo' (generated), 'meld' (MELD.Raw), 'meld_text' (MELD's CSVs), 'csv' (a
+  # corpus of one's own, laid out as below), '' (prepared beforehand). prepare_workers: clip decoders (0: all cores).
+  data.prepare = ""
+  data.prepare_workers = 0
   data.num_frames = 12
   data.frame_size = 112
   data.sample_rate = 16000
@@ -59,7 +71,11 @@ def data_config() -> ml_collections.ConfigDict:
   data.num_mel_bins = 64
   data.max_text_length = 64
   data.context_turns = 0
-  data.tasks = ("emotion", "sentiment")
+  # The source layout, tasks and classes (docs/OWN_DATA.md): MELD's. csv_files / clip_folders: split -> name in
+  # source_dir; clip_pattern: a row's clip ({dialogue_id}, {utterance_id}, {split}); columns: role -> CSV column;
+  # tasks: the tasks trained (one head each); classes: task -> class names in label-id order; label_columns: task
+  # -> CSV column (default: the task's name); no_label_values: a label cell meaning "no label" (-1).
+  data.update(csv_format.config_fields(csv_format.FORMATS["meld"]))
   data.shuffle_buffer = 1000
   data.augment = True
   return data

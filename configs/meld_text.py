@@ -1,30 +1,28 @@
 """MELD text only: the base model (pretrained MiniLM-L6) on MELD's transcripts with dialogue context.
 
-  python launch.py --config configs/meld_text.py --workdir runs/meld_text
+  MELD_DIR=/path/to/meld python launch.py --config configs/meld_text.py --workdir runs/meld_text
 
-Needs only MELD's annotation CSVs (train_sent_emo.csv, dev_sent_emo.csv): from $MELD_DIR, else
-../shared/data/meld beside this repository (or --config.data.source_dir=DIR; launch.py checks it with
-data/sources.py: check_meld_csvs, which says what to do when they are missing). The first run prepares them
+Needs only MELD's annotation CSVs (train_sent_emo.csv, dev_sent_emo.csv, in one folder or one folder down): from
+$MELD_DIR, or --config.data.source_dir=DIR. launch.py checks the folder first (data/sources.py: check_meld_csvs)
+and, when the CSVs are not there, says where to get them and how to point the run at them. The first run prepares them
 (data/prepare.py, builder config 'meld_text': text-only examples, has_video = has_audio = False) into
 $MER_JAX_CACHE/tfds (default ~/.cache/mer_jax/tfds); later runs reuse it. Each utterance is tokenized with
 the previous `context_turns` utterances of its dialogue ("Speaker: text", most recent first) as the second
 segment; only the context is truncated. The standard metric is weighted F1 over the 7 emotions on dev.
 
 Evaluate the trained run on any MELD-format CSV:
-  python -m mer_jax.tools.evaluate --workdir runs/meld_text --csv ../shared/data/meld/dev_sent_emo.csv
+  python -m mer_jax.tools.evaluate --workdir runs/meld_text --csv $MELD_DIR/dev_sent_emo.csv
 """
 
 import os
 
 from configs import default
 
-REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_SOURCE = os.path.normpath(os.path.join(REPO_DIR, "..", "shared", "data", "meld"))
-
 
 def default_source_dir() -> str:
-  """$MELD_DIR, else ../shared/data/meld relative to the repository."""
-  return os.path.abspath(os.path.expanduser(os.environ.get("MELD_DIR") or DEFAULT_SOURCE))
+  """$MELD_DIR (made absolute), else '': launch.py then says to set MELD_DIR or --config.data.source_dir."""
+  meld_dir = os.environ.get("MELD_DIR", "")
+  return os.path.abspath(os.path.expanduser(meld_dir)) if meld_dir else ""
 
 
 def get_config():

@@ -59,7 +59,15 @@ SPLITS = {
   "dev": ("dev_sent_emo.csv", "dev_splits_complete", "dev_sent_emo.csv"),
   "test": ("test_sent_emo.csv", "output_repeated_splits_test", "dev_sent_emo.csv"),
 }
+# MELD's annotation CSVs beside this repository (its working setup); $MELD_DIR comes first (default_meld_dir).
 DEFAULT_MELD_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "meld"
+
+
+def default_meld_dir() -> Path:
+  """Where the transcripts come from when make_corpus is not told: $MELD_DIR, else DEFAULT_MELD_DIR."""
+  return Path(os.path.expanduser(os.environ["MELD_DIR"])) if os.environ.get("MELD_DIR") else DEFAULT_MELD_DIR
+
+
 SPEAKERS = ("Chandler", "Joey", "Monica", "Phoebe", "Rachel", "Ross")
 GUEST_SPEAKERS = ("Janice", "Carol", "Emily", "Mike", "Richard", "Gunther")
 CUE_TEMPLATES = (
@@ -458,7 +466,7 @@ def make_corpus(
 
   `resolution` is (width, height), both even and >= 64. `workers` processes render clips
   (default: all CPUs; small corpora are rendered in-process). `meld_dir` holds MELD's
-  train/dev annotation CSVs (default ../shared/data/meld from the repo); without them a small
+  train/dev annotation CSVs (default $MELD_DIR, else ../shared/data/meld from the repo); without them a small
   built-in set of sentences is used and the summary says so. Old `dia*_utt*.mp4` files in the
   clip folders that the new corpus does not hold are removed, so CSV rows and clips always match.
   `verbose` prints progress to stderr.
@@ -476,7 +484,7 @@ def make_corpus(
   if not 0.0 <= corrupt_fraction <= 0.5:
     raise ValueError(f"corrupt_fraction={corrupt_fraction}: use 0..0.5 (audio and video each).")
   out = Path(out_dir)
-  meld = Path(meld_dir) if meld_dir is not None else DEFAULT_MELD_DIR
+  meld = Path(meld_dir) if meld_dir is not None else default_meld_dir()
   plans_by_split, sources = {}, {}
   for split, (csv_name, folder, source_csv) in SPLITS.items():
     utterances, sources[split] = load_utterances(meld, source_csv)
@@ -549,7 +557,9 @@ def main(argv=None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--resolution", type=_parse_resolution, default=(160, 120), help="WxH")
   parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
-  parser.add_argument("--meld-dir", default=None, help=f"MELD annotation CSVs (default {DEFAULT_MELD_DIR})")
+  parser.add_argument(
+    "--meld-dir", default=None, help=f"MELD annotation CSVs (default $MELD_DIR, else {DEFAULT_MELD_DIR})"
+  )
   args = parser.parse_args(argv)
   try:
     summary = make_corpus(

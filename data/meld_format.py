@@ -1,13 +1,14 @@
-"""TFDS builder for MELD-format data: MELD itself, MESC-format sets and the demo corpus.
+"""TFDS builder for MELD-format data: MELD itself, MESC-format sets, the demo corpus and corpora of one's own.
 
-The manual dir holds, per split, a CSV and (optionally) a folder of clips `dia{D}_utt{U}.mp4`:
+The manual dir holds, per split, a CSV and (optionally) a folder of clips. MELD.Raw's layout is the default:
 
-    train_sent_emo.csv   train_splits/
+    train_sent_emo.csv   train_splits/                  (clips dia{D}_utt{U}.mp4)
     dev_sent_emo.csv     dev_splits_complete/
     test_sent_emo.csv    output_repeated_splits_test/
 
-(MELD.Raw's layout; the files may also sit one folder down, as MELD.Raw's tarballs unpack). A split
-exists when its CSV does. With no clip folder (or the 'meld_text' config) examples are text-only:
+and a builder config (a `csv_format.CsvFormat`) names other files, columns, tasks and classes (launch.py builds
+one from config.data; docs/OWN_DATA.md). The files may also sit one folder down, as MELD.Raw's tarballs unpack.
+A split exists when its CSV does. With no clip folder (or the 'meld_text' config) examples are text-only:
 has_video = has_audio = False. Each example follows docs/ARCHITECTURE.md "Prepared example".
 
 The rows, clips and examples are the library's (`mer_jax.data.meld_csv`, which evaluation on any CSV
@@ -25,16 +26,18 @@ import os
 
 import tensorflow_datasets as tfds
 
+from mer_jax import errors
+from mer_jax.data import csv_format
 from mer_jax.data import meld_csv
 
 REPORT_FILE = meld_csv.REPORT_FILE
-LAYOUT_HELP = meld_csv.LAYOUT_HELP
+LAYOUT_HELP = csv_format.LAYOUT_HELP
 
 
 @dataclasses.dataclass(eq=False)
-class MeldFormatConfig(tfds.core.BuilderConfig, meld_csv.CsvFormat):
-  """A registered MELD-format dataset: a TFDS builder config with the fields of `meld_csv.CsvFormat`
-  (label columns, how clips are read, where the files are)."""
+class MeldFormatConfig(tfds.core.BuilderConfig, csv_format.CsvFormat):
+  """A MELD-format dataset: a TFDS builder config with the fields of `csv_format.CsvFormat` (where the files are,
+  which columns, tasks and classes, how clips are read)."""
 
 
 _VERSION = tfds.core.Version("1.0.0")
@@ -47,7 +50,7 @@ _DESCRIPTIONS = {
 }
 BUILDER_CONFIGS = [
   MeldFormatConfig(name=name, version=_VERSION, description=_DESCRIPTIONS[name], **fmt.fields())
-  for name, fmt in meld_csv.FORMATS.items()
+  for name, fmt in csv_format.FORMATS.items()
 ]
 
 
@@ -57,7 +60,13 @@ class MeldFormat(tfds.core.GeneratorBasedBuilder):
   VERSION = _VERSION
   RELEASE_NOTES = {"1.0.0": "First release."}
   BUILDER_CONFIGS = BUILDER_CONFIGS
-  MANUAL_DOWNLOAD_INSTRUCTIONS = LAYOUT_HELP
+  MANUAL_DOWNLOAD_INSTRUCTIONS = LAYOUT_HELP  # MELD's; a config for other files says its own in its errors
+
+  def __init__(self, *, num_workers: int | None = None, **kwargs):
+    """num_workers: clip-decoding processes, instead of the config's (a registered config cannot be replaced by a
+    copy with other workers: TFDS refuses a custom config that bears a registered name)."""
+    self._num_workers = num_workers
+    super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -84,11 +93,11 @@ class MeldFormat(tfds.core.GeneratorBasedBuilder):
       "splits": {},
     }
     generators = {}
-    for split, csv_name, folder in config.splits:
+    for split, csv_name, folder in config.splits():
       csv_path = meld_csv.find_in_source(source, csv_name)
       if csv_path is None:
         continue
-      clip_dir = None if config.text_only else meld_csv.find_in_source(source, folder)
+      clip_dir = None if config.text_only or not folder else meld_csv.find_in_source(source, folder)
       report = meld_csv.SplitReport(csv_path, clip_dir, "clips" if clip_dir else "csv_only")
       self._report["splits"][split] = report.data
       rows = meld_csv.read_rows(csv_path, split, config, report)
@@ -97,11 +106,11 @@ class MeldFormat(tfds.core.GeneratorBasedBuilder):
       else:
         report.data["omitted"] = "no valid rows"
     if not self._report["splits"]:
-      raise FileNotFoundError(f"No split CSV found in {source}. {LAYOUT_HELP}")
+      raise errors.PathNotFound(f"No split CSV found in {source}. {config.layout_help()}")
     if not generators:
       self._write_report()
-      raise ValueError(
-        f"No CSV row in {source} could be read; see {os.path.join(self.data_dir, REPORT_FILE)}. {LAYOUT_HELP}"
+      raise errors.InvalidInput(
+        f"No CSV row in {source} could be read; see {os.path.join(self.data_dir, REPORT_FILE)}. {config.layout_help()}"
       )
     return generators
 
@@ -111,5 +120,8 @@ class MeldFormat(tfds.core.GeneratorBasedBuilder):
       json.dump(self._report, f, indent=1)
 
   def _generate_examples(self, rows: list, clip_dir, report: meld_csv.SplitReport):
-    yield from meld_csv.examples(rows, clip_dir, self.builder_config, report)
+    fmt = self.builder_config
+    if self._num_workers is not None:
+      fmt = dataclasses.replace(fmt, num_workers=self._num_workers)
+    yield from meld_csv.examples(rows, clip_dir, fmt, report)
     self._write_report()

@@ -5,12 +5,13 @@
 DIR is MELD.Raw unpacked (or any folder laid out like it; see data/meld_format.py). The prepared
 data lands in OUT/meld_format/<config>/1.0.0/ with prepare_report.json beside it: per split, rows
 read and prepared, and per reason (missing clip, corrupt file, unknown label, ...) a count and ids.
+A progress bar with the ETA runs over each split's clips. A corpus with other file names, columns, tasks
+or classes is prepared by launch.py from its config (config.data.prepare = 'csv'; docs/OWN_DATA.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -20,35 +21,40 @@ import sys
 # and need none of it.
 
 
-def check_source(source) -> list[str]:
-  """The split CSVs found in `source`; raises FileNotFoundError that explains MELD's layout."""
+def check_source(source, fmt=None) -> list[str]:
+  """The split CSVs of `fmt` (a csv_format.CsvFormat; default MELD's) found in `source`; raises PathNotFound that
+  says what the folder should hold."""
+  from mer_jax import errors
+  from mer_jax.data import csv_format
   from mer_jax.data import meld_csv
 
+  fmt = fmt or csv_format.FORMATS["meld"]
   if not os.path.isdir(source):
-    raise FileNotFoundError(f"--source {source} is not a folder. {meld_csv.LAYOUT_HELP}")
-  found = [csv_name for _, csv_name, _ in meld_csv.MELD_SPLITS if meld_csv.find_in_source(source, csv_name)]
+    raise errors.PathNotFound(f"--source {source} is not a folder. {fmt.layout_help()}")
+  names = [csv_name for _, csv_name, _ in fmt.splits()]
+  found = [name for name in names if meld_csv.find_in_source(source, name)]
   if not found:
-    raise FileNotFoundError(
-      f"--source {source} holds none of train_sent_emo.csv, dev_sent_emo.csv, "
-      f"test_sent_emo.csv (looked in it and one folder down). {meld_csv.LAYOUT_HELP}"
+    raise errors.PathNotFound(
+      f"--source {source} holds none of {', '.join(names)} (looked in it and one folder down). {fmt.layout_help()}"
     )
   return found
 
 
-def prepare(source, data_dir, builder_config="meld"):
+def prepare(source, data_dir, builder_config="meld", num_workers: int | None = None):
   """Run the builder on `source` (its manual dir) into `data_dir`.
 
-  builder_config: a config name or a meld_format.MeldFormatConfig. Returns (builder, report_path).
-  Data prepared before (same data_dir, config and version) is reused as it is.
+  builder_config: a registered config's name or a meld_format.MeldFormatConfig; num_workers: clip-decoding
+  processes (None: the config's). Returns (builder, report_path). Data prepared before (same data_dir, config and
+  version) is reused as it is.
   """
   import tensorflow_datasets as tfds
 
   from data import meld_format
-  from mer_jax.data import meld_csv
 
-  if not isinstance(builder_config, meld_format.MeldFormatConfig) or builder_config.splits == meld_csv.MELD_SPLITS:
-    check_source(source)
-  builder = meld_format.MeldFormat(config=builder_config, data_dir=os.fspath(data_dir))
+  if not isinstance(builder_config, meld_format.MeldFormatConfig):
+    builder_config = {c.name: c for c in meld_format.BUILDER_CONFIGS}[builder_config]
+  check_source(source, builder_config)
+  builder = meld_format.MeldFormat(config=builder_config, data_dir=os.fspath(data_dir), num_workers=num_workers)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(source)))
   return builder, os.path.join(builder.data_dir, meld_format.REPORT_FILE)
 
@@ -77,6 +83,7 @@ def summary(report_path: str) -> str:
 
 def main(argv=None) -> int:
   from data import meld_format
+  from mer_jax import errors
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--source", required=True, help="MELD-format folder (CSVs + clip folders)")
@@ -85,15 +92,10 @@ def main(argv=None) -> int:
   parser.add_argument("--num_workers", type=int, default=None, help="clip-decoding processes (default: all cores)")
   args = parser.parse_args(argv)
   try:
-    check_source(args.source)
-  except FileNotFoundError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  config = args.builder_config
-  if args.num_workers is not None:
-    base = {c.name: c for c in meld_format.BUILDER_CONFIGS}[config]
-    config = dataclasses.replace(base, num_workers=args.num_workers)
-  builder, report_path = prepare(args.source, args.data_dir, config)
+    builder, report_path = prepare(args.source, args.data_dir, args.builder_config, args.num_workers)
+  except errors.UserError as error:
+    print(errors.one_line(error), file=sys.stderr)
+    return errors.USER_ERROR_EXIT_STATUS
   print(f"prepared data: {builder.data_dir}")
   print(f"report:        {report_path}")
   print(summary(report_path))

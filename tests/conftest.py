@@ -5,6 +5,7 @@ Run from the repository root (`python -m pytest`): python -m puts it on sys.path
 """
 
 import os
+import shutil
 
 import pytest
 
@@ -14,6 +15,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Switches for CI (.ci/run sets both): a test that needs a system package fails instead of skipping without it.
 REQUIRE_KERNELS = "MER_JAX_REQUIRE_KERNELS"  # a C++ compiler, so that the CPU kernels build (g++)
 REQUIRE_TCMALLOC = "MER_JAX_REQUIRE_TCMALLOC"  # tcmalloc (libtcmalloc-minimal4)
+REQUIRE_BROWSER = "MER_JAX_REQUIRE_BROWSER"  # a headless Chromium (Debian: chromium-headless-shell), for gallery.html
+BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
+# No sandbox: CI containers run as root, where Chromium's sandbox refuses to start.
+BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars")
 
 
 def skip_or_fail(reason: str, switch: str = REQUIRE_KERNELS):
@@ -44,3 +49,15 @@ def ops_form(request):
   """Runs a test with each ops form (mer_jax.ops.FORMS): the reference, the XLA:CPU form and the C++ kernels (where
   this machine can build them)."""
   return _form(request.param)
+
+
+@pytest.fixture(scope="session")
+def headless_browser() -> list[str]:
+  """The command line start of a headless Chromium (the first of BROWSERS on PATH) that opens pages from disk."""
+  for name in BROWSERS:
+    path = shutil.which(name)
+    if path:
+      return [path, *BROWSER_FLAGS]
+  skip_or_fail(
+    f"no headless Chromium on PATH ({', '.join(BROWSERS)}): apt-get install chromium-headless-shell", REQUIRE_BROWSER
+  )

@@ -17,6 +17,7 @@ import pytest
 from configs import default
 from mer_jax.models import emotion_model as model_lib
 from mer_jax.training import checkpoint as checkpoint_lib
+from mer_jax.training import train
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULTS_SNAPSHOT = os.path.join(
@@ -41,6 +42,8 @@ def test_get_config_builds_a_model(name):
     assert key in config, f"configs/{name}.py lacks {key}"
   assert 1 <= config.model.top_k <= config.data.num_frames
   assert set(config.model.tasks) == set(config.data.tasks)
+  # The heads are those config.data's tasks and classes ask for: training resolves them to the same values.
+  assert train.resolve_tasks(config).model.tasks.to_dict() == config.model.tasks.to_dict()
   model = model_lib.EmotionModel(config.model)
   batch = model_lib.zeros_batch(config, 2)
   shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, batch, train=False))
@@ -53,6 +56,24 @@ def test_get_config_builds_a_model(name):
   # The docstring holds the exact launch command.
   module = importlib.import_module(f"configs.{name}")
   assert f"configs/{name}.py" in (module.__doc__ or ""), f"configs/{name}.py docstring lacks its launch command"
+
+
+def test_heads_follow_the_data_tasks_and_classes():
+  """Overriding config.data.tasks and config.data.classes is enough: the heads (config.model.tasks) follow."""
+  config = importlib.import_module("configs.tiny").get_config()
+  config.data.tasks = ("valence", "arousal")
+  config.data.classes = {"valence": ("Low", "High"), "arousal": ("calm", "medium", "excited")}
+  resolved = train.resolve_tasks(config)
+  assert resolved.model.tasks.to_dict() == {"valence": 2, "arousal": 3}
+  assert resolved.best_metric == "valence/weighted_f1"  # emotion is not trained: the first task of data.tasks
+  assert dict(config.model.tasks) == {"emotion": 7, "sentiment": 3}  # a copy: the caller's config is kept
+  config.data.tasks = ("valence", "dominance")
+  with pytest.raises(ValueError, match=r"no class list for the tasks \['dominance'\].*config.data.classes.dominance"):
+    train.resolve_tasks(config)
+  config.data.tasks = ("valence",)
+  config.data.classes.valence = ("low", "LOW ")
+  with pytest.raises(ValueError, match="names \\['low'\\] twice"):
+    train.resolve_tasks(config)
 
 
 def default_snapshot_text() -> str:

@@ -13,6 +13,7 @@ from data import meld_format
 from data import prepare
 from mer_jax.training import checkpoint as checkpoint_lib
 from mer_jax.tools import evaluate
+from mer_jax.tools import progress
 from mer_jax.data import input_pipeline
 from mer_jax.models import emotion_model as model_lib
 from mer_jax.training import runs
@@ -94,6 +95,11 @@ def test_prepared_csv_equals_the_builders_examples(tmp_path):
     input_pipeline.batch_iterator(eval_config, "eval", train=False, data_dir=data_dir, process_index=0, process_count=1)
   )
   assert sum(int(b["example_mask"].sum()) for b in batches) == 6
+  # The progress bar's total (evaluate, report, export's accuracy pass): the eval stream's length is known.
+  ds = input_pipeline.make_dataset(
+    eval_config, "eval", train=False, data_dir=data_dir, process_index=0, process_count=1
+  )
+  assert progress.dataset_length(ds) == len(batches)
   assert not any(b["has_video"].any() or b["has_audio"].any() for b in batches)
 
   builder_config = dataclasses.replace(
@@ -125,7 +131,7 @@ def _f1_by_hand(labels, predictions, num_classes):
 @pytest.mark.slow
 def test_evaluate_json_equals_direct_computation(run, capsys):
   keep = run["root"] / "evaluate_kept"
-  code = evaluate.main(
+  code = evaluate.cli(
     [
       "--workdir",
       run["workdir"],
@@ -197,15 +203,17 @@ def test_evaluate_json_equals_direct_computation(run, capsys):
 def test_evaluate_text_report_and_errors(run, capsys, tmp_path):
   csv_path = tmp_path / "other.csv"
   write_csv(csv_path, 6, seed=3)
-  assert evaluate.main(["--workdir", run["workdir"], "--csv", str(csv_path)]) == 0
+  assert evaluate.cli(["--workdir", run["workdir"], "--csv", str(csv_path)]) == 0
   out = capsys.readouterr().out
   assert "emotion: 6 examples" in out and "weighted F1" in out and "confusion matrix" in out
 
-  # A CSV without a label column the run needs: a message that names the columns, exit code 2.
+  # A CSV without a label column the run needs: one line that names the columns, exit code 2.
   with open(tmp_path / "bad.csv", "w") as f:
     f.write("Utterance,Speaker,Emotion,Dialogue_ID,Utterance_ID\nHi.,Ross,joy,0,0\n")
-  assert evaluate.main(["--workdir", run["workdir"], "--csv", str(tmp_path / "bad.csv")]) == 2
-  assert "lacks the columns" in capsys.readouterr().err
+  assert evaluate.cli(["--workdir", run["workdir"], "--csv", str(tmp_path / "bad.csv")]) == 2
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith("error: ") and "lacks the columns" in line
 
-  assert evaluate.main(["--workdir", run["workdir"], "--csv", str(tmp_path / "missing.csv")]) == 2
-  assert "is not a file" in capsys.readouterr().err
+  assert evaluate.cli(["--workdir", run["workdir"], "--csv", str(tmp_path / "missing.csv")]) == 2
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith("error: --csv ") and "missing.csv is not a file" in line

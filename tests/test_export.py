@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from mer_jax import errors
 from mer_jax.training import checkpoint as checkpoint_lib
 from mer_jax.export import contract
 from mer_jax.export import exporters as export
@@ -66,8 +67,10 @@ def test_fp32_mismatch_raises_and_is_recorded(tmp_path, monkeypatch):
     export.export_model(config, variables, str(tmp_path), formats=["coreml"], examples=examples)
   with pytest.raises(FileNotFoundError, match="No checkpoints in .*train first"):
     runs.load_checkpoint(config, str(tmp_path / "never_trained"))
-  with pytest.raises(FileNotFoundError, match="never_trained not found; pass the workdir of a trained run"):
+  with pytest.raises(errors.PathNotFound, match="Workdir .*never_trained not found; pass the folder given to"):
     runs.load_run(str(tmp_path / "never_trained"))
+  with pytest.raises(errors.PathNotFound, match="is not a training workdir \\(no config.json or checkpoints/\\)"):
+    runs.load_run(str(tmp_path))  # a folder that exists: parity.json, no run
 
 
 def test_tflite_failure_names_the_blocker_and_the_way_around(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.data_throughput import write_clip
 from data import meld_format, prepare
-from mer_jax.data import labels, meld_csv
+from mer_jax.data import labels
 
 HEADER = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID"]
 
@@ -135,10 +135,10 @@ def test_mesc_strategy_labels(tmp_path):
     header=header,
   )
   mesc = {c.name: c for c in meld_format.BUILDER_CONFIGS}["mesc"]
-  config = tiny_config("tiny_mesc", text_only=True, tasks=mesc.tasks, task_classes=mesc.task_classes)
+  config = tiny_config("tiny_mesc", text_only=True, label_columns=mesc.label_columns, classes=mesc.classes)
   builder, report_path = prepare.prepare(src, tmp_path / "out", config)
   ex = examples_of(builder, "train")
-  strategies = meld_csv.MESC_STRATEGIES
+  strategies = labels.MESC_STRATEGIES
   assert ex["train/dia0_utt0"]["labels"] == {"emotion": labels.EMOTIONS.index("sadness"), "strategy": -1}
   assert ex["train/dia0_utt1"]["labels"]["strategy"] == strategies.index("question")
   assert ex["train/dia0_utt2"]["labels"]["strategy"] == strategies.index("reflection of feelings")
@@ -150,13 +150,16 @@ def test_mesc_strategy_labels(tmp_path):
 def test_prepare_cli_says_what_the_layout_is(tmp_path, capsys):
   assert prepare.main(["--source", str(tmp_path), "--data_dir", str(tmp_path / "out")]) == 2
   err = capsys.readouterr().err
-  assert "train_sent_emo.csv" in err and "train_splits" in err and "dia{Dialogue_ID}" in err
+  assert "train_sent_emo.csv" in err and "train_splits" in err and "dia{dialogue_id}_utt{utterance_id}.mp4" in err
+  assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
   with pytest.raises(FileNotFoundError, match="not a folder"):
     prepare.check_source(tmp_path / "nope")
 
 
 def test_prepare_cli_prints_data_and_report(source, tmp_path, capsys):
-  code = prepare.main(["--source", str(source), "--data_dir", str(tmp_path), "--builder_config", "meld_text"])
+  # --num_workers with a registered config: TFDS refuses a copy of it under its name, so the builder takes it apart.
+  argv = ["--source", str(source), "--data_dir", str(tmp_path), "--builder_config", "meld_text", "--num_workers", "1"]
+  code = prepare.main(argv)
   out = capsys.readouterr().out
   assert code == 0
   assert f"prepared data: {tmp_path}/meld_format/meld_text/1.0.0" in out

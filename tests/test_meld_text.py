@@ -1,4 +1,8 @@
-"""configs/meld_text.py builds without MELD; data/sources.py finds MELD's CSVs or says what to do without them."""
+"""configs/meld_text.py builds without MELD; data/sources.py finds MELD's CSVs or says what to do without them.
+
+MELD's CSVs come from $MELD_DIR or --config.data.source_dir only; the tests that read them point MELD_DIR at
+../shared/data/meld, beside this repository (here and in CI).
+"""
 
 import importlib
 import os
@@ -9,6 +13,9 @@ from configs import meld_text
 from data import sources
 from mer_jax.data import input_pipeline
 from mer_jax.data import tokenizer as tokenizer_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_MELD = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "meld"))
 
 
 def test_get_config_without_meld(monkeypatch, tmp_path):
@@ -28,11 +35,17 @@ def test_get_config_without_meld(monkeypatch, tmp_path):
     sources.check_meld_csvs(config.data.source_dir)
 
 
-def test_default_source_is_shared_meld_beside_the_repo(monkeypatch):
+def test_without_meld_dir_the_message_says_how_to_point_at_the_csvs(monkeypatch):
   monkeypatch.delenv("MELD_DIR", raising=False)
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  expected = os.path.normpath(os.path.join(repo, "..", "shared", "data", "meld"))
-  assert importlib.reload(meld_text).get_config().data.source_dir == expected
+  config = importlib.reload(meld_text).get_config()
+  assert config.data.source_dir == ""  # no fallback to a folder that only this repository's setup has
+  with pytest.raises(FileNotFoundError, match=r"set MELD_DIR or --config.data.source_dir"):
+    sources.check_meld_csvs(config.data.source_dir)
+
+
+def test_meld_dir_is_made_absolute(monkeypatch):
+  monkeypatch.setenv("MELD_DIR", SHARED_MELD)
+  assert importlib.reload(meld_text).get_config().data.source_dir == os.path.abspath(SHARED_MELD)
 
 
 def test_check_meld_csvs(tmp_path):
@@ -65,6 +78,7 @@ def test_context_keeps_the_utterance_and_the_recent_turns():
   assert decoded.startswith("[CLS] i am so happy for you! [SEP] rachel : whatever.")
 
 
-@pytest.mark.skipif(not os.path.isdir(meld_text.DEFAULT_SOURCE), reason="MELD's CSVs are not beside the repo")
-def test_shared_meld_csvs_are_found():
-  sources.check_meld_csvs(meld_text.DEFAULT_SOURCE)
+@pytest.mark.skipif(not os.path.isdir(SHARED_MELD), reason="MELD's CSVs are not beside the repo")
+def test_shared_meld_csvs_are_found(monkeypatch):
+  monkeypatch.setenv("MELD_DIR", SHARED_MELD)
+  sources.check_meld_csvs(importlib.reload(meld_text).get_config().data.source_dir)

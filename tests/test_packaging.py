@@ -53,6 +53,15 @@ def test_console_scripts_name_functions_that_exist():
     assert function in defined, f"{script}: {target}"
 
 
+def test_every_tool_script_runs_through_cli():
+  """The tools' scripts point at `cli` (`tools.run_command(main)`: one-line user errors, exit status 2), never at
+  `main`, which returns what it computed and lets a user error rise."""
+  for script, target in PYPROJECT["project"]["scripts"].items():
+    module, function = target.split(":")
+    if module.startswith(("mer_jax.tools.", "mer_jax.export.")):
+      assert function == "cli", f"{script}: {target}"
+
+
 def test_the_version_has_one_source():
   assert PYPROJECT["project"]["dynamic"] == ["version"]
   assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "mer_jax.__version__"}

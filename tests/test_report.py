@@ -14,6 +14,7 @@ import pytest
 
 import launch
 from configs import tiny
+from mer_jax import errors
 from mer_jax.tools import ablations
 from mer_jax.tools import explain
 from mer_jax.models import emotion_model as model_lib
@@ -220,7 +221,7 @@ def test_explain_cli_on_one_id(trained, tmp_path, capsys):
   with open(os.path.join(_tiny_root_of(trained), "dev_ground_truth.jsonl")) as f:
     truth = next(json.loads(line) for line in f if json.loads(line)["id"] == "dev/dia0_utt0")
   assert saved["tasks"]["emotion"]["label"] == truth["emotion"]
-  with pytest.raises(KeyError, match="No example"):
+  with pytest.raises(errors.InvalidInput, match="--id dev/dia99_utt9: no such example in split 'dev'"):
     explain.main(["--workdir", trained, "--id", "dev/dia99_utt9", "--out", out_png])
 
 

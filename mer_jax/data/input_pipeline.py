@@ -20,6 +20,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 
+from mer_jax import errors
+from mer_jax.data import csv_format
 from mer_jax.data import features
 from mer_jax.data import labels as labels_lib
 
@@ -422,8 +424,22 @@ def model_inputs(batch: dict) -> dict:
   return {k: v for k, v in batch.items() if k != "id"}
 
 
+def check_prepared_data(builder: tfds.core.DatasetBuilder, config: Any) -> None:
+  """Raises InvalidInput when the prepared data was made with other tasks, classes, label columns or source files
+  than config.data names (its record: `meld_csv.dataset_metadata`): such data is never reused silently."""
+  differences = csv_format.prepared_differences(builder.info.metadata or {}, config.data)
+  if differences:
+    name = config.data.get("builder_config") or builder.name
+    raise errors.InvalidInput(
+      f"The prepared data {name!r} in {builder.data_dir} does not match config.data: {'; '.join(differences)}. "
+      f"Set --config.data.builder_config to a new name (e.g. '{name}_2') to prepare the data again with these "
+      "settings, or set config.data back to what the data was prepared with."
+    )
+
+
 def _task_classes(builder: tfds.core.DatasetBuilder, config: Any, task: str) -> tuple:
-  """Class names of `task`: the prepared data's ClassLabel or metadata, else config, else labels.py."""
+  """Class names of `task`: the prepared data's ClassLabel or metadata, else config.data.classes, else labels.py
+  (`check_prepared_data` has made sure that the prepared data and config.data agree where both name them)."""
   feature = builder.info.features["labels"][task] if "labels" in builder.info.features else None
   if isinstance(feature, tfds.features.ClassLabel):
     return tuple(feature.names)
@@ -433,12 +449,12 @@ def _task_classes(builder: tfds.core.DatasetBuilder, config: Any, task: str) -> 
       return tuple(metadata[key][task])
   from_config = (config.data.get("classes") or {}).get(task)
   if from_config:
-    return tuple(from_config)
+    return tuple(labels_lib.label_key(name) for name in from_config)
   if task in labels_lib.TASK_CLASSES:
     return tuple(labels_lib.TASK_CLASSES[task])
-  raise KeyError(
+  raise errors.InvalidInput(
     f"No class list for task {task!r}: the prepared data's metadata has none; set "
-    f"config.data.classes = {{{task!r}: (names...)}} or add it to mer_jax/data/labels.py."
+    f"config.data.classes.{task} = (names...) in label-id order."
   )
 
 
@@ -446,9 +462,11 @@ def dataset_info(config: Any, data_dir: str | None = None) -> dict:
   """What training needs to know about the prepared data.
 
   Returns {"splits": {split: num_examples}, "classes": {task: class names},
-  "num_frames", "frame_size", "audio_shape": (F, M), "max_text_length"}.
+  "num_frames", "frame_size", "audio_shape": (F, M), "max_text_length"}. Raises InvalidInput when the prepared
+  data was made with other tasks, classes or source files than config.data names (`check_prepared_data`).
   """
   builder = load_builder(config, data_dir)
+  check_prepared_data(builder, config)
   tasks = tuple(config.data.tasks)
   return {
     "splits": {name: int(info.num_examples) for name, info in builder.info.splits.items()},

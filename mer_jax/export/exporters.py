@@ -37,12 +37,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mer_jax import errors
+from mer_jax import ops as ops_lib
+from mer_jax import tools
 from mer_jax.export import metadata as export_metadata
 from mer_jax.export import parity as parity_lib
 from mer_jax.export import runtimes
 from mer_jax.export.contract import INPUT_NAMES, SIGNAL_NAMES, export_config, output_names
-from mer_jax import ops as ops_lib
 from mer_jax.models import emotion_model as model_lib
+from mer_jax.tools import progress
 
 FORMATS = ("onnx", "tflite", "savedmodel")
 QUANTIZATIONS = ("none", "fp16", "int8")
@@ -232,11 +235,7 @@ def export_model(
   batches of the batch contract) on which every export and JAX are scored (parity.json "accuracy").
   Raises ParityError when an fp32 export misses the bar (written to parity.json first).
   """
-  unknown = sorted(set(formats) - set(FORMATS)) + sorted(set(quantize) - set(QUANTIZATIONS))
-  if unknown:
-    raise ValueError(
-      f"Unknown format or quantization {unknown}; use formats from {FORMATS} and quantize from {QUANTIZATIONS}."
-    )
+  check_choices(formats, quantize)
   os.makedirs(out_dir, exist_ok=True)
   variables = jax.device_get(variables)
   if examples is None:
@@ -262,7 +261,9 @@ def export_model(
     "formats": {},
   }
   failures, runners = [], {}
-  for key, file_name, writer, fp32 in jobs:
+  jobs_bar = progress.bar(jobs, total=len(jobs), description="export + parity", unit="format")
+  for key, file_name, writer, fp32 in jobs_bar:
+    jobs_bar.set_postfix_str(key, refresh=True)
     path = os.path.join(out_dir, file_name)
     if os.path.isdir(path):
       shutil.rmtree(path)
@@ -303,6 +304,16 @@ def export_model(
   return parity
 
 
+def check_choices(formats: Sequence[str], quantize: Sequence[str]) -> None:
+  """Raises InvalidInput for a format or TFLite quantization this module does not write."""
+  unknown = sorted(set(formats) - set(FORMATS)) + sorted(set(quantize) - set(QUANTIZATIONS))
+  if unknown:
+    raise errors.InvalidInput(
+      f"Unknown format or quantization {unknown}; pass --formats from {','.join(FORMATS)} and --quantize from "
+      f"{','.join(QUANTIZATIONS)} (comma-separated)."
+    )
+
+
 def _size(path: str) -> int:
   if os.path.isfile(path):
     return os.path.getsize(path)
@@ -330,25 +341,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
   args = parser.parse_args(argv)
   from mer_jax.training import runs
 
+  formats, quantize = args.formats.split(","), args.quantize.split(",")
+  check_choices(formats, quantize)  # the cheap checks first: loading the run takes a while
+  tools.check_output_folder(args.out)
   run = runs.load_run(args.workdir, args.config, args.step)
   config, data_dir = export_config(run.config), run.data_dir()
+  accuracy_data = None
+  if args.accuracy_split:
+    runs.split_size(config, data_dir, args.accuracy_split, flag="--accuracy-split")
+    batches = parity_lib.split_batches(config, data_dir, args.accuracy_split, show_progress=True)
+    accuracy_data = (args.accuracy_split, batches)
   examples, examples_source = parity_lib.parity_examples(config, data_dir, args.examples)
-  accuracy_data = args.accuracy_split and (
-    args.accuracy_split,
-    parity_lib.split_batches(config, data_dir, args.accuracy_split),
-  )
   parity = export_model(
     config,
     run.variables,
     args.out,
-    args.formats.split(","),
-    args.quantize.split(","),
+    formats,
+    quantize,
     examples,
     tflite_batch_size=args.tflite_batch_size,
     classes=export_metadata.class_names(config, run.best),
     source=run.source,
     examples_source=examples_source,
-    accuracy_data=accuracy_data or None,
+    accuracy_data=accuracy_data,
     clip_config=export_metadata.clip_read_config(config, data_dir),
   )
   for key, report in parity["formats"].items():
@@ -369,11 +384,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   return parity
 
 
-def cli() -> int:
+def cli(argv: Sequence[str] | None = None) -> int:
   """Entry point of `mer-jax-export` and `python -m mer_jax.export`: exit status 0 when every export matched JAX
-  (a mismatch raises ParityError)."""
-  main()
-  return 0
+  (a mismatch raises ParityError, with its traceback: it is a fault of the export, not of the user), 2 with one
+  line on stderr for a path or value the user can fix."""
+  return tools.run_command(main, argv)
 
 
 if __name__ == "__main__":

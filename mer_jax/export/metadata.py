@@ -37,6 +37,14 @@ DATA_FIELDS = (
   "context_turns",
   "builder",
   "builder_config",
+  # How the training data's CSVs and clips were laid out (config.data, csv_format.SOURCE_FIELDS), so that
+  # prediction over a CSV with an export reads the columns and clip names the model was trained on.
+  "csv_files",
+  "clip_folders",
+  "clip_pattern",
+  "columns",
+  "label_columns",
+  "no_label_values",
 )
 
 

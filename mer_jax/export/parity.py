@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 
 from mer_jax.export import contract
+from mer_jax.tools import progress
 
 FP32_TOLERANCE = 1e-4  # max |delta| of an fp32 export against JAX (probabilities; frame scores relative)
 
@@ -59,7 +60,8 @@ def accuracy_report(config, jax_runner: Runner, runners: dict[str, Runner], spli
   tasks = dict(config.model.tasks)
   predictions = {"jax": {t: [] for t in tasks}, **{key: {t: [] for t in tasks} for key in runners}}
   labels = {t: [] for t in tasks}
-  for batch in batches:
+  description = f"accuracy on {split} (JAX + {len(runners)} exports)"
+  for batch in progress.bar(batches, total=len(batches), description=description):
     keep = np.asarray(batch["example_mask"], bool)
     inputs = {name: batch[name] for name in contract.INPUT_NAMES}
     for key, run in [("jax", jax_runner), *runners.items()]:
@@ -94,14 +96,17 @@ def accuracy_report(config, jax_runner: Runner, runners: dict[str, Runner], spli
 # ----------------------------------------------------------------------------- the inputs it runs on
 
 
-def split_batches(config, data_dir: str, split: str, limit: int | None = None) -> list[dict]:
-  """Eval batches of a prepared split (padding rows have example_mask False), at most `limit` real rows."""
+def split_batches(config, data_dir: str, split: str, limit: int | None = None, *, show_progress=False) -> list[dict]:
+  """Eval batches of a prepared split (padding rows have example_mask False), at most `limit` real rows.
+  `show_progress`: a bar while the split is read (a whole split takes minutes; N parity examples do not)."""
   from mer_jax.data import input_pipeline
 
   batches, rows = [], 0
-  for batch in input_pipeline.batch_iterator(
-    config, split, train=False, data_dir=data_dir, process_index=0, process_count=1
-  ):
+  ds = input_pipeline.make_dataset(config, split, train=False, data_dir=data_dir, process_index=0, process_count=1)
+  read = input_pipeline.as_numpy(ds)
+  if show_progress:
+    read = progress.bar(read, total=progress.dataset_length(ds), description=f"read {split}")
+  for batch in read:
     batches.append(input_pipeline.model_inputs(batch))
     rows += int(np.sum(batch["example_mask"]))
     if limit is not None and rows >= limit:

@@ -110,12 +110,12 @@ class EmotionModel(nn.Module):
       video_vector = jnp.mean(frame_tokens, axis=1)
     relevance_logits = evidence_logits = None
     if config.frame_relevance:
-      # What frames say on their own about the primary task (the first): every frame through a trunk as
+      # What frames say on their own about the primary task (config.primary_task): every frame through a trunk as
       # cheap as the scorer's (its agreement with the clip's label is the scorer's training target), and
       # each chosen frame's backbone token (asking them for the label keeps the backbone learning while the
       # text alone can fit the training labels). See losses.frame_selection_loss. Training aids: inference
       # skips the evidence trunk, so it costs nothing when serving.
-      primary_classes = list(config.tasks.values())[0]
+      primary_classes = config.tasks[config.primary_task]
       if train or self.is_initializing():
         evidence_logits = topk.FrameEvidence(
           primary_classes,

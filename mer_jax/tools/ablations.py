@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from mer_jax import errors
 from mer_jax import tools
 
 # name -> config overrides (dotted paths). K variants keep everything else; the others keep the config's K.
@@ -41,17 +42,20 @@ def set_path(config, path: str, value: Any) -> None:
   node = config
   for name in parents:
     if name not in node:
-      raise KeyError(f"Config has no field {path!r} (no {name!r}); check the spelling.")
+      raise errors.InvalidInput(f"Config has no field {path!r} (no {name!r}); check the spelling.")
     node = node[name]
   if leaf not in node:
-    raise KeyError(f"Config has no field {path!r}; check the spelling.")
+    where = ".".join(parents) or "the config"
+    raise errors.InvalidInput(
+      f"Config has no field {path!r}; check the spelling ({where} has {', '.join(sorted(node))})."
+    )
   node[leaf] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
   """'data.data_dir=/x' -> ('data.data_dir', '/x'); values are Python literals where they parse."""
   if "=" not in text:
-    raise ValueError(f"--set {text!r}: use --set field.path=value")
+    raise errors.InvalidInput(f"--set {text!r}: use --set field.path=value")
   path, raw = text.split("=", 1)
   try:
     value = ast.literal_eval(raw)
@@ -150,12 +154,23 @@ def run_ablations(
   config_path: str = "",
 ) -> dict:
   """Runs `variants` one after the other; writes ablations.json and ablations.md under `workdir_root`."""
+  from mer_jax.tools import progress
+  from mer_jax.training import runs
+  from mer_jax.training import train
+
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown:
-    raise ValueError(f"Unknown ablation variants {unknown}; choose from {sorted(VARIANTS)}.")
+    raise errors.InvalidInput(f"Unknown ablation variants {unknown}; pass --only with names from {sorted(VARIANTS)}.")
+  tools.check_output_folder(workdir_root, "--workdir-root")
+  # The data every variant trains on must be prepared already: say so now, not after the first training.
+  data_dir = train.resolve_data_dir(base, os.path.join(workdir_root, variants[0]))
+  for split in (base.get("train_split", "train"), base.eval_split):
+    runs.split_size(base, data_dir, split, flag="config split")
   os.makedirs(workdir_root, exist_ok=True)
   rows = []
-  for name in variants:
+  runs_bar = progress.bar(variants, total=len(variants), description="ablations", unit="run")
+  for name in runs_bar:
+    runs_bar.set_postfix_str(name, refresh=True)
     rows.append(
       run_variant(base, name, workdir_root, steps=steps, max_examples=max_examples, faithfulness=faithfulness)
     )
@@ -203,9 +218,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   return summary
 
 
-def cli() -> int:
-  """Entry point of `mer-jax-ablations` and `python -m mer_jax.tools.ablations`: exit status 0 when `main` returns."""
-  return tools.run_command(main)
+def cli(argv: Sequence[str] | None = None) -> int:
+  """Entry point of `mer-jax-ablations` and `python -m mer_jax.tools.ablations`: exit status 0 when `main` returns,
+  2 with one line on stderr for a path or value the user can fix."""
+  return tools.run_command(main, argv)
 
 
 if __name__ == "__main__":

@@ -30,20 +30,24 @@ import sys
 import tempfile
 from typing import Any
 
+from mer_jax import errors
+from mer_jax import tools
+
 SPLIT = "eval"
 BUILDER_CONFIG_NAME = "evaluate_csv"
 MAX_LISTED_IDS = 20
 
 
 def csv_format(config, with_clips: bool):
-  """The MELD format that prepares one CSV (+ clips) as the run's training data was prepared.
+  """The format that prepares one CSV (+ clips) as the run's training data was prepared.
 
-  The format the run's data was prepared with (config.data.builder_config) when it is a known one, else
-  the one config.data.prepare names (launch.py renames it with config.data's frame settings).
+  The columns, tasks, classes and clip name pattern are config.data's (csv_format.format_from_config); clips are
+  read as the preset the run's data was prepared with (config.data.builder_config when it names one, else the one
+  config.data.prepare names: 'csv', a corpus of one's own, reads as 'meld'), with config.data's frame settings.
   """
-  from mer_jax.data import meld_csv
+  from mer_jax.data import csv_format as csv_format_lib
 
-  formats, data = meld_csv.FORMATS, config.data
+  formats, data = csv_format_lib.FORMATS, config.data
   name = data.get("builder_config") or ""
   if name in formats:  # the run read data prepared in this format (frames may be resized later)
     base = formats[name]
@@ -52,9 +56,9 @@ def csv_format(config, with_clips: bool):
     base = formats.get(data.get("prepare") or "meld", formats["meld"])
     frame_size = int(data.frame_size)
   if base.text_only and with_clips:  # e.g. a meld_text run evaluated on clips: read them as 'meld' does
-    base = dataclasses.replace(formats["meld"], tasks=base.tasks, task_classes=base.task_classes)
+    base = dataclasses.replace(formats["meld"], label_columns=base.label_columns, classes=base.classes)
   return dataclasses.replace(
-    base,
+    csv_format_lib.format_from_config(data, base),
     text_only=not with_clips,
     num_frames=int(data.num_frames),
     frame_size=max(frame_size, int(data.frame_size)),
@@ -62,25 +66,32 @@ def csv_format(config, with_clips: bool):
   )
 
 
-def prepare_csv(config, csv_path: str, clips_dir: str | None, work_dir: str) -> tuple[str, dict]:
-  """Prepares `csv_path` (+ `clips_dir`) under `work_dir`/tfds -> (data_dir, the split's report)."""
-  from mer_jax.data import meld_csv
-
+def check_inputs(csv_path: str, clips_dir: str | None, keep_dir: str | None = None) -> None:
+  """Raises a UserError for a --csv, --clips or --keep-prepared that cannot be used, before the run is loaded."""
   if not os.path.isfile(csv_path):
-    raise FileNotFoundError(
+    raise errors.PathNotFound(
       f"--csv {csv_path} is not a file; pass a MELD-format CSV (Utterance, Speaker, "
       "Dialogue_ID, Utterance_ID and one column per label, e.g. Emotion, Sentiment)."
     )
   if clips_dir is not None and not os.path.isdir(clips_dir):
-    raise FileNotFoundError(
+    raise errors.PathNotFound(
       f"--clips {clips_dir} is not a folder of dia{{D}}_utt{{U}}.mp4 clips; leave it out for a text-only evaluation."
     )
-  data_dir = os.path.join(work_dir, "tfds")
-  if os.path.exists(data_dir):
-    raise ValueError(
-      f"{work_dir} already holds prepared data (tfds/); --keep-prepared needs a new or empty "
+  if keep_dir is not None and os.path.exists(os.path.join(keep_dir, "tfds")):
+    raise errors.InvalidInput(
+      f"--keep-prepared {keep_dir} already holds prepared data (tfds/); pass a new or empty "
       "folder, so that nothing prepared from another CSV is read by mistake."
     )
+  if keep_dir is not None and os.path.exists(keep_dir) and not os.path.isdir(keep_dir):
+    raise errors.InvalidInput(f"--keep-prepared {keep_dir} is a file; pass a new or empty folder.")
+
+
+def prepare_csv(config, csv_path: str, clips_dir: str | None, work_dir: str) -> tuple[str, dict]:
+  """Prepares `csv_path` (+ `clips_dir`) under `work_dir`/tfds -> (data_dir, the split's report)."""
+  from mer_jax.data import meld_csv
+
+  check_inputs(csv_path, clips_dir, work_dir)
+  data_dir = os.path.join(work_dir, "tfds")
   os.makedirs(data_dir)
   _, report = meld_csv.prepare_split(
     csv_path,
@@ -109,6 +120,7 @@ def predict(config, variables: dict, data_dir: str, batch_size: int) -> dict:
 
   from mer_jax.data import input_pipeline
   from mer_jax.models import emotion_model as model_lib
+  from mer_jax.tools import progress
 
   config = config.copy_and_resolve_references()
   config.data.builder_config = BUILDER_CONFIG_NAME
@@ -118,7 +130,8 @@ def predict(config, variables: dict, data_dir: str, batch_size: int) -> dict:
   ds = input_pipeline.make_dataset(config, SPLIT, train=False, data_dir=data_dir, process_index=0, process_count=1)
   tasks = list(config.model.tasks)
   chunks: dict[str, list] = {"id": []}
-  for batch in input_pipeline.as_numpy(ds):
+  batches = progress.bar(input_pipeline.as_numpy(ds), total=progress.dataset_length(ds), description="evaluate")
+  for batch in batches:
     logits = jax.device_get(forward(variables, input_pipeline.model_inputs(batch)))
     keep = np.asarray(batch["example_mask"], bool)
     chunks["id"].append(batch["id"][keep])
@@ -175,6 +188,7 @@ def evaluate_csv(
   from mer_jax.data import input_pipeline
   from mer_jax.training import runs
 
+  check_inputs(csv_path, clips_dir, keep_dir)  # before the run loads: a typo costs seconds, not minutes
   run = runs.load_run(workdir, config_path, step)
   config = run.config
   work_dir = keep_dir or tempfile.mkdtemp(prefix="mer_jax_evaluate_")
@@ -232,8 +246,9 @@ def _report_skipped(result: dict) -> None:
     print(f"{count} clips with problems ({reason}): evaluated with that modality marked missing", file=sys.stderr)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> dict:
+  """Evaluates, prints the report (stdout) and the skipped rows (stderr); returns the JSON report."""
+  parser = argparse.ArgumentParser(prog="python -m mer_jax.tools.evaluate", description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="a training workdir (config.json + checkpoints/)")
   parser.add_argument("--csv", required=True, help="MELD-format CSV to evaluate on")
   parser.add_argument("--clips", default=None, help="folder of dia{D}_utt{U}.mp4 clips; omit: text only")
@@ -248,23 +263,21 @@ def main(argv=None) -> int:
     help="prepare the CSV into DIR and keep it (default: a temporary folder)",
   )
   args = parser.parse_args(argv)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import tensorflow as tf
-
-  tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
-  try:
-    # stdout carries the report alone (TFDS prints "Downloading and preparing dataset ..." there).
-    with contextlib.redirect_stdout(sys.stderr):
-      result = evaluate_csv(
-        args.workdir, args.csv, args.clips, args.batch_size, args.step, args.keep_prepared, args.config
-      )
-  except (FileNotFoundError, ValueError) as err:  # bad paths, columns, no usable row: the message says why
-    print(f"error: {err}", file=sys.stderr)
-    return 2
+  # stdout carries the report alone (TFDS prints "Downloading and preparing dataset ..." there).
+  with contextlib.redirect_stdout(sys.stderr):
+    result = evaluate_csv(
+      args.workdir, args.csv, args.clips, args.batch_size, args.step, args.keep_prepared, args.config
+    )
   _report_skipped(result)
   print(json.dumps(result, indent=1) if args.json else format_report(result))
-  return 0
+  return result
+
+
+def cli(argv=None) -> int:
+  """Entry point of `mer-jax-evaluate` and `python -m mer_jax.tools.evaluate`: exit status 0 when `main` returns,
+  2 with one line on stderr for a path or value the user can fix."""
+  return tools.run_command(main, argv)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli())

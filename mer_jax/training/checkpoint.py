@@ -26,6 +26,8 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from mer_jax import errors
+
 # Model fields that change neither the parameter tree nor its shapes: a run may resume with new values.
 RESUMABLE_MODEL_FIELDS = frozenset({"dtype", "dropout_rate", "selection_temperature", "ops"})
 
@@ -106,8 +108,9 @@ def fill_missing_fields(config: dict, defaults: dict, prefix: str = "") -> list[
   return filled
 
 
-class IncompatibleCheckpointError(ValueError):
-  """The checkpoint in the workdir was written with a model config that does not fit this one."""
+class IncompatibleCheckpointError(errors.InvalidInput):
+  """The checkpoint in the workdir was written with a model config that does not fit this one (a user error: the
+  message names the fields that differ and says to use a new workdir)."""
 
 
 def model_config_dict(config: ml_collections.ConfigDict) -> dict:

@@ -17,7 +17,10 @@ from typing import Any
 
 import ml_collections
 
+from mer_jax import errors
 from mer_jax.training import checkpoint as checkpoint_lib
+
+WORKDIR_HELP = "pass the folder given to python launch.py as --workdir (it holds config.json and checkpoints/)"
 
 
 @dataclasses.dataclass
@@ -42,24 +45,46 @@ class Run:
     return train.resolve_data_dir(self.config, self.workdir)
 
 
+def split_size(config: ml_collections.ConfigDict, data_dir: str, split: str, flag: str = "--split") -> int:
+  """The number of examples of `split` in the data prepared for `config` under `data_dir`. Raises PathNotFound
+  when there is no prepared data there, InvalidInput when it has no such split (`flag` names the option)."""
+  from mer_jax.data import input_pipeline
+
+  try:
+    splits = input_pipeline.dataset_info(config, data_dir)["splits"]
+  except FileNotFoundError as error:  # load_builder: no prepared dataset; its message says how to prepare one
+    if isinstance(error, errors.UserError):
+      raise
+    raise errors.PathNotFound(str(error)) from error
+  if split not in splits:
+    raise errors.InvalidInput(
+      f"{flag} {split}: the data prepared under {data_dir} has no split {split!r}; use one of {sorted(splits)}."
+    )
+  return splits[split]
+
+
 def load_config(path: str) -> ml_collections.ConfigDict:
   """`get_config()` of a config file (e.g. configs/demo.py), for runs without WORKDIR/config.json."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"Config file {path} not found; pass --config configs/<name>.py.")
+    raise errors.PathNotFound(f"Config file {path} not found; pass --config configs/<name>.py.")
   spec = importlib.util.spec_from_file_location("mer_jax_config_file", path)
   if spec is None or spec.loader is None:
-    raise ValueError(f"Config file {path} is not a Python file with get_config(); pass configs/<name>.py.")
+    raise errors.InvalidInput(f"Config file {path} is not a Python file with get_config(); pass configs/<name>.py.")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
 
 
-def _check_workdir(workdir: str) -> None:
+def check_workdir(workdir: str) -> None:
+  """Raises PathNotFound unless `workdir` is a folder with config.json or checkpoints/ (URLs are not checked)."""
   path = checkpoint_lib.absolute_path(workdir)
-  if "://" not in path and not os.path.isdir(path):
-    raise FileNotFoundError(
-      f"Workdir {workdir} not found; pass the workdir of a trained run (the --workdir "
-      "given to python launch.py, with config.json and checkpoints/ in it)."
+  if "://" in path:
+    return
+  if not os.path.isdir(path):
+    raise errors.PathNotFound(f"Workdir {workdir} not found; {WORKDIR_HELP}.")
+  if not any(os.path.exists(os.path.join(path, name)) for name in (checkpoint_lib.CONFIG_FILE, "checkpoints")):
+    raise errors.PathNotFound(
+      f"{workdir} is not a training workdir (no {checkpoint_lib.CONFIG_FILE} or checkpoints/); {WORKDIR_HELP}."
     )
 
 
@@ -67,11 +92,14 @@ def run_config(workdir: str, config_path: str | None = None) -> ml_collections.C
   """The config file `config_path` when given, else the config the run wrote (WORKDIR/config.json)."""
   if config_path:
     return load_config(config_path)
-  _check_workdir(workdir)
-  try:
-    return checkpoint_lib.load_run_config(workdir)
-  except FileNotFoundError as error:
-    raise FileNotFoundError(f"{error} (or pass --config configs/<the run's config>.py)") from error
+  check_workdir(workdir)
+  path = os.path.join(checkpoint_lib.absolute_path(workdir), checkpoint_lib.CONFIG_FILE)
+  if "://" not in path and not os.path.isfile(path):
+    raise errors.PathNotFound(
+      f"{workdir} has checkpoints/ but no {checkpoint_lib.CONFIG_FILE} (written by an older version); pass "
+      "--config configs/<the run's config>.py."
+    )
+  return checkpoint_lib.load_run_config(workdir)
 
 
 def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
@@ -85,7 +113,7 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int |
   workdir = checkpoint_lib.absolute_path(workdir)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
-    raise FileNotFoundError(
+    raise errors.PathNotFound(
       f"No checkpoints in {directory}; train first (python launch.py --config ... "
       f"--workdir {workdir}) or pass the workdir of a trained run."
     )
@@ -100,14 +128,16 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int |
   try:
     steps = checkpointer.all_steps()
     if not steps:
-      raise FileNotFoundError(
+      raise errors.PathNotFound(
         f"{directory} holds no finished checkpoint yet; train longer or wait for the "
         "first save (config.checkpoint_every_steps)."
       )
     if step is None:
       step = best["step"] if best and best["step"] in steps else max(steps)
     if step not in steps:
-      raise FileNotFoundError(f"No checkpoint of step {step} in {directory}; it has steps {sorted(steps)}.")
+      raise errors.PathNotFound(
+        f"No checkpoint of step {step} in {directory}; pass --step with one of {sorted(steps)}, or leave it out."
+      )
     options = train.step_options(config)
     state = checkpointer.restore(step, train.abstract_train_state(options, train.make_mesh(), config.seed))
   finally:
@@ -124,7 +154,7 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int |
 def load_run(workdir: str, config_path: str | None = None, step: int | None = None) -> Run:
   """The run in `workdir`: its config (WORKDIR/config.json, or the `config_path` file) and the weights of
   checkpoint `step` (default: the best step in eval/best.json, else the latest)."""
-  _check_workdir(workdir)
+  check_workdir(workdir)
   config = run_config(workdir, config_path)
   variables, source, best = load_checkpoint(config, workdir, step)
   return Run(

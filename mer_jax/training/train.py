@@ -29,8 +29,10 @@ from clu import metric_writers
 from clu import periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mer_jax import errors
 from mer_jax.training import checkpoint as checkpoint_lib
 from mer_jax.data import input_pipeline
+from mer_jax.data import labels as labels_lib
 from mer_jax.training import losses as losses_lib
 from mer_jax.training import metrics as metrics_lib
 from mer_jax import ops as ops_lib
@@ -190,7 +192,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, options: StepO
     )
     loss, per_task = losses_lib.multitask_loss(logits, batch, options)
     if relevance:
-      primary = options.tasks[0][0]
+      primary = options.model.primary_task
       selection_losses = losses_lib.frame_selection_loss(
         explanation["frame_evidence_logits"],
         explanation["frame_relevance_logits"],
@@ -287,25 +289,52 @@ def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return os.path.join(os.path.dirname(checkpoint_lib.absolute_path(workdir)), "data")
 
 
+def resolve_tasks(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose heads are the ones config.data asks for, which training and config.json then hold.
+
+  config.model.tasks = {task: number of classes} for config.data.tasks (`labels.head_sizes`), so a change of
+  config.data.tasks or config.data.classes alone changes the heads; config.best_metric moves to the first task of
+  config.data.tasks when its task is not trained (same metric). Raises InvalidInput when a task has no usable
+  class list.
+  """
+  sizes = labels_lib.head_sizes(config.data)
+  resolved = config.copy_and_resolve_references()
+  if config.model.tasks.to_dict() != sizes:
+    logging.info(
+      "Heads from config.data.tasks and config.data.classes: %s (config.model.tasks was %s).",
+      sizes,
+      dict(config.model.tasks),
+    )
+  resolved.model.tasks = ml_collections.ConfigDict(sizes)
+  resolved.model.primary_task = next(iter(sizes))  # config.data.tasks[0]: head_sizes keeps its order
+  task, _, metric = str(config.best_metric).partition("/")
+  if task not in sizes:
+    resolved.best_metric = f"{next(iter(sizes))}/{metric or 'weighted_f1'}"
+    logging.info("config.best_metric=%r names no trained task: using %r.", config.best_metric, resolved.best_metric)
+  return resolved
+
+
 def _check_setup(config: ml_collections.ConfigDict, info: dict) -> None:
+  """Raises InvalidInput when the config does not fit the devices or the prepared data (the message says what
+  to set)."""
   devices, processes = jax.device_count(), jax.process_count()
   for name in ("batch_size", "eval_batch_size"):
     size = int(config[name])
     if size % devices or size % processes:
-      raise ValueError(
+      raise errors.InvalidInput(
         f"config.{name}={size} must be a multiple of the {devices} devices (and of the "
         f"{processes} processes): the global batch is split evenly over the 'data' axis."
       )
   for split in (config.train_split, config.eval_split):
     if split not in info["splits"]:
-      raise ValueError(
+      raise errors.InvalidInput(
         f"Split {split!r} is not in the prepared data (it has {sorted(info['splits'])}); "
         "set config.train_split / config.eval_split."
       )
   for task, num_classes in config.model.tasks.items():
     names = info["classes"].get(task, ())
     if len(names) != int(num_classes):
-      raise ValueError(
+      raise errors.InvalidInput(
         f"config.model.tasks.{task}={num_classes} but the prepared data has {len(names)} "
         f"classes for {task!r}: {list(names)}."
       )
@@ -348,8 +377,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns {"step": last step, "losses": training loss of each step run here, "state": TrainState,
   "eval": last eval report or None, "best": best eval record or None, "preempted": bool}.
-  Raises NonFiniteLossError naming the step when the loss or gradients stop being finite.
+  Raises NonFiniteLossError naming the step when the loss or gradients stop being finite. The heads follow
+  config.data (`resolve_tasks`); config.json records the resolved config.
   """
+  config = resolve_tasks(config)
   workdir = checkpoint_lib.absolute_path(workdir)
   is_main = jax.process_index() == 0
   data_dir = resolve_data_dir(config, workdir)
