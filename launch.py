@@ -140,6 +140,12 @@ def check_overrides(argv) -> None:
       config_file = arg.split("=", 1)[1] if "=" in arg else (argv[index + 1] if index + 1 < len(argv) else None)
     elif match := re.match(r"^--?(?:no)?config\.([^=]+)", arg):
       paths.append(match.group(1))
+  config_path = (config_file or "").split(":", 1)[0]  # configs/meld_text.py:edge -> the file
+  if config_path and not os.path.isfile(config_path):
+    raise errors.PathNotFound(
+      f"--config {config_path} not found; pass a config file such as configs/demo.py (paths are relative to the "
+      "folder you run launch.py from)."
+    )
   if not config_file or not paths:
     return
   reference = config_flags_module.ConfigFileFlagParser("config", lock_config=False).parse(config_file)

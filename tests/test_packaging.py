@@ -62,6 +62,21 @@ def test_every_tool_script_runs_through_cli():
       assert function == "cli", f"{script}: {target}"
 
 
+def test_short_command_names_run_the_tools():
+  """`python -m mer_jax.<tool>` runs `mer_jax.tools.<tool>.cli`, the console script's function, for every tool."""
+  tools = sorted(p.stem for p in (REPO / "mer_jax" / "tools").glob("[a-z]*.py") if (REPO / "mer_jax" / p.name).exists())
+  assert tools == ["ablations", "evaluate", "explain", "predict", "report"]
+  for tool in tools:
+    tree = ast.parse((REPO / "mer_jax" / f"{tool}.py").read_text())
+    calls = {
+      f"{node.func.value.id}.{node.func.attr}"
+      for node in ast.walk(tree)
+      if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+    }
+    assert f"{tool}.cli" in calls, tool
+    assert f"mer_jax.tools.{tool}:cli" in PYPROJECT["project"]["scripts"].values(), tool
+
+
 def test_the_version_has_one_source():
   assert PYPROJECT["project"]["dynamic"] == ["version"]
   assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "mer_jax.__version__"}
