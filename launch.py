@@ -168,6 +168,8 @@ def parse_flags(argv):
     FLAGS.config.lock()
     labels.head_sizes(FLAGS.config.data)  # a task without a usable class list, said before JAX and TF load
   except (flags.Error, errors.UserError, OSError) as error:
+    if "Error whilst parsing config file" in str(error):  # get_config() itself raised: a bug, keep its traceback
+      raise
     print(errors.one_line(error), file=sys.stderr)
     sys.exit(errors.USER_ERROR_EXIT_STATUS)
   return remaining
@@ -292,11 +294,11 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
   if not FLAGS.verbose_checkpointing:
     _quiet_orbax()
-  from mer_jax.training import checkpoint
+  from mer_jax.training import run_config
   from mer_jax.training import train
 
   try:
-    config = train.resolve_tasks(FLAGS.config)  # the heads config.data asks for, checked before any long work
+    config = run_config.resolve_tasks(FLAGS.config)  # the heads config.data asks for, checked before any long work
     prepare_data_if_missing(config, FLAGS.workdir)
     result = train.train_and_evaluate(config, FLAGS.workdir)
   except errors.UserError as error:  # the message says what to do

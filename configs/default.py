@@ -44,10 +44,10 @@ def model_config(size: str = "edge") -> ml_collections.ConfigDict:
     dict(vocab_size=30522, features=128, num_layers=2, num_heads=4, mlp_dim=192, max_length=128)
   )
   # One head per task of config.data.tasks, as many outputs as config.data.classes lists. Derived: training sets it
-  # again from config.data when it starts (train.resolve_tasks), so overriding the tasks or classes is enough.
+  # again from config.data when it starts (mer_jax/training/run_config.resolve_tasks), so overriding the tasks or classes is enough.
   model.tasks = ml_collections.ConfigDict(labels.head_sizes(data_config()))
   # The task whose labels train the frame scorer and the frame-relevance heads: config.data.tasks[0], set again by
-  # train.resolve_tasks (ConfigDicts keep their keys sorted, so model.tasks cannot say which task comes first).
+  # run_config.resolve_tasks (ConfigDicts keep their keys sorted, so model.tasks cannot say which task comes first).
   model.primary_task = data_config().tasks[0]
   return model
 

@@ -7,14 +7,16 @@
     predictions = model.predict_many([{"video": "a.mp4", "text": "Hi."}, ("b.mp4", "No way!")], workers=2)
 
 Every clip goes through the training data's own code: the clip reader with the settings the prepared data was
-read with, then the input pipeline's frame resize, log-mel (`features.audio_features`) and tokenizer, so the model
-sees a clip as it saw its training examples. An .onnx / .tflite file runs with onnxruntime / LiteRT, reads
-metadata.json and tokenizer/ beside it and never imports JAX. Field-by-field reference: docs/API.md.
+read with, then the input pipeline's frame resize (`resize_frames`, a copy held equal to it by a test),
+log-mel (`features.audio_features`) and tokenizer, so the model sees a clip as it saw its training examples. An
+.onnx / .tflite file runs with onnxruntime / LiteRT, reads metadata.json and tokenizer/ beside it and imports
+neither JAX nor TensorFlow Datasets. Field-by-field reference: docs/API.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -28,6 +30,9 @@ from mer_jax.export import contract
 from mer_jax.export import runtimes
 
 EDGE_SUFFIXES = (".onnx", ".tflite")
+# The model files an export folder may hold (python -m mer_jax.export), in the order load() prefers them: a run
+# exported with `--quantize int8` alone has only model_int8.tflite.
+EXPORT_MODEL_FILES = ("model.onnx", "model.tflite", "model_fp16.tflite", "model_int8.tflite")
 MODEL_HELP = "pass a training workdir (python launch.py --workdir), an export folder or its model.onnx / model*.tflite"
 # What each clip_reader reason means, for the `error` a user reads.
 REASONS = {
@@ -74,7 +79,8 @@ class Prediction:
   """The prediction for one clip (or transcript alone) and what explains it.
 
   tasks: task -> TaskPrediction. chosen_frames: the K chosen frames, in time order. frame_times, frame_scores:
-  (T,) seconds and text-guided scores of all T sampled frames. reliability_video / _audio: the model's trust in
+  (T,) seconds and text-guided scores of all T sampled frames; all three are empty when has_video is False (the
+  model saw blank frames: which of them it chose means nothing). reliability_video / _audio: the model's trust in
   each modality (0..1). gate_mean, gate_quartiles: the fusion gate over its D channels (the video side's share of
   the fused vector; audio's is 1 - gate), None for exports older than the gate output. has_video / has_audio: the
   modality was read and used. problems: clip_reader reasons (a silent clip gives no_audio_stream). error: None, or
@@ -107,8 +113,12 @@ class Prediction:
     return {task: entry.label for task, entry in self.tasks.items()}
 
   def to_json(self) -> dict:
-    """A JSON-able dict: one line of predictions.jsonl (docs/API.md lists the fields); no frames, no gate vector."""
-    return {
+    """A strict-JSON dict: one line of predictions.jsonl (docs/API.md lists the fields); no frames, no gate vector.
+
+    A NaN or infinite number (a broken model or export) becomes null, and `problems` names where: json.dumps
+    would write NaN, which strict JSON readers (browsers, jq, most languages) reject.
+    """
+    record = {
       "id": self.id,
       "clip": self.clip,
       "text": self.text,
@@ -127,6 +137,29 @@ class Prediction:
       "duration_seconds": self.duration_seconds,
       "problems": list(self.problems),
     }
+    return finite_json(record)
+
+
+def finite_json(record: dict) -> dict:
+  """`record` with every non-finite float replaced by None and, when there was one, a `non_finite_output: <fields>`
+  entry added to record["problems"] (the top-level fields, e.g. probs.emotion, frame_scores)."""
+  where: list[str] = []
+
+  def clean(value, path: str):
+    if isinstance(value, float) and not math.isfinite(value):
+      where.append(path)
+      return None
+    if isinstance(value, dict):
+      return {key: clean(item, f"{path}.{key}" if path == "probs" else path) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+      return [clean(item, path) for item in value]
+    return value
+
+  cleaned = {key: clean(value, key) for key, value in record.items()}
+  if where:
+    fields = ", ".join(dict.fromkeys(where))  # once each, in field order
+    cleaned["problems"] = [*cleaned.get("problems", []), f"non_finite_output: {fields} (null in JSON)"]
+  return cleaned
 
 
 def clip_error(video: str | None, clip: clip_reader.ClipData, text: str = "") -> str | None:
@@ -157,24 +190,55 @@ class Preprocessing:
     return clip_reader.ClipReadConfig(**{k: v for k, v in self.clip_read_config.items() if k in known})
 
 
+def context_line(speaker: str, text: str) -> str:
+  """One earlier utterance as a context line, as input_pipeline.dialogue_contexts writes it: 'Speaker: text'."""
+  return f"{speaker}: {text}" if speaker else text
+
+
 def context_text(contexts: Sequence[str] | None, turns: int) -> str | None:
-  """Earlier utterances in dialogue order -> the pipeline's context: the last `turns`, most recent first."""
+  """Earlier utterances in dialogue order -> the pipeline's context: the last `turns`, most recent first.
+
+  The one implementation of input_pipeline.dialogue_contexts on this side: that module imports TensorFlow
+  Datasets, which prediction from an .onnx / .tflite file does not load.
+  """
   if not contexts or turns <= 0:
     return None
   return "\n".join(list(contexts)[-turns:][::-1])
 
 
+def dialogue_histories(rows: Iterable[Mapping]) -> dict[str, list[str]]:
+  """{row id: the context lines of the earlier utterances of its dialogue, oldest first} of CSV rows (meld_csv's
+  id, dialogue_id, utterance_id, speaker, text); "earlier" follows utterance_id order, as the input pipeline's."""
+  dialogues: dict = {}
+  for row in sorted(rows, key=lambda row: (row["dialogue_id"], row["utterance_id"])):
+    dialogues.setdefault(row["dialogue_id"], []).append(row)
+  histories = {}
+  for turns in dialogues.values():
+    lines = [context_line(row["speaker"], row["text"]) for row in turns]
+    histories.update({row["id"]: lines[:position] for position, row in enumerate(turns)})
+  return histories
+
+
+def resize_frames(frames: np.ndarray, frame_size: int) -> np.ndarray:
+  """input_pipeline.resize_frames in eager TensorFlow (tests/test_predict.py holds them equal): that module imports
+  TensorFlow Datasets, which prediction from an .onnx / .tflite file has no use for."""
+  if frames.shape[1] == frame_size and frames.shape[2] == frame_size:
+    return frames
+  tf = runtimes.import_tensorflow_without_jax()
+  resized = tf.image.resize(tf.cast(frames, tf.float32), (frame_size, frame_size), method="area")
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8).numpy()
+
+
 def example_inputs(clip: clip_reader.ClipData, text: str, prep: Preprocessing, contexts=None) -> dict:
   """One example of the batch contract, without the batch axis: frames (T, S, S, 1) uint8, audio (F, M) float32,
   audio_mask (F,) bool, text_ids / text_mask (L,), has_video / has_audio () bool."""
-  tf = runtimes.import_tensorflow_without_jax()
+  runtimes.import_tensorflow_without_jax()  # before `features` imports TensorFlow: not JAX with it
   from mer_jax.data import features
-  from mer_jax.data import input_pipeline
   from mer_jax.data import text_normalize
   from mer_jax.data import tokenizer as tokenizer_lib
 
   data = prep.data
-  frames = input_pipeline.resize_frames(tf.constant(clip.frames), int(data["frame_size"])).numpy()
+  frames = resize_frames(np.asarray(clip.frames), int(data["frame_size"]))
   log_mel, audio_mask = features.audio_features(clip.audio, data)
   # Normalised as mer_jax/data/meld_csv.py normalises a CSV's utterances (context lines included).
   contexts = [text_normalize.normalize_text(line) for line in contexts] if contexts else contexts
@@ -226,23 +290,27 @@ class EdgeRunner:
 
   def __init__(self, path: str, threads: int | None = None):
     self.path, self.export_dir = path, os.path.dirname(os.path.abspath(path))
-    self.metadata = contract.read_metadata(self.export_dir)
+    try:  # the files written beside the model: a missing one is the user's to put back (the message says how)
+      self.metadata = contract.read_metadata(self.export_dir)
+      tokenizer_dir = contract.tokenizer_dir(self.export_dir)
+    except FileNotFoundError as error:
+      raise errors.PathNotFound(str(error)) from error
     pre = self.metadata["preprocessing"]
-    self.preprocessing = Preprocessing(pre["data"], pre["clip_read_config"], contract.tokenizer_dir(self.export_dir))
+    self.preprocessing = Preprocessing(pre["data"], pre["clip_read_config"], tokenizer_dir)
     self.class_names = self.metadata["labels"]
     self.data_layout = _data_layout(pre["data"])
     self.names = contract.output_names(self.metadata)
+    whole = "pass the model file written by python -m mer_jax.export, whole"
+    if os.path.getsize(path) == 0:
+      raise errors.InvalidInput(f"{path} is empty (0 bytes); {whole}.")
     try:
       if path.endswith(".onnx"):
         self.runtime, self._session = "onnxruntime", runtimes.onnx_session(path, threads or 0)
       else:
         self._session, self.runtime = runtimes.tflite_interpreter(path, threads)
-    except ImportError:
-      raise
-    except Exception as error:  # the runtime's own parse errors (InvalidProtobuf, ValueError, RuntimeError)
+    except _parse_errors(path) as error:
       raise errors.InvalidInput(
-        f"{path} cannot be opened by the runtime ({' '.join(str(error).split())[:300]}); pass the model file "
-        "written by python -m mer_jax.export, whole."
+        f"{path} cannot be opened by the runtime ({' '.join(str(error).split())[:300]}); {whole}."
       ) from error
 
   def __call__(self, inputs: dict) -> dict[str, np.ndarray]:
@@ -252,6 +320,18 @@ class EdgeRunner:
       outputs = runtimes.run_tflite_interpreter(self._session, inputs)
     # Exports made before the gate output existed have fewer outputs: zip stops at the shorter.
     return dict(zip(self.names, outputs))
+
+
+def _parse_errors(path: str) -> tuple[type[Exception], ...]:
+  """What the runtime raises for a file that is not a whole model (truncated, another format); anything else
+  (an opset or IR version this onnxruntime lacks, an op LiteRT lacks, memory) is not the file's fault and keeps
+  its traceback."""
+  if path.endswith(".onnx"):
+    from onnxruntime.capi import onnxruntime_pybind11_state as onnx_state
+
+    # Fail is left out: onnxruntime raises it for an opset / IR version newer than it knows.
+    return (onnx_state.InvalidProtobuf, onnx_state.InvalidGraph)
+  return (ValueError,)  # LiteRT and tf.lite: "not a valid Flatbuffer buffer", "schema version 0"
 
 
 class JaxRunner:
@@ -288,29 +368,22 @@ def load_runner(path: str, config_path: str | None = None, step: int | None = No
   if remote or os.path.isdir(path):
     is_workdir = remote or any(os.path.exists(os.path.join(path, f)) for f in ("checkpoints", "config.json"))
     if not is_workdir:
-      candidates = [os.path.join(path, f) for f in ("model.onnx", "model.tflite")]
+      candidates = [os.path.join(path, f) for f in EXPORT_MODEL_FILES]
       edge = next((c for c in candidates if os.path.isfile(c)), None)
       if edge is None or not os.path.isfile(os.path.join(path, contract.METADATA_FILE)):
         raise errors.PathNotFound(
-          f"{path} is neither a training workdir (config.json, checkpoints/) nor an export folder (metadata.json, "
-          f"model.onnx); {MODEL_HELP}."
+          f"{path} is neither a training workdir (config.json, checkpoints/) nor an export folder (metadata.json "
+          f"and one of {', '.join(EXPORT_MODEL_FILES)}); {MODEL_HELP}."
         )
       path = edge
+  # Both runners raise errors.PathNotFound for what the user can fix (runs.load_run: no workdir, no checkpoint,
+  # unknown step, no config; EdgeRunner: no metadata.json or tokenizer/ beside the model); any other missing
+  # file is not expected and keeps its traceback.
   if os.path.isdir(path) or remote:
-    return _user_error_for_missing_files(JaxRunner, path, config_path, step)
+    return JaxRunner(path, config_path, step)
   if not path.endswith(EDGE_SUFFIXES):
     raise errors.InvalidInput(f"{path} is not a model mer_jax reads; {MODEL_HELP}.")
-  return _user_error_for_missing_files(EdgeRunner, path, threads)
-
-
-def _user_error_for_missing_files(runner, *arguments):
-  """runner(*arguments), a FileNotFoundError (its message names the missing file and the fix) as a user error."""
-  try:
-    return runner(*arguments)
-  except errors.UserError:
-    raise
-  except FileNotFoundError as error:
-    raise errors.PathNotFound(str(error)) from error
+  return EdgeRunner(path, threads)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -423,9 +496,12 @@ class Model:
       )
 
   def _prediction(self, request: _Request, clip, outputs: dict, example: dict, return_frames: bool) -> Prediction:
-    times = [round(float(t), 3) for t in clip.frame_times]
-    scores = [round(float(s), 5) for s in outputs["frame_scores"]]
-    chosen = sorted(int(i) for i in outputs["selected_indices"])
+    if clip.has_video:
+      times = [round(float(t), 3) for t in clip.frame_times]
+      scores = [round(float(s), 5) for s in outputs["frame_scores"]]
+      chosen = sorted(int(i) for i in outputs["selected_indices"])
+    else:  # the model saw T blank frames: their scores and the K it took of them mean nothing
+      times, scores, chosen = [], [], []
     tasks = {}
     for task, names in self.class_names.items():
       probabilities = np.asarray(outputs[f"probs_{task}"], np.float64)

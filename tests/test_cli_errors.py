@@ -69,12 +69,17 @@ COMMANDS = {
     ["model.nonexistent_key", "check the spelling"],
   ),
   "predict_missing_model": (
-    ["-m", "mer_jax.tools.predict", "--model", MISSING, "--video", f"{MISSING}.mp4", "--text", "hi"],
-    [MISSING],
+    # An existing --video, so that the model's path is what the command stops at.
+    ["-m", "mer_jax.predict", "--model", MISSING, "--video", "README.md", "--text", "hi"],
+    [MISSING, "not found"],
   ),
   "prepare_missing_source": (
     ["-m", "data.prepare", "--source", MISSING, "--data_dir", f"{NOT_A_WORKDIR}/tfds"],
     [MISSING],
+  ),
+  "launch_missing_config_file": (
+    ["launch.py", "--config", f"{MISSING}.py", "--workdir", f"{NOT_A_WORKDIR}/run"],
+    [f"--config {MISSING}.py not found", "pass a config file"],
   ),
   "launch_unknown_config_key": (
     ["launch.py", "--config", "configs/tiny.py", "--workdir", f"{NOT_A_WORKDIR}/run", "--config.nonexistent_key=1"],

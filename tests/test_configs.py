@@ -16,13 +16,10 @@ import pytest
 
 from configs import default
 from mer_jax.models import emotion_model as model_lib
-from mer_jax.training import checkpoint as checkpoint_lib
-from mer_jax.training import train
+from mer_jax.training import run_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-DEFAULTS_SNAPSHOT = os.path.join(
-  os.path.dirname(os.path.abspath(checkpoint_lib.__file__)), checkpoint_lib.DEFAULT_CONFIG_FILE
-)
+DEFAULTS_SNAPSHOT = os.path.join(os.path.dirname(os.path.abspath(run_config.__file__)), run_config.DEFAULT_CONFIG_FILE)
 WRITE_DEFAULTS = "python -m tests.test_configs --write-defaults"
 CONFIG_NAMES = sorted(
   os.path.splitext(os.path.basename(p))[0]
@@ -43,7 +40,7 @@ def test_get_config_builds_a_model(name):
   assert 1 <= config.model.top_k <= config.data.num_frames
   assert set(config.model.tasks) == set(config.data.tasks)
   # The heads are those config.data's tasks and classes ask for: training resolves them to the same values.
-  assert train.resolve_tasks(config).model.tasks.to_dict() == config.model.tasks.to_dict()
+  assert run_config.resolve_tasks(config).model.tasks.to_dict() == config.model.tasks.to_dict()
   model = model_lib.EmotionModel(config.model)
   batch = model_lib.zeros_batch(config, 2)
   shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, batch, train=False))
@@ -63,21 +60,21 @@ def test_heads_follow_the_data_tasks_and_classes():
   config = importlib.import_module("configs.tiny").get_config()
   config.data.tasks = ("valence", "arousal")
   config.data.classes = {"valence": ("Low", "High"), "arousal": ("calm", "medium", "excited")}
-  resolved = train.resolve_tasks(config)
+  resolved = run_config.resolve_tasks(config)
   assert resolved.model.tasks.to_dict() == {"valence": 2, "arousal": 3}
   assert resolved.best_metric == "valence/weighted_f1"  # emotion is not trained: the first task of data.tasks
   assert dict(config.model.tasks) == {"emotion": 7, "sentiment": 3}  # a copy: the caller's config is kept
   config.data.tasks = ("valence", "dominance")
   with pytest.raises(ValueError, match=r"no class list for the tasks \['dominance'\].*config.data.classes.dominance"):
-    train.resolve_tasks(config)
+    run_config.resolve_tasks(config)
   config.data.tasks = ("valence",)
   config.data.classes.valence = ("low", "LOW ")
   with pytest.raises(ValueError, match="names \\['low'\\] twice"):
-    train.resolve_tasks(config)
+    run_config.resolve_tasks(config)
 
 
 def default_snapshot_text() -> str:
-  """configs/default.py's get_config() in the form the trainer writes to config.json (checkpoint.save_run_config)."""
+  """configs/default.py's get_config() in the form the trainer writes to config.json (run_config.save_run_config)."""
   return default.get_config().to_json_best_effort(indent=2) + "\n"
 
 
@@ -94,7 +91,7 @@ def test_default_snapshot_is_current():
     f"{os.path.relpath(DEFAULTS_SNAPSHOT)} differs from configs/default.py's get_config(); regenerate it from "
     f"the repository root with: {WRITE_DEFAULTS}"
   )
-  assert checkpoint_lib.default_config_dict() == json.loads(default.get_config().to_json_best_effort())
+  assert run_config.default_config_dict() == json.loads(default.get_config().to_json_best_effort())
 
 
 def test_old_run_config_gets_missing_fields_from_defaults(tmp_path, caplog):
@@ -106,10 +103,10 @@ def test_old_run_config_gets_missing_fields_from_defaults(tmp_path, caplog):
   config["model"]["tasks"] = {"emotion": 7}  # task-keyed mappings are kept as the run wrote them
   config["task_weights"] = {"emotion": 2.0}
   config["data"]["prepare"] = "demo"  # fields the defaults lack stay
-  (tmp_path / checkpoint_lib.CONFIG_FILE).write_text(json.dumps(config))
+  (tmp_path / run_config.CONFIG_FILE).write_text(json.dumps(config))
   expected = default.get_config()
   with caplog.at_level("INFO"):
-    loaded = checkpoint_lib.load_run_config(str(tmp_path))
+    loaded = run_config.load_run_config(str(tmp_path))
   assert "model.frame_relevance, model.text_dropout, model.scorer.vocab_size, model.audio" in caplog.text
   assert "modality_dropout" in caplog.text and "frame_relevance_weight" in caplog.text
   assert loaded.model.frame_relevance is expected.model.frame_relevance
@@ -133,7 +130,7 @@ def test_fill_missing_fields_names_what_it_filled():
     "model": {"x": 0, "y": 4, "sub": {"z": 5}, "new": {"w": 6}},
     "task_weights": {"emotion": 1.0, "sentiment": 0.5},
   }
-  assert checkpoint_lib.fill_missing_fields(config, defaults) == ["b", "model.y", "model.sub.z", "model.new"]
+  assert run_config.fill_missing_fields(config, defaults) == ["b", "model.y", "model.sub.z", "model.new"]
   assert config == {
     "a": 1,
     "b": 3,
@@ -146,7 +143,7 @@ def test_fill_missing_fields_names_what_it_filled():
 
 def test_mer_jax_does_not_import_configs():
   """mer_jax reads configs/default.py's values from its snapshot: the top-level `configs` is not installed."""
-  package = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_lib.__file__)))
+  package = os.path.dirname(os.path.dirname(os.path.abspath(run_config.__file__)))
   offenders = []
   for root, _, files in os.walk(package):
     for name in files:

@@ -11,11 +11,11 @@ import pytest
 from configs import tiny
 from data import meld_format
 from data import prepare
-from mer_jax.training import checkpoint as checkpoint_lib
 from mer_jax.tools import evaluate
 from mer_jax.tools import progress
 from mer_jax.data import input_pipeline
 from mer_jax.models import emotion_model as model_lib
+from mer_jax.training import run_config
 from mer_jax.training import runs
 from mer_jax.training import train
 
@@ -158,7 +158,7 @@ def test_evaluate_json_equals_direct_computation(run, capsys):
   # Direct computation: the checkpoint's model applied to the kept prepared data, argmax, F1 by hand.
   loaded = runs.load_run(run["workdir"])
   config, variables = loaded.config, loaded.variables
-  assert config.to_dict() == checkpoint_lib.load_run_config(run["workdir"]).to_dict()
+  assert config.to_dict() == run_config.load_run_config(run["workdir"]).to_dict()
   eval_config = config.copy_and_resolve_references()
   eval_config.data.builder_config = evaluate.BUILDER_CONFIG_NAME
   eval_config.eval_batch_size = 4

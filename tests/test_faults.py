@@ -2,7 +2,6 @@
 no crash, and each clip and row is counted under its reason."""
 
 import json
-import os
 import time
 
 import av

@@ -29,6 +29,7 @@ from mer_jax.data import csv_format
 from mer_jax.data import input_pipeline
 from mer_jax.data import meld_csv
 from mer_jax.tools import evaluate
+from mer_jax.training import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_COMPILE = "--xla_backend_optimization_level=0"
@@ -305,3 +306,9 @@ def test_prepare_train_and_evaluate_through_overrides_alone(tmp_path, capsys):
   )
   capsys.readouterr()
   assert result["valence"]["class_names"] == ["low", "high"] and result["arousal"]["num_examples"] == 3
+
+  # The tools that read the run's own prepared data (report, explain, export's accuracy pass) accept it: the
+  # config read back from config.json keeps the corpus's own splits and columns (no MELD defaults merged in).
+  run = runs.load_run(str(workdir))
+  assert dict(run.config.data.csv_files) == {"train": "train_labels.csv", "valid": "valid_labels.csv"}
+  assert runs.split_size(run.config, run.data_dir(), "valid") == 3

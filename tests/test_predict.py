@@ -1,13 +1,17 @@
 """Prediction on raw clips: the same model inputs as the input pipeline, JAX vs ONNX end to end, folder prediction
 over clips the project did not make (other sizes, rates, broken files), a CSV with and without labels, user errors.
 
-`tiny_corpus` and `tiny_run` are built once per test process and shared with tests/test_api.py and
-tests/test_gallery.py: a 2+3-clip demo corpus prepared at 4 frames of 48 px, a checkpoint of the tiny config with
-drawn weights (as tests/test_export.py makes one) and its ONNX export.
+`tiny_corpus`, `tiny_run` and `foreign_prediction` are built once per test process and shared with
+tests/test_api.py and tests/test_gallery.py: a 2+3-clip demo corpus prepared at 4 frames of 48 px, a checkpoint of
+the tiny config with drawn weights (as tests/test_export.py makes one) and its ONNX export, and folder prediction
+with that export over clips the project did not make.
 """
 
+import contextlib
 import csv
 import fractions
+import html
+import io
 import json
 import os
 import pathlib
@@ -18,6 +22,7 @@ import types
 import av
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import tiny
@@ -135,9 +140,42 @@ def test_predict_inputs_equal_the_input_pipeline(corpus):
   assert any(e["has_video"] and e["has_audio"] and e["frames"].std() > 0 for e in pipeline.values())
 
 
+def strict_json(text: str):
+  """json.loads that rejects NaN and Infinity, as strict JSON readers (browsers, jq) do."""
+
+  def reject(constant):
+    raise ValueError(f"{constant} is not JSON")
+
+  return json.loads(text, parse_constant=reject)
+
+
 def test_context_follows_the_pipeline_order():
   assert api.context_text(["A: one", "B: two", "A: three"], 2) == "A: three\nB: two"
   assert api.context_text(["A: one"], 0) is None and api.context_text(None, 3) is None
+  # A CSV's rows -> each row's earlier utterances, then the context: as input_pipeline.dialogue_contexts.
+  rows = [
+    {"id": "d/1_2", "dialogue_id": 1, "utterance_id": 2, "speaker": "B", "text": "two"},
+    {"id": "d/1_0", "dialogue_id": 1, "utterance_id": 0, "speaker": "A", "text": "zero"},
+    {"id": "d/2_0", "dialogue_id": 2, "utterance_id": 0, "speaker": "", "text": "alone"},
+    {"id": "d/1_5", "dialogue_id": 1, "utterance_id": 5, "speaker": "", "text": "five"},
+  ]
+  histories = api.dialogue_histories(rows)
+  assert histories == {"d/1_0": [], "d/1_2": ["A: zero"], "d/1_5": ["A: zero", "B: two"], "d/2_0": []}
+  columns = [[row[key] for row in rows] for key in ("speaker", "text", "dialogue_id", "utterance_id")]
+  for turns in (1, 2, 3):
+    expected = input_pipeline.dialogue_contexts(*columns, turns)
+    assert [api.context_text(histories[row["id"]], turns) for row in rows] == expected, turns
+
+
+def test_frame_resize_equals_the_input_pipeline():
+  """api.resize_frames (no TensorFlow Datasets import) is input_pipeline.resize_frames, pixel for pixel."""
+  rng = np.random.default_rng(3)
+  for size, target in ((48, 32), (112, 64), (112, 112), (50, 32)):
+    frames = rng.integers(0, 256, (4, size, size, 1), dtype=np.uint8)
+    expected = input_pipeline.resize_frames(tf.constant(frames), target).numpy()
+    resized = api.resize_frames(frames, target)
+    assert resized.dtype == np.uint8 and resized.shape == (4, target, target, 1)
+    np.testing.assert_array_equal(resized, expected, err_msg=f"{size} -> {target}")
 
 
 def test_missing_inputs_say_what_to_pass(tmp_path):
@@ -154,6 +192,12 @@ def test_missing_inputs_say_what_to_pass(tmp_path):
     api.load_runner(str(tmp_path))  # a folder that is neither a run nor an export
   with pytest.raises(errors.InvalidInput, match="--text is empty"):
     predict.main(["--model", str(tmp_path), "--video", str(tmp_path / "model.pt"), "--text", "  "])
+  # An --explain path that cannot be written fails before the model loads (here: no model at all).
+  video = ["--model", str(tmp_path / "none"), "--video", str(tmp_path / "model.pt"), "--text", "hi"]
+  with pytest.raises(errors.InvalidInput, match="--explain .* is a folder; pass the PNG's path"):
+    predict.main([*video, "--explain", str(tmp_path)])
+  with pytest.raises(errors.InvalidInput, match="--explain .*model.pt is a file, not a folder"):
+    predict.main([*video, "--explain", str(tmp_path / "model.pt" / "x.png")])
 
 
 @pytest.mark.slow
@@ -186,12 +230,13 @@ def test_predict_end_to_end_jax_and_onnx_agree(run, tmp_path):
   png = str(tmp_path / "explain.png")
   script = (
     "import sys; from mer_jax.tools import predict; code = predict.cli(); "
-    "assert 'jax' not in sys.modules, 'jax imported'; sys.exit(code)"
+    "assert 'jax' not in sys.modules, 'jax imported'; "
+    "assert 'tensorflow_datasets' not in sys.modules, 'tensorflow_datasets imported'; sys.exit(code)"
   )
   command = [sys.executable, "-c", script, "--model", run.onnx, "--video", video, "--text", text, "--json"]
   done = subprocess.run(command + ["--explain", png], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
-  by_onnx = json.loads(done.stdout.strip().splitlines()[-1])
+  by_onnx = strict_json(done.stdout.strip().splitlines()[-1])
   assert by_onnx["runtime"] == "onnxruntime"
   assert by_onnx["label"] == by_jax["label"]
   for task, probabilities in by_jax["probs"].items():
@@ -200,7 +245,7 @@ def test_predict_end_to_end_jax_and_onnx_agree(run, tmp_path):
   assert [f["index"] for f in by_onnx["chosen_frames"]] == [f["index"] for f in by_jax["chosen_frames"]]
   assert by_onnx["reliability_video"] == pytest.approx(by_jax["reliability_video"], abs=1e-4)
   assert os.path.getsize(png) > 10_000
-  record = json.loads((tmp_path / "explain.json").read_text())
+  record = strict_json((tmp_path / "explain.json").read_text())
   assert sorted(record["selected_indices"]) == [f["index"] for f in by_jax["chosen_frames"]]
 
 
@@ -258,29 +303,47 @@ def foreign_folder(folder: pathlib.Path) -> dict:
 
 
 def _lines(out) -> dict:
-  lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+  lines = [strict_json(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
   assert len({line["id"] for line in lines}) == len(lines)
   return {line["id"]: line for line in lines}
 
 
+def foreign_prediction(tmp_path_factory):
+  """`predict --folder` with the tiny run's ONNX export over `foreign_folder`, once per process: a namespace of
+  out (the folder it wrote), kinds, summary and the stdout / stderr it printed."""
+  if "foreign" not in _BUILT:
+    built = tiny_run(tmp_path_factory)
+    root = tmp_path_factory.mktemp("foreign")
+    kinds = foreign_folder(root / "clips")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+      summary = predict.main(["--model", built.onnx, "--folder", str(root / "clips"), "--out", str(root / "out")])
+    _BUILT["foreign"] = types.SimpleNamespace(
+      root=root, out=root / "out", kinds=kinds, summary=summary, stdout=stdout.getvalue(), stderr=stderr.getvalue()
+    )
+  return _BUILT["foreign"]
+
+
 @pytest.mark.slow
-def test_folder_of_foreign_clips_gives_one_line_per_clip_and_a_gallery(run, tmp_path, capsys):
-  kinds = foreign_folder(tmp_path / "clips")
-  out = tmp_path / "out"
-  summary = predict.main(["--model", run.onnx, "--folder", str(tmp_path / "clips"), "--out", str(out)])
-  captured = capsys.readouterr()
+def test_folder_of_foreign_clips_gives_one_line_per_clip_and_a_gallery(run, tmp_path, tmp_path_factory):
+  foreign = foreign_prediction(tmp_path_factory)
+  kinds, out, summary = foreign.kinds, foreign.out, foreign.summary
   lines = _lines(out)
   assert set(lines) == kinds["good"] | kinds["broken"] | kinds["audio_only"]
   assert summary["clips"] == 6 and summary["errors"] == 4 and summary["files_not_clips"] == ["README.md"]
-  assert "README.md" in captured.err and "6 clips" in captured.out
+  assert "README.md" in foreign.stderr and "6 clips" in foreign.stdout
   for name, line in lines.items():
     assert set(line["probs"]) == {"emotion", "sentiment"} and line["label"]["emotion"] in line["probs"]["emotion"]
     assert sum(line["probs"]["emotion"].values()) == pytest.approx(1.0, abs=1e-4)
-    assert len(line["chosen_frames"]) == run.config.model.top_k
+    assert not any(problem.startswith("non_finite_output") for problem in line["problems"]), line
     if name in kinds["good"]:
       assert line["error"] is None and line["has_video"] and line["has_audio"], line
       assert 1.4 < line["duration_seconds"] < 1.7 and line["frame_times"][-1] < line["duration_seconds"]
+      assert len(line["chosen_frames"]) == run.config.model.top_k
+      assert len(line["frame_times"]) == len(line["frame_scores"]) == run.config.data.num_frames
     else:
+      # No video read: no frame was chosen among the blank ones the model saw.
+      assert line["chosen_frames"] == [] and line["frame_times"] == [] and line["frame_scores"] == [], line
       assert line["error"] and not line["has_video"], line
       assert line["has_audio"] == (name in kinds["audio_only"]), line
       expected = "predicted from audio only" if name in kinds["audio_only"] else "predicted from no input"
@@ -293,7 +356,9 @@ def test_folder_of_foreign_clips_gives_one_line_per_clip_and_a_gallery(run, tmp_
   assert page.count('<section class="clip') == 6
   assert all(f'data-id="{name}"' in page for name in lines)
   assert page.count("data:image/webp;base64,") == 2 * 4  # T frames of the two clips with video
-  assert json.loads((out / "summary.json").read_text())["clips"] == 6
+  assert page.count('<p class="reason">') == 4 and all(html.escape(lines[n]["error"]) in page for n in kinds["broken"])
+  assert strict_json((out / "summary.json").read_text())["clips"] == 6
+  assert not list(out.glob("*.tmp"))
 
   # One clip at a time, a file that is not a clip is the user's to fix: one line, exit status 2.
   not_a_clip = str(tmp_path / "clips" / "notes_named.mp4")
@@ -316,7 +381,7 @@ def test_folder_with_a_csv_carries_labels_and_explanations(run, tmp_path, capsys
     assert line["true_label"]["sentiment"] is None and "sentiment" not in line["correct"]
     assert (out / line["explanation_png"]).stat().st_size > 10_000
   assert summary["accuracy"]["emotion"]["labelled"] == 3 and "sentiment" not in summary["accuracy"]
-  assert summary["labels_unknown_to_the_model"]["sentiment"]
+  assert summary["labels_unknown_to_the_model"]["sentiment"] and summary["clips_not_in_csv"] == []
   captured = capsys.readouterr()
   assert "emotion accuracy" in captured.out and "sentiment labels the model does not know" in captured.err
   page = (out / "gallery.html").read_text()
@@ -333,6 +398,49 @@ def test_folder_with_a_csv_carries_labels_and_explanations(run, tmp_path, capsys
   unlabelled = predict.main(["--model", run.onnx, "--folder", run.clips, "--csv", str(bare), "--out", str(tmp_path)])
   lines = _lines(tmp_path)
   assert len(lines) == 3 and unlabelled["accuracy"] == {} and not any("true_label" in line for line in lines.values())
+
+
+def test_csv_rows_labels_and_clips_come_from_one_reading(tmp_path, capsys):
+  """--csv: a row's text, context and labels are those of the first row of its id (as meld_csv.read_rows keeps);
+  rows with a bad id are skipped and listed, never predicted as diaNone; clips no row names are listed."""
+  model = types.SimpleNamespace(
+    data_layout={}, class_names={"emotion": ("neutral", "joy", "anger"), "sentiment": ("low", "high")}
+  )
+  folder = tmp_path / "clips"
+  folder.mkdir()
+  for name in ("dia0_utt0.mp4", "dia0_utt1.mp4", "dia3_utt0.mp4", "dia7_utt0.mp4", "notes.txt"):
+    (folder / name).write_bytes(b"x")
+  table = [
+    ("Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID"),
+    ("First words.", "Ross", "joy", "high", "0", "0"),
+    ("A duplicate, not predicted.", "Joey", "anger", "low", "0", "0"),
+    ("No dialogue id.", "Ross", "anger", "low", "x", "1"),
+    ("Second words.", "Rachel", "surprised", "", "0", "1"),
+    ("Its duplicate, known label.", "Rachel", "neutral", "low", "0", "1"),
+    ("Another dialogue.", "", "NEUTRAL", "medium", "3", "0"),
+  ]
+  csv_path = tmp_path / "dev_sent_emo.csv"
+  with open(csv_path, "w", newline="") as f:
+    csv.writer(f).writerows(table)
+
+  items, truth, notes = predict._csv_items(str(folder), str(csv_path), model)
+  assert [item["id"] for item in items] == ["dev/dia0_utt0", "dev/dia0_utt1", "dev/dia3_utt0"]
+  assert [item["text"] for item in items] == ["First words.", "Second words.", "Another dialogue."]
+  assert [item["context"] for item in items] == [[], ["Ross: First words."], []]
+  assert items[1]["video"] == str(folder / "dia0_utt1.mp4")
+  assert truth == {
+    "dev/dia0_utt0": {"emotion": "joy", "sentiment": "high"},
+    "dev/dia0_utt1": {"emotion": None, "sentiment": None},  # its first row: an unknown label, a no-label value
+    "dev/dia3_utt0": {"emotion": "neutral", "sentiment": None},
+  }
+  assert notes["labels_unknown_to_the_model"] == {"emotion": {"surprised": 1}, "sentiment": {"medium": 1}}
+  skipped = notes["rows_skipped"]
+  assert skipped["bad_id"]["count"] == 1 and skipped["duplicate_id"]["ids"] == ["dev/dia0_utt0", "dev/dia0_utt1"]
+  assert notes["clips_not_in_csv"] == ["dia7_utt0.mp4"]
+  predict._print_notes(items, notes)
+  err = capsys.readouterr().err
+  assert "1 clips in --folder are named by no --csv row, not predicted: dia7_utt0.mp4" in err
+  assert "1 CSV rows skipped (bad_id)" in err and "'surprised' (1)" in err
 
 
 def test_cli_user_errors_are_one_line_with_exit_status_2(tmp_path):

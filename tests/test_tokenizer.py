@@ -1,7 +1,6 @@
 """Tokenizer: offline load from the package folder, ids, padding, context truncation."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

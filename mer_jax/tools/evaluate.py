@@ -75,7 +75,8 @@ def check_inputs(csv_path: str, clips_dir: str | None, keep_dir: str | None = No
     )
   if clips_dir is not None and not os.path.isdir(clips_dir):
     raise errors.PathNotFound(
-      f"--clips {clips_dir} is not a folder of dia{{D}}_utt{{U}}.mp4 clips; leave it out for a text-only evaluation."
+      f"--clips {clips_dir} is not a folder; pass the folder of the CSV's clips (named by the run's "
+      "config.data.clip_pattern), or leave it out for a text-only evaluation."
     )
   if keep_dir is not None and os.path.exists(os.path.join(keep_dir, "tfds")):
     raise errors.InvalidInput(
@@ -251,7 +252,11 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(prog="python -m mer_jax.tools.evaluate", description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="a training workdir (config.json + checkpoints/)")
   parser.add_argument("--csv", required=True, help="MELD-format CSV to evaluate on")
-  parser.add_argument("--clips", default=None, help="folder of dia{D}_utt{U}.mp4 clips; omit: text only")
+  parser.add_argument(
+    "--clips",
+    default=None,
+    help="the CSV's clip folder (clips named by the run's config.data.clip_pattern); omit: text only",
+  )
   parser.add_argument("--json", action="store_true", help="print the report as JSON")
   parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval_batch_size")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")

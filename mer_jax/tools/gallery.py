@@ -5,7 +5,9 @@ outlined and every frame's text-guided score and time, each task's probabilities
 label where the CSV had one), the reliabilities r_video, r_audio and the mean gate, and the reason when the clip
 could not be read. Frames are embedded as WebP data URIs, the style is inline, and three radio buttons filter
 the cards (all, errors, wrong) in CSS alone. `GalleryWriter` streams cards to a side file while predictions
-arrive, so memory stays flat on 10,000 clips; `close(summary)` puts the header in front.
+arrive, so memory stays flat on 10,000 clips; `close(summary)` puts the header in front. A number that is null
+in the record (non-finite in the model's output, api.finite_json) shows as "n/a". File names that are not UTF-8
+(os.listdir's surrogate escapes) show with U+FFFD in the text and keep their bytes, percent-encoded, in links.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import base64
 import html
 import os
 import shutil
+import urllib.parse
 from collections.abc import Iterable
 
 import cv2
@@ -70,13 +73,23 @@ def frame_data_uri(frame: np.ndarray) -> str:
   return "data:image/webp;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
 
 
+def _number(value, spec: str) -> str:
+  """`value` formatted with `spec`, or "n/a" for None (a non-finite output, null in predictions.jsonl)."""
+  return "n/a" if value is None else format(value, spec)
+
+
+def _width(value) -> str:
+  """A bar's CSS width for a value in [0, 1] (None: an empty bar)."""
+  return f"{100 * (value or 0.0):.1f}%"
+
+
 def _bar_rows(probabilities: dict, predicted: str, true_label: str | None) -> str:
   rows = []
-  for name, p in sorted(probabilities.items(), key=lambda item: -item[1]):
+  for name, p in sorted(probabilities.items(), key=lambda item: -(item[1] if item[1] is not None else -1.0)):
     classes = " ".join(c for c, on in (("predicted", name == predicted), ("true", name == true_label)) if on)
     rows.append(
-      f'<tr class="{classes}"><td>{html.escape(name)}</td><td class="bar"><div style="width:{100 * p:.1f}%">'
-      f"</div></td><td>{p:.3f}</td></tr>"
+      f'<tr class="{classes}"><td>{html.escape(name)}</td><td class="bar"><div style="width:{_width(p)}">'
+      f"</div></td><td>{_number(p, '.3f')}</td></tr>"
     )
   return "".join(rows)
 
@@ -101,15 +114,17 @@ def clip_card(record: dict, frames: np.ndarray | None, position: int, explanatio
   ]
   if record.get("error"):
     parts.append(f'<p class="reason">{html.escape(record["error"])}</p>')
-  if frames is not None and record.get("has_video", True):
+  # A clip without video has no frame row: the model saw blank frames, and chose none (api.Prediction).
+  if frames is not None and record.get("has_video", True) and record.get("frame_times"):
     chosen = {frame["index"] for frame in record["chosen_frames"]}
     figures = []
     for index, frame in enumerate(frames):
       score, time = record["frame_scores"][index], record["frame_times"][index]
       figures.append(
         f'<figure class="{"chosen" if index in chosen else "frame"}"><img src="{frame_data_uri(frame)}" '
-        f'alt="frame {index} of {html.escape(record["id"])}" title="frame {index} at {time:.2f} s, score {score:+.3f}">'
-        f"<figcaption>{score:+.2f}<br>{time:.2f} s</figcaption></figure>"
+        f'alt="frame {index} of {html.escape(record["id"])}" '
+        f'title="frame {index} at {_number(time, ".2f")} s, score {_number(score, "+.3f")}">'
+        f"<figcaption>{_number(score, '+.2f')}<br>{_number(time, '.2f')} s</figcaption></figure>"
       )
     parts.append(f'<div class="frames">{"".join(figures)}</div>')
   numbers = []
@@ -124,7 +139,8 @@ def clip_card(record: dict, frames: np.ndarray | None, position: int, explanatio
   if record.get("gate_mean") is not None:
     modalities.append(("gate (video share)", record["gate_mean"]))
   rows = "".join(
-    f'<tr><td>{name}</td><td class="bar"><div style="width:{100 * value:.1f}%"></div></td><td>{value:.3f}</td></tr>'
+    f'<tr><td>{name}</td><td class="bar"><div style="width:{_width(value)}"></div></td>'
+    f"<td>{_number(value, '.3f')}</td></tr>"
     for name, value in modalities
   )
   used = ", ".join(m for m, on in (("video", record.get("has_video")), ("audio", record.get("has_audio"))) if on)
@@ -133,7 +149,10 @@ def clip_card(record: dict, frames: np.ndarray | None, position: int, explanatio
   )
   parts.append(f'<div class="numbers">{"".join(numbers)}</div>')
   if explanation_href:
-    parts.append(f'<a class="png" href="{html.escape(explanation_href)}">explanation PNG</a>')
+    # A path relative to the page, percent-encoded: a name with '#', '?' or '%' is not read as a fragment, a query
+    # or an escape; surrogateescape gives a name os.listdir could not decode its own bytes back.
+    href = urllib.parse.quote(explanation_href.replace(os.sep, "/"), errors="surrogateescape")
+    parts.append(f'<a class="png" href="{html.escape(href)}">explanation PNG</a>')
   parts.append("</section>\n")
   return "".join(parts)
 
@@ -167,31 +186,53 @@ def page_header(summary: dict) -> str:
 
 
 class GalleryWriter:
-  """Writes gallery.html: `add` a card per clip as predictions arrive (to a side file), `close` with the summary."""
+  """Writes gallery.html: `add` a card per clip as predictions arrive (to a side file), `close` with the summary.
+
+  As a context manager, the side file is removed however the block ends (a failed run leaves no .cards.tmp).
+  Text is written with errors="replace": a file name os.listdir could not decode (a lone surrogate) shows as
+  U+FFFD instead of failing the whole page at the end of a long run.
+  """
 
   def __init__(self, path: str):
     self.path, self.count = path, 0
     self._cards_path = path + ".cards.tmp"
-    self._cards = open(self._cards_path, "w", encoding="utf-8")  # noqa: SIM115 (closed in `close`)
+    self._cards = open(self._cards_path, "w", encoding="utf-8", errors="replace")  # noqa: SIM115 (see `discard`)
+
+  def __enter__(self) -> GalleryWriter:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.discard()
 
   def add(self, record: dict, frames: np.ndarray | None, explanation_href: str | None = None) -> None:
     self._cards.write(clip_card(record, frames, self.count, explanation_href))
     self.count += 1
 
   def close(self, summary: dict) -> str:
-    """Header + cards + end into `path`; the side file is removed. Returns the path."""
+    """Header + cards + end into `path`; the side file is removed (also when this fails). Returns the path."""
     self._cards.close()
-    with open(self.path, "w", encoding="utf-8") as page, open(self._cards_path, encoding="utf-8") as cards:
-      page.write(page_header(summary))
-      shutil.copyfileobj(cards, page)
-      page.write("</main></body></html>\n")
-    os.remove(self._cards_path)
+    try:
+      with (
+        open(self.path, "w", encoding="utf-8", errors="replace") as page,
+        open(self._cards_path, encoding="utf-8") as cards,
+      ):
+        page.write(page_header(summary))
+        shutil.copyfileobj(cards, page)
+        page.write("</main></body></html>\n")
+    finally:
+      self.discard()
     return self.path
+
+  def discard(self) -> None:
+    """Closes and removes the side file (if still there); the page, if `close` wrote it, stays."""
+    self._cards.close()
+    if os.path.exists(self._cards_path):
+      os.remove(self._cards_path)
 
 
 def write_gallery(path: str, cards: Iterable[tuple[dict, np.ndarray | None]], summary: dict) -> str:
   """gallery.html at `path` from (record, frames) pairs at once (GalleryWriter for a stream)."""
-  writer = GalleryWriter(path)
-  for record, frames in cards:
-    writer.add(record, frames)
-  return writer.close(summary)
+  with GalleryWriter(path) as writer:
+    for record, frames in cards:
+      writer.add(record, frames)
+    return writer.close(summary)

@@ -10,16 +10,19 @@ model*.tflite (onnxruntime / LiteRT, no JAX); the clip goes through the training
 
 --folder predicts every clip in CLIPS (video and audio files by extension; other files are listed, not
 predicted). Transcripts come from --csv (a MELD-format CSV: Utterance, Dialogue_ID, Utterance_ID, Speaker, label
-columns optional; a row's clip is named by the model's clip pattern, MELD's dia{D}_utt{U}.mp4), else from
-CLIP.txt beside each clip, else there is none. It writes OUT/predictions.jsonl (one line per clip, in order; a clip that cannot be read gets its `error`
-and a prediction from what could be read, text at least), OUT/gallery.html (one self-contained page: open it in
-a browser), OUT/summary.json and, with --explain-pngs, OUT/explanations/<id>.png.
+columns optional; a row's clip is named by the model's clip pattern, MELD's dia{D}_utt{U}.mp4; clips no row names
+are listed, not predicted), else from CLIP.txt beside each clip, else there is none. It writes
+OUT/predictions.jsonl (one line of strict JSON per clip, in order; a clip that cannot be read gets its `error` and
+a prediction from what could be read, text at least), OUT/gallery.html (one self-contained page: open it in a
+browser), OUT/summary.json and, with --explain-pngs, OUT/explanations/<id>.png ('/' in an id becomes '_').
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
+import dataclasses
 import json
 import os
 import pathlib
@@ -59,10 +62,12 @@ def explain_png(prediction: api.Prediction, class_names: dict, out_png: str, lab
     "reliability_audio": prediction.reliability_audio,
     "gate": prediction.gate if prediction.gate is not None else np.full(1, np.nan),  # exports before the gate
   }
+  # Without video the frames were blank and none was chosen (api.Prediction): the PNG shows no frame row.
+  frames = prediction.frames if prediction.has_video else prediction.frames[:0]
   return explain_lib.show_prediction_sample(
     prediction.id,
     prediction.text,
-    prediction.frames[..., None],
+    frames[..., None],
     logits,
     signals,
     class_names,
@@ -79,7 +84,7 @@ def format_result(record: dict) -> str:
     top = ", ".join(f"{name} {p:.3f}" for name, p in sorted(probabilities.items(), key=lambda item: -item[1]))
     lines.append(f"  {task:10s} {record['label'][task]:10s} ({top})")
   chosen = ", ".join(f"#{f['index']} at {f['time_seconds']:.2f} s" for f in record["chosen_frames"])
-  lines.append(f"  chosen frames: {chosen}")
+  lines.append(f"  chosen frames: {chosen or 'none (no video read)'}")
   lines.append(
     f"  reliability: video {record['reliability_video']:.3f}, audio {record['reliability_audio']:.3f}"
     f"  (has_video {record['has_video']}, has_audio {record['has_audio']})"
@@ -101,6 +106,12 @@ def _check_video_arguments(args) -> None:
     raise errors.PathNotFound(f"--video {error}") from error
   if args.csv or args.out or args.explain_pngs:
     raise errors.InvalidInput("--csv, --out and --explain-pngs go with --folder; with --video, use --explain PNG.")
+  if args.explain:  # as explain.check_output does for its --out, with this command's flag in the message
+    if os.path.isdir(args.explain):
+      raise errors.InvalidInput(
+        f"--explain {args.explain} is a folder; pass the PNG's path, e.g. {os.path.join(args.explain, 'clip.png')}."
+      )
+    tools.check_output_folder(os.path.dirname(os.path.abspath(args.explain)), "--explain")
 
 
 def predict_one(model: api.Model, args) -> dict:
@@ -115,7 +126,7 @@ def predict_one(model: api.Model, args) -> dict:
   if args.explain:
     explain_png(prediction, model.class_names, args.explain)
     record["explanation_png"] = args.explain
-  print(json.dumps(record) if args.json else format_result(record))
+  print(json.dumps(record, allow_nan=False) if args.json else format_result(record))
   return record
 
 
@@ -126,8 +137,6 @@ def csv_layout(model: api.Model, header: Sequence[str]):
   """(csv_format.CsvFormat without label columns, {task: label column}) that read a CSV for `model`: the columns
   and clip name pattern of the model's training data (MELD's where the model does not record them), and the label
   columns the CSV has (labels are optional). Raises InvalidInput when an id or text column is missing."""
-  import dataclasses
-
   from mer_jax.data import csv_format
 
   layout, found = model.data_layout, {csv_format.column_key(name): name for name in header}
@@ -155,36 +164,42 @@ def csv_layout(model: api.Model, header: Sequence[str]):
   return fmt, present
 
 
-def _csv_labels(csv_text: str, split: str, fmt, label_columns: dict, model: api.Model) -> tuple[dict, dict]:
-  """({row id: {task: class name or None}}, {task: {label the model does not know: count}}) of a CSV's text."""
-  import csv
-  import io
+def _csv_labels(csv_path: str, split: str, fmt, label_columns: dict, model: api.Model, ids) -> tuple[dict, dict]:
+  """({row id: {task: class name or None}}, {task: {label the model does not know: count}}) for the rows `ids`.
 
-  from mer_jax.data import csv_format
-  from mer_jax.data import labels
+  meld_csv.read_rows reads each label column (with the model's classes), so ids, bad ids and duplicates (the first
+  row wins) are the same as for the rows predicted. A value that is neither a class nor a no-label value makes
+  that read skip its row: the row gets no truth for the task and the value is counted.
+  """
   from mer_jax.data import meld_csv
 
-  reader = csv.DictReader(io.StringIO(csv_text, newline=""))
-  found = {csv_format.column_key(name): name for name in reader.fieldnames or []}
-  columns = {role: found[csv_format.column_key(column)] for role, column in fmt.columns if role != "speaker"}
-  no_label = {labels.label_key(value) for value in fmt.no_label_values}
-  truth, unknown = {}, {}
-  for row in reader:
-    ids = [meld_csv.parse_id(row.get(columns[role])) for role in ("dialogue_id", "utterance_id")]
-    entry = truth.setdefault(f"{split}/dia{ids[0]}_utt{ids[1]}", {})
-    for task, column in label_columns.items():
-      value = labels.label_key(row.get(column) or "")
-      names = [labels.label_key(name) for name in model.class_names[task]]
-      entry[task] = model.class_names[task][names.index(value)] if value in names else None
-      if value not in names and value not in no_label:
+  truth: dict = {row_id: {} for row_id in ids}
+  unknown: dict = {}
+  for task, column in label_columns.items():
+    names = model.class_names[task]
+    task_fmt = dataclasses.replace(fmt, label_columns=((task, column),), classes=((task, tuple(names)),))
+    report = meld_csv.SplitReport(csv_path, None, "labels")
+    labelled = {row["id"]: row["labels"][task] for row in meld_csv.read_rows(csv_path, split, task_fmt, report)}
+    not_known = set()
+    for entry in report.data["rows_skipped"].get("unknown_label", {}).get("ids", []):
+      row_id, _, value = entry.partition(f":{task}=")  # read_rows writes f"{id}:{task}={value!r}"
+      if row_id in truth and row_id not in not_known:  # once per id: a later duplicate is not predicted
+        not_known.add(row_id)
+        value = ast.literal_eval(value)
         unknown.setdefault(task, {}).setdefault(value, 0)
         unknown[task][value] += 1
+    for row_id, entry in truth.items():
+      # The first row of an id had an unknown label: a later duplicate that read_rows took instead is not the row
+      # predicted, so its label is not this row's truth.
+      label = -1 if row_id in not_known else labelled.get(row_id, -1)
+      entry[task] = names[label] if label >= 0 else None
   return truth, unknown
 
 
 def _csv_items(folder: str, csv_path: str, model: api.Model) -> tuple[list, dict, dict]:
   """(items, true labels by id, notes) of a MELD-format CSV; label columns optional, context per row. Notes: the
-  rows skipped (bad or duplicate ids) and the labels the model does not know (no truth for them)."""
+  rows skipped (bad or duplicate ids), the labels the model does not know (no truth for them) and the clips in
+  the folder that no row names (not predicted)."""
   import csv
   import io
 
@@ -195,31 +210,26 @@ def _csv_items(folder: str, csv_path: str, model: api.Model) -> tuple[list, dict
     csv_text = text_normalize.decode_csv_bytes(f.read())
   fmt, label_columns = csv_layout(model, next(csv.reader(io.StringIO(csv_text)), []))
   split = os.path.splitext(os.path.basename(csv_path))[0]
-  split = {name: split for split, name in fmt.csv_files}.get(os.path.basename(csv_path), split)  # dev_sent_emo: dev
+  split = {name: key for key, name in fmt.csv_files}.get(os.path.basename(csv_path), split)  # dev_sent_emo: dev
   report = meld_csv.SplitReport(csv_path, folder, "clips")
   rows = meld_csv.read_rows(csv_path, split, fmt, report)
   if not rows:
     raise errors.InvalidInput(f"No row of --csv {csv_path} could be read: {json.dumps(report.data['rows_skipped'])}.")
-  truth, unknown = _csv_labels(csv_text, split, fmt, label_columns, model) if label_columns else ({}, {})
-  # Earlier utterances of each dialogue, oldest first, as input_pipeline.dialogue_contexts orders them.
-  dialogues: dict = {}
-  for row in sorted(rows, key=lambda row: (row["dialogue_id"], row["utterance_id"])):
-    dialogues.setdefault(row["dialogue_id"], []).append(row)
-  contexts = {}
-  for turns in dialogues.values():
-    lines = [f"{row['speaker']}: {row['text']}" if row["speaker"] else row["text"] for row in turns]
-    contexts.update({row["id"]: lines[:position] for position, row in enumerate(turns)})
+  ids = [row["id"] for row in rows]
+  truth, unknown = _csv_labels(csv_path, split, fmt, label_columns, model, ids) if label_columns else ({}, {})
+  names = [meld_csv.clip_name(fmt.clip_pattern, row) for row in rows]
+  meld_csv.count_unlabeled_clips(folder, fmt.clip_pattern, {name.lower() for name in names}, report)
+  contexts = api.dialogue_histories(rows)
   items = [
-    {
-      "id": row["id"],
-      "video": os.path.join(folder, meld_csv.clip_name(fmt.clip_pattern, row)),
-      "text": row["text"],
-      "context": contexts[row["id"]],
-    }
-    for row in rows
+    {"id": row["id"], "video": os.path.join(folder, name), "text": row["text"], "context": contexts[row["id"]]}
+    for row, name in zip(rows, names)
   ]
-  notes = {"rows_skipped": report.data["rows_skipped"], "labels_unknown_to_the_model": unknown}
-  return items, {row["id"]: truth[row["id"]] for row in rows if row["id"] in truth}, notes
+  notes = {
+    "rows_skipped": report.data["rows_skipped"],
+    "labels_unknown_to_the_model": unknown,
+    "clips_not_in_csv": report.data["unlabeled_clips"]["ids"],
+  }
+  return items, truth, notes
 
 
 def _folder_items(folder: str) -> tuple[list, list]:
@@ -276,10 +286,14 @@ def _print_notes(items: list, notes: dict) -> None:
   for task, values in notes.get("labels_unknown_to_the_model", {}).items():
     listed = ", ".join(f"{value!r} ({count})" for value, count in list(values.items())[:MAX_LISTED])
     print(f"note: {task} labels the model does not know (no truth for those rows): {listed}", file=sys.stderr)
-  if notes.get("files_not_clips"):
-    others = notes["files_not_clips"]
-    listed = ", ".join(others[:MAX_LISTED]) + (", ..." if len(others) > MAX_LISTED else "")
-    print(f"note: {len(others)} files are not clips (by extension), not predicted: {listed}", file=sys.stderr)
+  for key, what in (
+    ("files_not_clips", "files are not clips (by extension)"),
+    ("clips_not_in_csv", "clips in --folder are named by no --csv row"),
+  ):
+    if notes.get(key):
+      names = notes[key]
+      listed = ", ".join(names[:MAX_LISTED]) + (", ..." if len(names) > MAX_LISTED else "")
+      print(f"note: {len(names)} {what}, not predicted: {listed}", file=sys.stderr)
   untranscribed = sum(1 for item in items if not item["text"])
   if untranscribed:
     print(
@@ -304,48 +318,48 @@ def predict_folder(model: api.Model, args, listing: tuple | None) -> dict:
   _print_notes(items, notes)
   os.makedirs(args.out, exist_ok=True)
   explanations = os.path.join(args.out, "explanations")
-  writer = gallery.GalleryWriter(os.path.join(args.out, "gallery.html"))
   correct = {task: [] for task in model.class_names}
   errors_count, start = 0, time.time()
   jsonl_path = os.path.join(args.out, "predictions.jsonl")
   stream = model.iter_predict(items, workers=args.workers, batch_size=args.batch_size, return_frames=True)
-  with open(jsonl_path, "w") as jsonl, progress.bar(total=len(items), description="predict", unit="clip") as bar:
-    for prediction in stream:
-      record = prediction.to_json()
-      if prediction.id in truth:
-        record["true_label"] = truth[prediction.id]
-        record["correct"] = {t: record["label"][t] == v for t, v in truth[prediction.id].items() if v is not None}
-        for task, right in record["correct"].items():
-          correct[task].append(right)
-      href = None
-      if args.explain_pngs:
-        href = os.path.join("explanations", prediction.id.replace("/", "_") + ".png")
-        names = model.class_names
-        labels = {t: names[t].index(v) for t, v in record.get("true_label", {}).items() if v is not None}
-        explain_png(prediction, names, os.path.join(args.out, href), labels)
-        record["explanation_png"] = href
-      errors_count += prediction.error is not None
-      jsonl.write(json.dumps(record) + "\n")
-      writer.add(record, prediction.frames, href)
-      bar.update()
-  seconds = time.time() - start
-  summary = {
-    "model": model.path,
-    "runtime": model.runtime,
-    "folder": args.folder,
-    "csv": args.csv,
-    "clips": len(items),
-    "errors": errors_count,
-    "accuracy": {t: {"accuracy": float(np.mean(v)), "labelled": len(v)} for t, v in correct.items() if v},
-    **notes,
-    "seconds": round(seconds, 1),
-    "predictions": jsonl_path,
-    "gallery": writer.path,
-    "explanations": explanations if args.explain_pngs else None,
-  }
-  writer.close(summary)
+  with gallery.GalleryWriter(os.path.join(args.out, "gallery.html")) as writer:  # no side file left on a failure
+    with open(jsonl_path, "w") as jsonl, progress.bar(total=len(items), description="predict", unit="clip") as bar:
+      for prediction in stream:
+        record = prediction.to_json()
+        if prediction.id in truth:
+          record["true_label"] = truth[prediction.id]
+          record["correct"] = {t: record["label"][t] == v for t, v in truth[prediction.id].items() if v is not None}
+          for task, right in record["correct"].items():
+            correct[task].append(right)
+        href = None
+        if args.explain_pngs:
+          href = os.path.join("explanations", prediction.id.replace("/", "_") + ".png")
+          names = model.class_names
+          labels = {t: names[t].index(v) for t, v in record.get("true_label", {}).items() if v is not None}
+          explain_png(prediction, names, os.path.join(args.out, href), labels)
+          record["explanation_png"] = href
+        errors_count += prediction.error is not None
+        jsonl.write(json.dumps(record, allow_nan=False) + "\n")  # to_json made it finite: strict JSON
+        writer.add(record, prediction.frames, href)
+        bar.update()
+    seconds = time.time() - start
+    summary = {
+      "model": model.path,
+      "runtime": model.runtime,
+      "folder": args.folder,
+      "csv": args.csv,
+      "clips": len(items),
+      "errors": errors_count,
+      "accuracy": {t: {"accuracy": float(np.mean(v)), "labelled": len(v)} for t, v in correct.items() if v},
+      **notes,
+      "seconds": round(seconds, 1),
+      "predictions": jsonl_path,
+      "gallery": writer.path,
+      "explanations": explanations if args.explain_pngs else None,
+    }
+    writer.close(summary)
   with open(os.path.join(args.out, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+    json.dump(summary, f, indent=1, allow_nan=False)
   print(
     f"Predicted {len(items)} clips with {model.runtime} in {seconds:.1f} s ({len(items) / max(seconds, 1e-9):.1f} "
     f"clips/s); {errors_count} could not be read (their `error` says why; predicted from what could be read)."

@@ -1,4 +1,4 @@
-"""Progress bars of the long commands (evaluate, export, report, ablations): tqdm, one set of settings.
+"""Progress bars of the long commands (predict --folder, evaluate, export, report, ablations): tqdm, one set-up.
 
 A bar shows done / total, the rate and the ETA on stderr, where stdout stays free for a command's report or
 JSON. It is drawn only when stderr is a terminal: in a log file or a pipe, a bar redrawn with carriage returns

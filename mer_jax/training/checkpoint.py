@@ -11,8 +11,6 @@ without metrics only count as "latest"). Saves are asynchronous; `close()` waits
 
 from __future__ import annotations
 
-import copy
-import importlib.resources
 import json
 import os
 import signal
@@ -36,76 +34,6 @@ def absolute_path(path: str) -> str:
   """Local paths made absolute (with ~ expanded); URLs such as gs://bucket/run are kept as they are."""
   path = str(path)
   return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
-CONFIG_FILE = "config.json"
-
-
-def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes the run's full config to WORKDIR/config.json, so export, predict, evaluate and report need only
-  the workdir. Returns the path."""
-  path = epath.Path(absolute_path(workdir)) / CONFIG_FILE
-  path.parent.mkdir(parents=True, exist_ok=True)
-  # Key order is kept: the order of config.model.tasks is meaningful (the first is the primary task).
-  path.write_text(config.to_json_best_effort(indent=2))
-  return str(path)
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run in `workdir` was trained with (WORKDIR/config.json, written by train_and_evaluate).
-
-  Fields that config.json lacks (it was written by an older version) come from configs/default.py's values
-  (`default_config_dict`), and are logged; lists become tuples again, as the config files write them.
-  """
-  path = epath.Path(absolute_path(workdir)) / CONFIG_FILE
-  if not path.exists():
-    raise FileNotFoundError(
-      f"{path} not found: {workdir} is not a training workdir written by this version "
-      "(python launch.py --config ... --workdir ...). Pass the config file explicitly."
-    )
-  config = json.loads(path.read_text())
-  filled = fill_missing_fields(config, default_config_dict())
-  if filled:
-    logging.info("%s predates config fields %s: using configs/default.py's values for them.", path, ", ".join(filled))
-
-  def tuples(node):
-    if isinstance(node, dict):
-      return {key: tuples(value) for key, value in node.items()}
-    if isinstance(node, list):
-      return tuple(tuples(value) for value in node)
-    return node
-
-  return ml_collections.ConfigDict(tuples(config))
-
-
-# configs/default.py's get_config() in config.json's form, shipped inside the package: mer_jax never imports the
-# top-level `configs`. tests/test_configs.py checks it against configs/default.py and says how to regenerate it.
-DEFAULT_CONFIG_FILE = "default_config.json"
-
-# Mappings keyed by task names (data, not fields): taken whole when absent, never merged into, so that a run's
-# own tasks and task weights stay exactly as it wrote them.
-WHOLE_FIELDS = frozenset({"model.tasks", "task_weights"})
-
-
-def default_config_dict() -> dict:
-  """configs/default.py's get_config() as JSON values (lists, not tuples), from the package's snapshot."""
-  return json.loads(importlib.resources.files("mer_jax.training").joinpath(DEFAULT_CONFIG_FILE).read_text())
-
-
-def fill_missing_fields(config: dict, defaults: dict, prefix: str = "") -> list[str]:
-  """Adds to `config` (in place, recursively) the fields of `defaults` it lacks; a field it has always wins.
-
-  Returns the dotted names of the fields added (a missing sub-config counts once, by its own name).
-  """
-  filled = []
-  for key, default in defaults.items():
-    name = f"{prefix}{key}"
-    if key not in config:
-      config[key] = copy.deepcopy(default)
-      filled.append(name)
-    elif isinstance(config[key], dict) and isinstance(default, dict) and name not in WHOLE_FIELDS:
-      filled.extend(fill_missing_fields(config[key], default, f"{name}."))
-  return filled
 
 
 class IncompatibleCheckpointError(errors.InvalidInput):

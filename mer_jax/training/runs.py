@@ -19,6 +19,7 @@ import ml_collections
 
 from mer_jax import errors
 from mer_jax.training import checkpoint as checkpoint_lib
+from mer_jax.training import run_config as run_config_lib
 
 WORKDIR_HELP = "pass the folder given to python launch.py as --workdir (it holds config.json and checkpoints/)"
 
@@ -82,9 +83,9 @@ def check_workdir(workdir: str) -> None:
     return
   if not os.path.isdir(path):
     raise errors.PathNotFound(f"Workdir {workdir} not found; {WORKDIR_HELP}.")
-  if not any(os.path.exists(os.path.join(path, name)) for name in (checkpoint_lib.CONFIG_FILE, "checkpoints")):
+  if not any(os.path.exists(os.path.join(path, name)) for name in (run_config_lib.CONFIG_FILE, "checkpoints")):
     raise errors.PathNotFound(
-      f"{workdir} is not a training workdir (no {checkpoint_lib.CONFIG_FILE} or checkpoints/); {WORKDIR_HELP}."
+      f"{workdir} is not a training workdir (no {run_config_lib.CONFIG_FILE} or checkpoints/); {WORKDIR_HELP}."
     )
 
 
@@ -93,13 +94,13 @@ def run_config(workdir: str, config_path: str | None = None) -> ml_collections.C
   if config_path:
     return load_config(config_path)
   check_workdir(workdir)
-  path = os.path.join(checkpoint_lib.absolute_path(workdir), checkpoint_lib.CONFIG_FILE)
+  path = os.path.join(checkpoint_lib.absolute_path(workdir), run_config_lib.CONFIG_FILE)
   if "://" not in path and not os.path.isfile(path):
     raise errors.PathNotFound(
-      f"{workdir} has checkpoints/ but no {checkpoint_lib.CONFIG_FILE} (written by an older version); pass "
+      f"{workdir} has checkpoints/ but no {run_config_lib.CONFIG_FILE} (written by an older version); pass "
       "--config configs/<the run's config>.py."
     )
-  return checkpoint_lib.load_run_config(workdir)
+  return run_config_lib.load_run_config(workdir)
 
 
 def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):

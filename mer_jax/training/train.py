@@ -32,9 +32,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mer_jax import errors
 from mer_jax.training import checkpoint as checkpoint_lib
 from mer_jax.data import input_pipeline
-from mer_jax.data import labels as labels_lib
 from mer_jax.training import losses as losses_lib
 from mer_jax.training import metrics as metrics_lib
+from mer_jax.training import run_config
 from mer_jax import ops as ops_lib
 from mer_jax.models import emotion_model as model_lib
 from mer_jax.training.options import StepOptions, step_options
@@ -289,31 +289,6 @@ def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return os.path.join(os.path.dirname(checkpoint_lib.absolute_path(workdir)), "data")
 
 
-def resolve_tasks(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of `config` whose heads are the ones config.data asks for, which training and config.json then hold.
-
-  config.model.tasks = {task: number of classes} for config.data.tasks (`labels.head_sizes`), so a change of
-  config.data.tasks or config.data.classes alone changes the heads; config.best_metric moves to the first task of
-  config.data.tasks when its task is not trained (same metric). Raises InvalidInput when a task has no usable
-  class list.
-  """
-  sizes = labels_lib.head_sizes(config.data)
-  resolved = config.copy_and_resolve_references()
-  if config.model.tasks.to_dict() != sizes:
-    logging.info(
-      "Heads from config.data.tasks and config.data.classes: %s (config.model.tasks was %s).",
-      sizes,
-      dict(config.model.tasks),
-    )
-  resolved.model.tasks = ml_collections.ConfigDict(sizes)
-  resolved.model.primary_task = next(iter(sizes))  # config.data.tasks[0]: head_sizes keeps its order
-  task, _, metric = str(config.best_metric).partition("/")
-  if task not in sizes:
-    resolved.best_metric = f"{next(iter(sizes))}/{metric or 'weighted_f1'}"
-    logging.info("config.best_metric=%r names no trained task: using %r.", config.best_metric, resolved.best_metric)
-  return resolved
-
-
 def _check_setup(config: ml_collections.ConfigDict, info: dict) -> None:
   """Raises InvalidInput when the config does not fit the devices or the prepared data (the message says what
   to set)."""
@@ -378,9 +353,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns {"step": last step, "losses": training loss of each step run here, "state": TrainState,
   "eval": last eval report or None, "best": best eval record or None, "preempted": bool}.
   Raises NonFiniteLossError naming the step when the loss or gradients stop being finite. The heads follow
-  config.data (`resolve_tasks`); config.json records the resolved config.
+  config.data (`run_config.resolve_tasks`); config.json records the resolved config.
   """
-  config = resolve_tasks(config)
+  config = run_config.resolve_tasks(config)
   workdir = checkpoint_lib.absolute_path(workdir)
   is_main = jax.process_index() == 0
   data_dir = resolve_data_dir(config, workdir)
@@ -411,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   end = config.num_train_steps if config.stop_after_steps <= 0 else min(config.num_train_steps, config.stop_after_steps)
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if is_main:
-    checkpoint_lib.save_run_config(config, workdir)
+    run_config.save_run_config(config, workdir)
   if start == 0:
     writer.write_hparams(_hparams(config))
     logging.info(
