@@ -35,7 +35,7 @@ from mer_jax.data import input_pipeline
 from mer_jax.export import contract
 from mer_jax.export import metadata as export_metadata
 from mer_jax.tools import predict
-from mer_jax.training import checkpoint as checkpoint_lib
+from mer_jax.training import run_config as run_config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BUILT: dict = {}  # the shared fixtures' values, once per process
@@ -74,7 +74,7 @@ def tiny_run(tmp_path_factory):
     root, config = tiny_corpus(tmp_path_factory)
     workdir, out = str(root / "run"), str(root / "export")
     _checkpoint_workdir(config, workdir)
-    checkpoint_lib.save_run_config(config, workdir)  # as training does: predict/export need only the workdir
+    run_config_lib.save_run_config(config, workdir)  # as training does: predict/export need only the workdir
     parity = exporters.main(
       ["--workdir", workdir, "--out", out, "--formats", "onnx", "--examples", "2", "--accuracy-split", "dev"]
     )
@@ -325,7 +325,7 @@ def foreign_prediction(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_folder_of_foreign_clips_gives_one_line_per_clip_and_a_gallery(run, tmp_path, tmp_path_factory):
+def test_folder_of_foreign_clips_gives_one_line_per_clip_and_a_gallery(run, tmp_path_factory):
   foreign = foreign_prediction(tmp_path_factory)
   kinds, out, summary = foreign.kinds, foreign.out, foreign.summary
   lines = _lines(out)
@@ -361,7 +361,7 @@ def test_folder_of_foreign_clips_gives_one_line_per_clip_and_a_gallery(run, tmp_
   assert not list(out.glob("*.tmp"))
 
   # One clip at a time, a file that is not a clip is the user's to fix: one line, exit status 2.
-  not_a_clip = str(tmp_path / "clips" / "notes_named.mp4")
+  not_a_clip = str(foreign.root / "clips" / "notes_named.mp4")
   with pytest.raises(errors.InvalidInput, match="notes_named.mp4 is not a clip FFmpeg can read .unreadable_file"):
     predict.main(["--model", run.onnx, "--video", not_a_clip, "--text", "Hi."])
 

@@ -7,7 +7,7 @@ could not be read. Frames are embedded as WebP data URIs, the style is inline, a
 the cards (all, errors, wrong) in CSS alone. `GalleryWriter` streams cards to a side file while predictions
 arrive, so memory stays flat on 10,000 clips; `close(summary)` puts the header in front. A number that is null
 in the record (non-finite in the model's output, api.finite_json) shows as "n/a". File names that are not UTF-8
-(os.listdir's surrogate escapes) show with U+FFFD in the text and keep their bytes, percent-encoded, in links.
+(os.listdir's surrogate escapes) show with '?' in the text and keep their bytes, percent-encoded, in links.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class GalleryWriter:
 
   As a context manager, the side file is removed however the block ends (a failed run leaves no .cards.tmp).
   Text is written with errors="replace": a file name os.listdir could not decode (a lone surrogate) shows as
-  U+FFFD instead of failing the whole page at the end of a long run.
+  '?' instead of failing the whole page at the end of a long run.
   """
 
   def __init__(self, path: str):
