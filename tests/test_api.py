@@ -14,6 +14,7 @@ import pytest
 
 import mer_jax
 from mer_jax import api
+from mer_jax import inference
 from mer_jax import errors
 from tests.test_predict import strict_json
 from tests.test_predict import tiny_run
@@ -64,10 +65,10 @@ def test_an_export_folder_gives_its_first_model_file(tmp_path, monkeypatch):
   monkeypatch.setattr(api, "EdgeRunner", lambda path, threads: path)
   (tmp_path / "metadata.json").write_text("{}")
   with pytest.raises(errors.PathNotFound, match="one of model.onnx, model.tflite, model_fp16.tflite, model_int8"):
-    api.load_runner(str(tmp_path))
-  for name in reversed(api.EXPORT_MODEL_FILES):
+    inference.load_runner(str(tmp_path))
+  for name in reversed(inference.EXPORT_MODEL_FILES):
     (tmp_path / name).write_bytes(b"x")
-    assert api.load_runner(str(tmp_path)) == str(tmp_path / name)
+    assert inference.load_runner(str(tmp_path)) == str(tmp_path / name)
 
 
 def test_workdir_errors_are_the_users_only_when_runs_says_so(tmp_path, monkeypatch):

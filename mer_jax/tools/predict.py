@@ -6,7 +6,7 @@
         [--explain-pngs] [--workers N] [--batch-size N]
 
 --model is a training workdir (JAX, its best checkpoint), an export folder or an exported model.onnx /
-model*.tflite (onnxruntime / LiteRT, no JAX); the clip goes through the training data's own code (mer_jax.api).
+model*.tflite (onnxruntime / LiteRT, no JAX); the clip goes through the training data's own code (mer_jax.inference).
 
 --folder predicts every clip in CLIPS (video and audio files by extension; other files are listed, not
 predicted). Transcripts come from --csv (a MELD-format CSV: Utterance, Dialogue_ID, Utterance_ID, Speaker, label
@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mer_jax import api
+from mer_jax import inference
 from mer_jax import errors
 from mer_jax import tools
 from mer_jax.export import runtimes
@@ -101,7 +102,7 @@ def _check_video_arguments(args) -> None:
   if not (args.text or "").strip():
     raise errors.InvalidInput('--text is empty; pass the utterance\'s transcript, e.g. --text "Oh my God!".')
   try:
-    api.check_clip_path(args.video)
+    inference.check_clip_path(args.video)
   except errors.PathNotFound as error:
     raise errors.PathNotFound(f"--video {error}") from error
   if args.csv or args.out or args.explain_pngs:
@@ -219,7 +220,7 @@ def _csv_items(folder: str, csv_path: str, model: api.Model) -> tuple[list, dict
   truth, unknown = _csv_labels(csv_path, split, fmt, label_columns, model, ids) if label_columns else ({}, {})
   names = [meld_csv.clip_name(fmt.clip_pattern, row) for row in rows]
   meld_csv.count_unlabeled_clips(folder, fmt.clip_pattern, {name.lower() for name in names}, report)
-  contexts = api.dialogue_histories(rows)
+  contexts = inference.dialogue_histories(rows)
   items = [
     {"id": row["id"], "video": os.path.join(folder, name), "text": row["text"], "context": contexts[row["id"]]}
     for row, name in zip(rows, names)
