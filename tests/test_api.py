@@ -62,7 +62,7 @@ def test_load_and_predict_errors_say_what_to_pass(tmp_path):
 def test_an_export_folder_gives_its_first_model_file(tmp_path, monkeypatch):
   """model.onnx, model.tflite, model_fp16.tflite, model_int8.tflite: the first there (`--quantize int8` alone
   writes only the last); the message names them all when there is none."""
-  monkeypatch.setattr(api, "EdgeRunner", lambda path, threads: path)
+  monkeypatch.setattr(inference, "EdgeRunner", lambda path, threads: path)
   (tmp_path / "metadata.json").write_text("{}")
   with pytest.raises(errors.PathNotFound, match="one of model.onnx, model.tflite, model_fp16.tflite, model_int8"):
     inference.load_runner(str(tmp_path))
