@@ -5,7 +5,7 @@
     prediction = model.predict(video="clip.mp4", text="Oh my God!")
 
 `import mer_jax` stays cheap: it pulls in neither JAX nor TensorFlow. `load` and the result types
-(`Prediction`, `TaskPrediction`, `ChosenFrame`, `Model`) come from mer_jax.api on first use; the
+(`Prediction`, `TaskPrediction`, `ChosenFrame`, `Model`) come from mer_jax.inference.api on first use; the
 subpackages are imported on their own (`from mer_jax.models import emotion_model`).
 """
 
@@ -15,16 +15,16 @@ _API_NAMES = ("Model", "Prediction", "TaskPrediction", "ChosenFrame")
 
 
 def load(path, *, config=None, step=None, threads=None):
-  """The trained model at `path`, ready to predict (mer_jax.api.load: a workdir runs with JAX, an .onnx /
+  """The trained model at `path`, ready to predict (mer_jax.inference.api.load: a workdir runs with JAX, an .onnx /
   .tflite file or export folder with onnxruntime / LiteRT and no JAX)."""
-  from mer_jax import api
+  from mer_jax.inference import api
 
   return api.load(path, config=config, step=step, threads=threads)
 
 
 def __getattr__(name: str):
-  if name in _API_NAMES:  # the result types, imported on first use (mer_jax.api reads media libraries)
-    from mer_jax import api
+  if name in _API_NAMES:  # the result types, imported on first use (mer_jax.inference.api reads media libraries)
+    from mer_jax.inference import api
 
     return getattr(api, name)
   raise AttributeError(f"module 'mer_jax' has no attribute {name!r}")

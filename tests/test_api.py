@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import mer_jax
-from mer_jax import api
-from mer_jax import inference
+from mer_jax.inference import api
+from mer_jax.inference import runners
 from mer_jax import errors
 from tests.test_predict import strict_json
 from tests.test_predict import tiny_run
@@ -36,7 +36,7 @@ def test_import_mer_jax_is_cheap():
   """`import mer_jax` loads no JAX, TensorFlow or media library; the API comes on first use."""
   script = (
     "import sys, mer_jax; heavy = [m for m in ('jax', 'tensorflow', 'av', 'cv2', 'numpy') if m in sys.modules]; "
-    "assert not heavy, heavy; from mer_jax import api; assert mer_jax.Prediction is api.Prediction"
+    "assert not heavy, heavy; from mer_jax.inference import api; assert mer_jax.Prediction is api.Prediction"
   )
   done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr[-2000:]
@@ -62,13 +62,13 @@ def test_load_and_predict_errors_say_what_to_pass(tmp_path):
 def test_an_export_folder_gives_its_first_model_file(tmp_path, monkeypatch):
   """model.onnx, model.tflite, model_fp16.tflite, model_int8.tflite: the first there (`--quantize int8` alone
   writes only the last); the message names them all when there is none."""
-  monkeypatch.setattr(inference, "EdgeRunner", lambda path, threads: path)
+  monkeypatch.setattr(runners, "EdgeRunner", lambda path, threads: path)
   (tmp_path / "metadata.json").write_text("{}")
   with pytest.raises(errors.PathNotFound, match="one of model.onnx, model.tflite, model_fp16.tflite, model_int8"):
-    inference.load_runner(str(tmp_path))
-  for name in reversed(inference.EXPORT_MODEL_FILES):
+    runners.load_runner(str(tmp_path))
+  for name in reversed(runners.EXPORT_MODEL_FILES):
     (tmp_path / name).write_bytes(b"x")
-    assert inference.load_runner(str(tmp_path)) == str(tmp_path / name)
+    assert runners.load_runner(str(tmp_path)) == str(tmp_path / name)
 
 
 def test_workdir_errors_are_the_users_only_when_runs_says_so(tmp_path, monkeypatch):

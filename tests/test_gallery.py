@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from mer_jax import api
+from mer_jax.inference import api
 from mer_jax.tools import gallery
 from mer_jax.tools import predict
 from tests.test_predict import foreign_prediction

@@ -29,7 +29,7 @@ from configs import tiny
 from data import make_demo_corpus
 from data import meld_format
 from data import prepare
-from mer_jax import inference
+from mer_jax.inference import runners
 from mer_jax import errors
 from mer_jax.data import input_pipeline
 from mer_jax.export import contract
@@ -125,9 +125,9 @@ def test_predict_inputs_equal_the_input_pipeline(corpus):
   assert len(pipeline) == 3
   reading, source = export_metadata.clip_read_config(config)
   assert source.startswith("prepared data") and reading["num_frames"] == 4 and reading["face_crop"] is False
-  prep = inference.Preprocessing(export_metadata.data_fields(config), reading)
+  prep = runners.Preprocessing(export_metadata.data_fields(config), reading)
   for example_id, expected in pipeline.items():
-    inputs, clip = inference.clip_inputs(_clip_path(root, example_id), prepared[example_id]["text"].decode(), prep)
+    inputs, clip = runners.clip_inputs(_clip_path(root, example_id), prepared[example_id]["text"].decode(), prep)
     assert inputs["frames"].shape == (1, 4, 32, 32, 1)
     np.testing.assert_array_equal(inputs["frames"][0], expected["frames"], err_msg=example_id)
     np.testing.assert_allclose(inputs["audio"][0], expected["audio"], atol=1e-5, err_msg=example_id)
@@ -150,8 +150,8 @@ def strict_json(text: str):
 
 
 def test_context_follows_the_pipeline_order():
-  assert inference.context_text(["A: one", "B: two", "A: three"], 2) == "A: three\nB: two"
-  assert inference.context_text(["A: one"], 0) is None and inference.context_text(None, 3) is None
+  assert runners.context_text(["A: one", "B: two", "A: three"], 2) == "A: three\nB: two"
+  assert runners.context_text(["A: one"], 0) is None and runners.context_text(None, 3) is None
   # A CSV's rows -> each row's earlier utterances, then the context: as input_pipeline.dialogue_contexts.
   rows = [
     {"id": "d/1_2", "dialogue_id": 1, "utterance_id": 2, "speaker": "B", "text": "two"},
@@ -159,21 +159,21 @@ def test_context_follows_the_pipeline_order():
     {"id": "d/2_0", "dialogue_id": 2, "utterance_id": 0, "speaker": "", "text": "alone"},
     {"id": "d/1_5", "dialogue_id": 1, "utterance_id": 5, "speaker": "", "text": "five"},
   ]
-  histories = inference.dialogue_histories(rows)
+  histories = runners.dialogue_histories(rows)
   assert histories == {"d/1_0": [], "d/1_2": ["A: zero"], "d/1_5": ["A: zero", "B: two"], "d/2_0": []}
   columns = [[row[key] for row in rows] for key in ("speaker", "text", "dialogue_id", "utterance_id")]
   for turns in (1, 2, 3):
     expected = input_pipeline.dialogue_contexts(*columns, turns)
-    assert [inference.context_text(histories[row["id"]], turns) for row in rows] == expected, turns
+    assert [runners.context_text(histories[row["id"]], turns) for row in rows] == expected, turns
 
 
 def test_frame_resize_equals_the_input_pipeline():
-  """inference.resize_frames (no TensorFlow Datasets import) is input_pipeline.resize_frames, pixel for pixel."""
+  """runners.resize_frames (no TensorFlow Datasets import) is input_pipeline.resize_frames, pixel for pixel."""
   rng = np.random.default_rng(3)
   for size, target in ((48, 32), (112, 64), (112, 112), (50, 32)):
     frames = rng.integers(0, 256, (4, size, size, 1), dtype=np.uint8)
     expected = input_pipeline.resize_frames(tf.constant(frames), target).numpy()
-    resized = inference.resize_frames(frames, target)
+    resized = runners.resize_frames(frames, target)
     assert resized.dtype == np.uint8 and resized.shape == (4, target, target, 1)
     np.testing.assert_array_equal(resized, expected, err_msg=f"{size} -> {target}")
 
@@ -183,13 +183,13 @@ def test_missing_inputs_say_what_to_pass(tmp_path):
     contract.read_metadata(str(tmp_path))
   (tmp_path / "model.pt").write_bytes(b"x")
   with pytest.raises(errors.InvalidInput, match="model.pt is not a model mer_jax reads; pass a training workdir"):
-    inference.load_runner(str(tmp_path / "model.pt"))
+    runners.load_runner(str(tmp_path / "model.pt"))
   with pytest.raises(errors.PathNotFound, match="none.onnx not found; pass a training workdir"):
-    inference.load_runner(str(tmp_path / "none.onnx"))
+    runners.load_runner(str(tmp_path / "none.onnx"))
   with pytest.raises(errors.PathNotFound, match="--video .*none.mp4 not found; pass the path of an mp4"):
     predict.main(["--model", str(tmp_path), "--video", str(tmp_path / "none.mp4"), "--text", "hi"])
   with pytest.raises(errors.PathNotFound, match="is neither a training workdir .* nor an export folder"):
-    inference.load_runner(str(tmp_path))  # a folder that is neither a run nor an export
+    runners.load_runner(str(tmp_path))  # a folder that is neither a run nor an export
   with pytest.raises(errors.InvalidInput, match="--text is empty"):
     predict.main(["--model", str(tmp_path), "--video", str(tmp_path / "model.pt"), "--text", "  "])
   # An --explain path that cannot be written fails before the model loads (here: no model at all).

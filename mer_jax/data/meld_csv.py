@@ -86,12 +86,16 @@ class SplitReport:
 # ----------------------------------------------------------------------------- rows
 
 
-def read_rows(csv_path, split: str, fmt: CsvFormat, report: SplitReport) -> list[dict]:
+def read_rows(
+  csv_path, split: str, fmt: CsvFormat, report: SplitReport, unknown_labels: dict | None = None
+) -> list[dict]:
   """The valid rows of a split's CSV as dicts (id, dialogue_id, utterance_id, text, speaker, labels).
 
   Columns are found by `fmt.columns` and `fmt.label_columns`. Text and speaker are normalised (`text_normalize`);
   labels map to class ids (-1: a value of fmt.no_label_values). Rows with a bad or duplicate id or an unknown
-  label are counted in `report`; missing columns raise InvalidInput.
+  label are counted in `report`; missing columns raise InvalidInput. With `unknown_labels` (a dict to fill), a
+  label outside the class list does not skip its row (prediction: the row is still predicted, without truth): the
+  task gets -1 and `unknown_labels[id][task]` the value.
   """
   with open(csv_path, "rb") as f:
     text = text_normalize.decode_csv_bytes(f.read())
@@ -127,6 +131,9 @@ def read_rows(csv_path, split: str, fmt: CsvFormat, report: SplitReport) -> list
         row_labels[task] = -1
       elif value in classes[task]:
         row_labels[task] = classes[task].index(value)
+      elif unknown_labels is not None:
+        row_labels[task] = -1
+        unknown_labels.setdefault(example_id, {})[task] = value
       else:
         unknown = f"{example_id}:{task}={value!r}"
         break

@@ -6,7 +6,7 @@
         [--explain-pngs] [--workers N] [--batch-size N]
 
 --model is a training workdir (JAX, its best checkpoint), an export folder or an exported model.onnx /
-model*.tflite (onnxruntime / LiteRT, no JAX); the clip goes through the training data's own code (mer_jax.inference).
+model*.tflite (onnxruntime / LiteRT, no JAX); the clip goes through the training data's own code (mer_jax.inference.runners).
 
 --folder predicts every clip in CLIPS (video and audio files by extension; other files are listed, not
 predicted). Transcripts come from --csv (a MELD-format CSV: Utterance, Dialogue_ID, Utterance_ID, Speaker, label
@@ -20,7 +20,6 @@ browser), OUT/summary.json and, with --explain-pngs, OUT/explanations/<id>.png (
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import dataclasses
 import json
@@ -32,8 +31,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mer_jax import api
-from mer_jax import inference
+from mer_jax.inference import api
+from mer_jax.inference import runners
 from mer_jax import errors
 from mer_jax import tools
 from mer_jax.export import runtimes
@@ -102,7 +101,7 @@ def _check_video_arguments(args) -> None:
   if not (args.text or "").strip():
     raise errors.InvalidInput('--text is empty; pass the utterance\'s transcript, e.g. --text "Oh my God!".')
   try:
-    inference.check_clip_path(args.video)
+    runners.check_clip_path(args.video)
   except errors.PathNotFound as error:
     raise errors.PathNotFound(f"--video {error}") from error
   if args.csv or args.out or args.explain_pngs:
@@ -135,9 +134,9 @@ def predict_one(model: api.Model, args) -> dict:
 
 
 def csv_layout(model: api.Model, header: Sequence[str]):
-  """(csv_format.CsvFormat without label columns, {task: label column}) that read a CSV for `model`: the columns
-  and clip name pattern of the model's training data (MELD's where the model does not record them), and the label
-  columns the CSV has (labels are optional). Raises InvalidInput when an id or text column is missing."""
+  """The csv_format.CsvFormat that reads a CSV for `model`: the columns and clip name pattern of the model's training
+  data (MELD's where the model does not record them), the label columns the CSV has (labels are optional) with the
+  model's classes. Raises InvalidInput when an id or text column is missing."""
   from mer_jax.data import csv_format
 
   layout, found = model.data_layout, {csv_format.column_key(name): name for name in header}
@@ -149,52 +148,20 @@ def csv_layout(model: api.Model, header: Sequence[str]):
       f"--csv lacks the columns {missing} (it has {list(header)}); pass a MELD-format CSV with the model's text and "
       f"id columns ({', '.join(columns.values())}); label columns are optional."
     )
+  label_columns = {task: (layout.get("label_columns") or {}).get(task, task) for task in model.class_names}
+  present = {
+    task: found[csv_format.column_key(c)] for task, c in label_columns.items() if csv_format.column_key(c) in found
+  }
   fmt = dataclasses.replace(
     base,
-    label_columns=(),  # labels are read apart: a label the model does not know must not drop the row
-    classes=(),
+    label_columns=tuple(present.items()),  # labels are optional: the label columns the CSV has
+    classes=tuple((task, tuple(model.class_names[task])) for task in present),
     columns=tuple(columns.items()),
     csv_files=tuple(dict(layout.get("csv_files") or dict(base.csv_files)).items()),
     clip_pattern=str(layout.get("clip_pattern") or base.clip_pattern),
     no_label_values=tuple(layout.get("no_label_values") or base.no_label_values),
   )
-  label_columns = {task: (layout.get("label_columns") or {}).get(task, task) for task in model.class_names}
-  present = {
-    task: found[csv_format.column_key(c)] for task, c in label_columns.items() if csv_format.column_key(c) in found
-  }
-  return fmt, present
-
-
-def _csv_labels(csv_path: str, split: str, fmt, label_columns: dict, model: api.Model, ids) -> tuple[dict, dict]:
-  """({row id: {task: class name or None}}, {task: {label the model does not know: count}}) for the rows `ids`.
-
-  meld_csv.read_rows reads each label column (with the model's classes), so ids, bad ids and duplicates (the first
-  row wins) are the same as for the rows predicted. A value that is neither a class nor a no-label value makes
-  that read skip its row: the row gets no truth for the task and the value is counted.
-  """
-  from mer_jax.data import meld_csv
-
-  truth: dict = {row_id: {} for row_id in ids}
-  unknown: dict = {}
-  for task, column in label_columns.items():
-    names = model.class_names[task]
-    task_fmt = dataclasses.replace(fmt, label_columns=((task, column),), classes=((task, tuple(names)),))
-    report = meld_csv.SplitReport(csv_path, None, "labels")
-    labelled = {row["id"]: row["labels"][task] for row in meld_csv.read_rows(csv_path, split, task_fmt, report)}
-    not_known = set()
-    for entry in report.data["rows_skipped"].get("unknown_label", {}).get("ids", []):
-      row_id, _, value = entry.partition(f":{task}=")  # read_rows writes f"{id}:{task}={value!r}"
-      if row_id in truth and row_id not in not_known:  # once per id: a later duplicate is not predicted
-        not_known.add(row_id)
-        value = ast.literal_eval(value)
-        unknown.setdefault(task, {}).setdefault(value, 0)
-        unknown[task][value] += 1
-    for row_id, entry in truth.items():
-      # The first row of an id had an unknown label: a later duplicate that read_rows took instead is not the row
-      # predicted, so its label is not this row's truth.
-      label = -1 if row_id in not_known else labelled.get(row_id, -1)
-      entry[task] = names[label] if label >= 0 else None
-  return truth, unknown
+  return fmt
 
 
 def _csv_items(folder: str, csv_path: str, model: api.Model) -> tuple[list, dict, dict]:
@@ -209,18 +176,31 @@ def _csv_items(folder: str, csv_path: str, model: api.Model) -> tuple[list, dict
 
   with open(csv_path, "rb") as f:
     csv_text = text_normalize.decode_csv_bytes(f.read())
-  fmt, label_columns = csv_layout(model, next(csv.reader(io.StringIO(csv_text)), []))
+  fmt = csv_layout(model, next(csv.reader(io.StringIO(csv_text)), []))
   split = os.path.splitext(os.path.basename(csv_path))[0]
   split = {name: key for key, name in fmt.csv_files}.get(os.path.basename(csv_path), split)  # dev_sent_emo: dev
   report = meld_csv.SplitReport(csv_path, folder, "clips")
-  rows = meld_csv.read_rows(csv_path, split, fmt, report)
+  unknown_by_id: dict = {}  # a label the model does not know: the row is still predicted, without truth
+  rows = meld_csv.read_rows(csv_path, split, fmt, report, unknown_labels=unknown_by_id)
   if not rows:
     raise errors.InvalidInput(f"No row of --csv {csv_path} could be read: {json.dumps(report.data['rows_skipped'])}.")
-  ids = [row["id"] for row in rows]
-  truth, unknown = _csv_labels(csv_path, split, fmt, label_columns, model, ids) if label_columns else ({}, {})
+  classes = dict(fmt.classes)
+  truth = (
+    {
+      row["id"]: {task: classes[task][label] if label >= 0 else None for task, label in row["labels"].items()}
+      for row in rows
+    }
+    if classes
+    else {}
+  )
+  unknown: dict = {}
+  for values in unknown_by_id.values():
+    for task, value in values.items():
+      unknown.setdefault(task, collections.Counter())[value] += 1
+  unknown = {task: dict(counts) for task, counts in unknown.items()}
   names = [meld_csv.clip_name(fmt.clip_pattern, row) for row in rows]
   meld_csv.count_unlabeled_clips(folder, fmt.clip_pattern, {name.lower() for name in names}, report)
-  contexts = inference.dialogue_histories(rows)
+  contexts = runners.dialogue_histories(rows)
   items = [
     {"id": row["id"], "video": os.path.join(folder, name), "text": row["text"], "context": contexts[row["id"]]}
     for row, name in zip(rows, names)

@@ -3,7 +3,7 @@
 `Preprocessing` holds what the training data was prepared with; `clip_inputs` reads a clip with it into the batch
 contract (batch axis 1). A runner maps inputs to outputs by name: `JaxRunner` (a training workdir, with JAX),
 `EdgeRunner` (an exported .onnx / .tflite with onnxruntime / LiteRT, importing neither JAX nor TensorFlow
-Datasets); `load_runner` picks one for a path. The typed API on top of them is mer_jax/api.py.
+Datasets); `load_runner` picks one for a path. The typed API on top of them is mer_jax/inference/api.py.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
     predictions = model.predict_many([{"video": "a.mp4", "text": "Hi."}, ("b.mp4", "No way!")], workers=2)
 
 Every clip goes through the training data's own code: the clip reader with the settings the prepared data was
-read with, then the input pipeline's frame resize (`inference.resize_frames`, a copy held equal to it by a test),
+read with, then the input pipeline's frame resize (`runners.resize_frames`, a copy held equal to it by a test),
 log-mel (`features.audio_features`) and tokenizer, so the model sees a clip as it saw its training examples. An
 .onnx / .tflite file runs with onnxruntime / LiteRT, reads metadata.json and tokenizer/ beside it and imports
 neither JAX nor TensorFlow Datasets. Field-by-field reference: docs/API.md.
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from mer_jax import errors
-from mer_jax import inference
+from mer_jax.inference import runners
 from mer_jax.data import clip_reader
 from mer_jax.export import contract
 
@@ -208,7 +208,7 @@ class Model:
     self._runner = runner
     self.path, self.runtime = runner.path, runner.runtime
     self.class_names = {task: tuple(names) for task, names in runner.class_names.items()}
-    self.preprocessing: inference.Preprocessing = runner.preprocessing
+    self.preprocessing: runners.Preprocessing = runner.preprocessing
     self.data_layout: dict = runner.data_layout  # how the training data's CSVs were laid out (may be empty)
 
   def __repr__(self) -> str:
@@ -229,7 +229,7 @@ class Model:
     if video is None and not text:
       raise errors.InvalidInput("Nothing to predict from: pass a video, a text or both.")
     if video is not None:
-      inference.check_clip_path(os.path.expanduser(os.fspath(video)))
+      runners.check_clip_path(os.path.expanduser(os.fspath(video)))
     item = {"video": video, "text": text, "context": context}
     return next(self.iter_predict([item], workers=1, return_frames=return_frames))
 
@@ -254,7 +254,7 @@ class Model:
     batch = []
     for request in requests:
       clip = next(clips) if request.video is not None else clip_reader.empty_clip(reading, [])
-      batch.append((request, clip, inference.example_inputs(clip, request.text, self.preprocessing, request.context)))
+      batch.append((request, clip, runners.example_inputs(clip, request.text, self.preprocessing, request.context)))
       if len(batch) == batch_size:
         yield from self._run(batch, return_frames, batch_size)
         batch = []
@@ -315,4 +315,4 @@ def load(path: str | os.PathLike, *, config: str | None = None, step: int | None
   checkpoint, default the best), an export folder, or an exported model.onnx / model*.tflite (no JAX;
   `threads`: CPU threads of the runtime)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow computes log-mels here; its start-up notes are noise
-  return Model(inference.load_runner(os.path.expanduser(os.fspath(path)), config, step, threads))
+  return Model(runners.load_runner(os.path.expanduser(os.fspath(path)), config, step, threads))
