@@ -9,10 +9,15 @@ one's own laid out as config.data says, docs/OWN_DATA.md). The model's heads fol
 config.data.classes. A mistake the user can fix (a missing folder, a config key that does not exist, a value
 that cannot be used) ends the command with one line, `error: ...`, and exit status 2.
 
-Several processes (one per host, or several on one machine): on a TPU pod, under SLURM or Open MPI,
-or with $JAX_COORDINATOR_ADDRESS set, jax.distributed finds its settings itself; elsewhere pass
+Several processes (one per host, or several on one machine): `--distributed=auto` (the default) calls
+jax.distributed.initialize() on a Cloud TPU VM (gcloud or queued resources), a GKE TPU slice, a multislice job,
+a SLURM step, Open MPI and a Kubernetes indexed Job, where JAX finds its settings itself; elsewhere pass
   --coordinator_address=HOST:PORT --num_processes=N --process_id=I
-to every process (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). See docs/TPU.md.
+to every process (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). `--distributed=on` always
+initialises, `off` never (mer_jax/training/distributed.py). A process that loses a peer stops with an error and
+exit status 1; restarting every process resumes from the last checkpoint. Compiled steps are kept in a persistent
+cache (`--compilation_cache_dir`, default $MER_JAX_CACHE/jax_compilation_cache; '' turns it off), so a restart
+does not compile again. See docs/TPU.md.
 """
 
 import dataclasses
@@ -32,6 +37,8 @@ from ml_collections.config_flags import config_flags as config_flags_module
 
 from mer_jax import errors
 from mer_jax.data import labels
+from mer_jax.training import compile_cache
+from mer_jax.training import distributed
 
 FLAGS = flags.FLAGS
 # New keys are accepted while parsing so that a task or split can be added to a mapping keyed by them
@@ -57,46 +64,52 @@ flags.DEFINE_integer(
   int(os.environ.get("JAX_PROCESS_ID", -1)) if "JAX_PROCESS_ID" in os.environ else None,
   "This process's index (with --coordinator_address).",
 )
+flags.DEFINE_enum(
+  "distributed",
+  "auto",
+  distributed.MODES,
+  "jax.distributed.initialize(): 'auto' when the flags above are given or a multi-process environment is detected "
+  "(Cloud TPU VM, GKE TPU, multislice, SLURM, Open MPI, Kubernetes indexed Job), 'on' always, 'off' never.",
+)
+flags.DEFINE_integer(
+  "heartbeat_timeout_seconds",
+  distributed.HEARTBEAT_TIMEOUT_SECONDS,
+  "With several processes: a process that sends no heartbeat for this long counts as dead, and the others stop.",
+)
+flags.DEFINE_string(
+  "compilation_cache_dir",
+  compile_cache.default_dir(),
+  "JAX's persistent compilation cache (a local folder or gs://...); '' turns it off.",
+)
 flags.DEFINE_bool("verbose_checkpointing", False, "Show orbax's INFO logs (one screen per save).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _int_env(name: str) -> int:
-  try:
-    return int(os.environ.get(name, "0"))
-  except ValueError:
-    return 0
-
-
 def initialize_distributed() -> None:
-  """jax.distributed.initialize() when this job runs as several processes; must precede any JAX use."""
+  """jax.distributed.initialize() when --distributed and the environment say so (distributed.decide), then the
+  persistent compilation cache; must precede any other JAX use. Logs one line saying which and why."""
+  cloud_tpu_vm = FLAGS.distributed == "auto" and distributed.on_cloud_tpu_vm()
+  decision = distributed.decide(
+    FLAGS.distributed,
+    coordinator_address=FLAGS.coordinator_address,
+    num_processes=FLAGS.num_processes,
+    process_id=FLAGS.process_id,
+    cloud_tpu_vm=cloud_tpu_vm,
+  )
+  logging.info("jax.distributed: %s.", decision.reason)
+  distributed.initialize(decision, heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
   import jax
 
-  explicit = bool(FLAGS.coordinator_address) or (FLAGS.num_processes or 1) > 1
-  detected = (
-    _int_env("SLURM_NTASKS") > 1
-    or _int_env("OMPI_COMM_WORLD_SIZE") > 1
-    or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
-  )
-  if not (explicit or detected):
-    return
-  # Cross-process collectives on CPU need an implementation (gloo ships with jaxlib); the setting
-  # only concerns the CPU backend, so it is harmless on GPU and TPU.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if explicit:
-    jax.distributed.initialize(
-      coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes, process_id=FLAGS.process_id
+  logging.info(compile_cache.enable(FLAGS.compilation_cache_dir))
+  distributed.check_one_job()
+  if jax.process_count() > 1:
+    logging.info(
+      "jax.distributed: process %d of %d, %d local / %d global devices.",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
     )
-  else:
-    jax.distributed.initialize()
-  logging.info(
-    "jax.distributed: process %d of %d, %d local / %d global devices.",
-    jax.process_index(),
-    jax.process_count(),
-    jax.local_device_count(),
-    jax.device_count(),
-  )
 
 
 def _quiet_orbax() -> None:
@@ -221,12 +234,14 @@ def _builder_config(config):
 
 
 PREPARE_KINDS = ("demo", "meld", "meld_text", "csv")
+PREPARE_TIMEOUT_SECONDS = 24 * 3600  # how long the other processes wait for process 0 to prepare the data
 
 
 def _prepare(config, data_dir: str) -> None:
   from data import make_demo_corpus
   from data import prepare
   from data import sources
+  from mer_jax import storage
 
   kind = config.data.prepare
   if kind not in PREPARE_KINDS:
@@ -236,6 +251,7 @@ def _prepare(config, data_dir: str) -> None:
     )
   builder_config = _builder_config(config)  # a mistake in config.data shows before any long work
   source = os.path.expanduser(config.data.source_dir or (os.environ.get("MELD_DIR", "") if kind == "meld" else ""))
+  storage.require_local(source, "config.data.source_dir")  # clips are decoded here; data_dir may be gs://
   if kind == "demo":
     if not source:
       raise errors.InvalidInput("config.data.source_dir is empty: set it to where the demo corpus should be generated.")
@@ -264,6 +280,7 @@ def prepare_data_if_missing(config, workdir: str) -> None:
   from mer_jax.training import train
 
   data_dir = train.resolve_data_dir(config, workdir)
+  train.check_data_dir_shared(config, data_dir, jax.process_count())  # before process 0 prepares it for all
   try:
     input_pipeline.load_builder(config, data_dir)
     return
@@ -275,16 +292,18 @@ def prepare_data_if_missing(config, workdir: str) -> None:
       ) from error
   if jax.process_index() == 0:
     _prepare(config, data_dir)
-  if jax.process_count() > 1:  # the others wait, then read it (the data_dir must be shared storage)
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("prepare_data")
+  # The others wait, then read it (the data_dir is shared storage); preparing MELD.Raw takes hours.
+  distributed.barrier("mer_jax_prepare_data", timeout_seconds=PREPARE_TIMEOUT_SECONDS)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  initialize_distributed()
+  try:
+    initialize_distributed()
+  except errors.UserError as error:
+    print(errors.one_line(error), file=sys.stderr)
+    sys.exit(errors.USER_ERROR_EXIT_STATUS)
   from mer_jax.training import host_memory
 
   advice = host_memory.advice()  # the faster malloc is opt-in, set before Python starts: say what it would gain
@@ -307,6 +326,12 @@ def main(argv):
   except train.NonFiniteLossError as e:
     logging.error("%s", e)
     sys.exit(1)
+  except distributed.LostPeerError as error:
+    logging.error("%s", error)
+    logging.flush()
+    # At once: jax.distributed's exit handler would wait at a shutdown barrier that the lost process never
+    # reaches, until the heartbeat timeout aborts this process.
+    os._exit(1)
   best = result["best"]
   summary = {
     "step": result["step"],

@@ -11,10 +11,11 @@ On `jax.devices()[0]`, with bf16 compute and float32 parameters (config.model.dt
                fixed device-resident batch, largest batch size first: steps/s, clips/s, TFLOP/s of the
                model's FLOPs (XLA's count of the unoptimised step, lowered for the CPU so that every backend
                and formulation divides the same number), peak device memory
-  end-to-end   the same step fed by the tf.data pipeline (`input_pipeline.dataset_from_examples` over
-               synthetic prepared examples: shuffle, augment, log-mel, token lookup, batch), numpy batches
-               copied to the device every step as `train.py` does; and the pipeline's rate alone. TF runs
-               on the host CPU only (as launch.py arranges)
+  end-to-end   the train step as training runs it: synthetic prepared examples read once by tf.data into the
+               in-memory cache (`mer_jax.data.raw_batches.raw_dataset`, `example_cache.fill_cache`), raw
+               batches gathered in the step-based train order and put on the device two steps ahead
+               (`train.prefetch_to_device`), log-mel and augmentation inside the jitted step; and the host
+               pipeline's rate alone. TF runs on the host CPU only (as launch.py arranges)
   variant      `--variant`: the same train step with the other depthwise formulation
                (benchmarks/depthwise_variants.py): the xla form's shifted slices, chosen for XLA:CPU, where the
                run's ops form keeps XLA's grouped convs (the reference form, which GPUs and TPUs get), else
@@ -175,20 +176,20 @@ def make_trainer(batch_size: int, depthwise: str | None = None):
   return config, workers.JaxTrainer(config, workers.make_batch(config, batch_size), state, depthwise=depthwise)
 
 
-def synthetic_pipeline(config, batch_size: int, examples: int):
-  """The tf.data train pipeline over `examples` synthetic prepared examples (a tf.data.Dataset)."""
+def cached_train_batches(config, batch_size: int, examples: int):
+  """The training input over `examples` synthetic prepared examples: tf.data reads them once into the in-memory
+  cache, then raw batches (int16 waveforms, uint8 frames) come in the step-based train order, as train.py reads."""
   import tensorflow as tf
 
   tf.config.set_visible_devices([], "GPU")  # tf.data stays on the host; the accelerator is JAX's
-  from mer_jax.data import input_pipeline
+  from mer_jax.data import example_cache, input_pipeline, raw_batches
 
-  return input_pipeline.dataset_from_examples(
-    workers.synthetic_examples(config, examples),
-    config,
-    train=True,
-    batch_size=batch_size,
-    tokenize_fn=workers.stub_tokenize,
-  )
+  prepared = workers.synthetic_examples(config, examples)
+  table = input_pipeline.build_token_table(input_pipeline.read_meta(prepared), config.data, workers.stub_tokenize)
+  raw = raw_batches.raw_dataset(prepared, config, table, batch_size=batch_size, train=True)
+  cache = example_cache.fill_cache(tf.data.Dataset.as_numpy_iterator(raw))
+  order = example_cache.TrainOrder(cache.size, batch_size, int(config.seed))
+  return example_cache.TrainBatches(cache, order)
 
 
 def run(args) -> dict:
@@ -260,11 +261,21 @@ def run(args) -> dict:
       result["skipped"].append("end-to-end: budget spent")
     else:
       try:
-        ds = synthetic_pipeline(config, batch_size, min(4 * batch_size, args.max_examples))
-        read = workers.read_rate(ds, 8 if args.quick else 40)  # first: a fed iterator would prefetch meanwhile
-        from mer_jax.data import input_pipeline
+        batches = cached_train_batches(config, batch_size, min(4 * batch_size, args.max_examples))
+        start = time.perf_counter()
+        for _ in range(8 if args.quick else 40):
+          next(batches)
+        read = {"wall": (time.perf_counter() - start) / (8 if args.quick else 40)}
+        from mer_jax.training import train as train_lib
 
-        fed = time_steps(trainer, 2 * target_s, rounds, batches=input_pipeline.as_numpy(ds))
+        # The raw batch has other shapes than the model-only batch: its own compiled step, on a fresh state.
+        state = workers.init_train_state(trainer.options, trainer.mesh, config.seed)
+        fed_trainer = workers.JaxTrainer(config, next(batches), state)
+        prefetched = train_lib.prefetch_to_device(batches, fed_trainer.mesh)
+        try:
+          fed = time_steps(fed_trainer, 2 * target_s, rounds, batches=prefetched)
+        finally:
+          prefetched.close()
         result["end_to_end"] = {
           "batch_size": batch_size,
           "pipeline_batches_per_s": 1 / read["wall"],
@@ -275,7 +286,7 @@ def run(args) -> dict:
           "model_only_clips_per_s": model_only["clips_per_s"],
         }
         log(
-          f"end-to-end b{batch_size}: {result['end_to_end']['clips_per_s']:.0f} clips/s; tf.data alone "
+          f"end-to-end b{batch_size}: {result['end_to_end']['clips_per_s']:.0f} clips/s; host pipeline alone "
           f"{result['end_to_end']['pipeline_clips_per_s']:.0f} clips/s"
         )
       except Exception as error:  # e.g. an image without TensorFlow: keep the other parts, say why

@@ -1,4 +1,4 @@
-"""Data preparation throughput: clips/s through mer_jax.data.clip_reader, and tf.data examples/s.
+"""Data throughput: clips/s through mer_jax.data.clip_reader, and the training input's rates.
 
     python -m benchmarks.data_throughput [--quick] [--json]
 
@@ -6,7 +6,15 @@ Generates MELD-like clips itself (1280x720, 25 fps, 3 s, H.264 (x264 'veryfast',
 48 kHz stereo; a face photo moving over a blurred background with film grain, or moving noise
 blocks: ~1.5 Mbit/s, MELD's clips are 1-3), reads them with the reader over 2 processes, and
 reports wall-clock clips/s and CPU ms per clip (the machine is shared: CPU time says what 2 idle
-cores would do). Then prepares them with data/meld_format.py and reads the prepared data back.
+cores would do). Then prepares them with data/meld_format.py and measures the training input on copies of
+the prepared clips (`bench_input`), in one run:
+
+  raw_read_clips_per_s_per_core   tf.data read + parse of the records only: the storage format's limit
+  pipeline_clips_per_s_per_core   the train pipeline's steady state once the cache is filled (raw batches
+                                  ready through the prefetch thread), clips per CPU-second of the process
+  pipeline_over_raw_ratio         the two above
+and, separately, the cache fill's time and rate, the jitted device features (log-mel + augmentation) per
+batch on this machine's JAX backend, and the host-feature pipeline (make_dataset) the tools use.
 Prints a table; writes benchmarks/results/data_throughput.json.
 
 `write_clip` is also the tests' clip maker (tests/test_clip_reader.py, tests/test_meld_format.py).
@@ -184,7 +192,7 @@ def bench_reader(paths, config, workers: int) -> dict:
 
 
 def bench_prepare_and_tfdata(clip_dir: str, work: str, workers: int, quick: bool) -> dict:
-  """Prepare the clips (MELD's reader settings, one 'train' split), then read them with tf.data."""
+  """Prepare the clips (MELD's reader settings, one 'train' split), then measure the training input on copies."""
   from data import meld_format, prepare
 
   source = os.path.join(work, "source")
@@ -204,35 +212,188 @@ def bench_prepare_and_tfdata(clip_dir: str, work: str, workers: int, quick: bool
     "prepare_examples_per_s": round(len(names) / prep_s, 2),
     "prepare_note": "builder end to end, incl. spawning workers and writing TFRecords",
   }
-  try:
-    out.update(bench_tfdata(os.path.join(work, "tfds"), config, quick))
-  except ImportError as err:  # the input pipeline is another module; say so rather than fail
-    out.update({"tfdata_examples_per_s": None, "tfdata_todo": f"input pipeline: {err}"})
+  out.update(bench_input(builder, config, os.path.join(work, "copies"), quick))
   return out
 
 
-def bench_tfdata(data_dir: str, builder_config, quick: bool) -> dict:
-  """examples/s of mer_jax.data.input_pipeline.make_dataset (train: shuffle, augment, log-mel, batch)."""
-  from configs import default
+# The prepared-example encoding before issue 23 (zlib frames, tfds Audio's int64 varints), for comparison.
+def _old_features(fmt):
+  import tensorflow_datasets as tfds
+
+  from mer_jax.data import meld_csv
+
+  new = meld_csv.example_features(fmt)
+  features = {k: new[k] for k in new.keys()}
+  t, s = fmt.num_frames, fmt.frame_size
+  features["frames"] = tfds.features.Tensor(shape=(t, s, s, 1), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB)
+  features["audio"] = tfds.features.Audio(shape=(None,), dtype=np.int16, sample_rate=fmt.sample_rate)
+  return tfds.features.FeaturesDict(features)
+
+
+def write_copies(builder, fmt, data_dir: str, name: str, count: int, features=None) -> str:
+  """`count` copies of the prepared train examples (new ids) as TFDS data `name/bench` under `data_dir`, written
+  with `features` (default: the builder's own, meld_csv.example_features). Returns the builder name."""
+  import tensorflow_datasets as tfds
+
+  from mer_jax.data import meld_csv
+
+  examples = list(builder.as_dataset(split="train", shuffle_files=False).as_numpy_iterator())
+
+  def copies():
+    for i in range(count):
+      ex = dict(examples[i % len(examples)])
+      ex["id"] = f"train/dia{i}_utt0"
+      ex["dialogue_id"], ex["utterance_id"] = i, 0
+      yield ex["id"], ex
+
+  tfds.dataset_builders.store_as_tfds_dataset(
+    name=name,
+    version="1.0.0",
+    config="bench",
+    features=features or meld_csv.example_features(fmt),
+    data_dir=data_dir,
+    split_datasets={"train": copies()},
+  )
+  return name
+
+
+def raw_read_rate(config, data_dir: str, passes: int) -> dict:
+  """Read + parse only (tf.data over the records, every feature decoded): clips per CPU-second of this process
+  (time.process_time: every thread of it) and per wall second. The limit any pipeline over the format has."""
+  import tensorflow as tf
+
   from mer_jax.data import input_pipeline
 
-  config = default.get_config()
-  config.data.builder_config = builder_config.name
-  config.data.max_audio_seconds = builder_config.max_audio_seconds
-  config.batch_size = 8
-  it = input_pipeline.as_numpy(
-    input_pipeline.make_dataset(config, "train", train=True, process_index=0, process_count=1, data_dir=data_dir)
+  builder = input_pipeline.load_builder(config, data_dir)
+  read_config = tfds_read_config()
+  ds = builder.as_dataset(split="train", shuffle_files=False, read_config=read_config).repeat(passes)
+  # One value of each decoded tensor: every decode runs, Python sees one small batch per 256 clips.
+  ds = ds.map(
+    lambda ex: tf.cast(ex["frames"][0, 0, 0, 0], tf.int32) + tf.cast(tf.reduce_sum(ex["audio"][:1]), tf.int32)
   )
-  next(it)  # tokenizer, graph tracing, first fill of the prefetch buffer
-  steps = 10 if quick else 50
+  ds = ds.batch(256)
+  for _ in ds.take(1):  # graph building, file opening
+    pass
+  cpu, wall, clips = time.process_time(), time.perf_counter(), 0
+  for values in ds:
+    clips += int(values.shape[0])
+  cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+  return {"clips": clips, "clips_per_s_per_core": round(clips / cpu, 1), "clips_per_s": round(clips / wall, 1)}
+
+
+def tfds_read_config():
+  import tensorflow_datasets as tfds
+
+  from mer_jax.data import input_pipeline
+
+  return tfds.ReadConfig(options=input_pipeline._options(), try_autocache=False)
+
+
+def bench_input(builder, fmt, work: str, quick: bool) -> dict:
+  """The training input on copies of the prepared clips (MELD's 12 x 112 px frames, 3 s audio; the train config
+  crops audio to 4 s): the raw record read rate, the cache fill, the in-memory train pipeline's steady state (raw
+  batches of 32 ready through the prefetch thread), the jitted device features per batch, and the host-feature
+  pipeline (make_dataset: log-mel and augmentation in tf.data, what tools still use) for comparison."""
+  import jax
+
+  from configs import default
+  from mer_jax.data import device_features, example_cache, input_pipeline, raw_batches
+
+  count = 192 if quick else 1024
   start = time.perf_counter()
-  for _ in range(steps):
-    batch = next(it)
-  seconds = time.perf_counter() - start
-  return {
-    "tfdata_examples_per_s": round(steps * config.batch_size / seconds, 1),
-    "tfdata_batch": {k: list(v.shape) for k, v in batch.items() if k != "id"},
+  write_copies(builder, fmt, work, "bench_copies", count)
+  out = {"input_examples": count, "input_write_s": round(time.perf_counter() - start, 1)}
+  config = default.get_config()
+  config.data.update(builder="bench_copies", builder_config="bench", data_dir=work, cache="memory")
+  config.batch_size = 32
+  one = dict(process_index=0, process_count=1, data_dir=work)
+
+  out["raw_read"] = raw_read_rate(config, work, passes=1 if quick else 3)
+  if not quick:  # the format before issue 23, same examples
+    write_copies(builder, fmt, work, "bench_copies_old", count, _old_features(fmt))
+    old = config.copy_and_resolve_references()
+    old.data.builder = "bench_copies_old"
+    out["raw_read_old_format"] = raw_read_rate(old, work, passes=3)
+
+  builder_copies = input_pipeline.load_builder(config, work)
+  input_pipeline.split_token_table(builder_copies, "train", config)  # tokenised once per split: not the fill's cost
+  raw_batches.clear_caches()
+  cpu, wall = time.process_time(), time.perf_counter()
+  cache = raw_batches.cached_split(config, "train", **one)
+  cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+  out["cache_fill"] = {
+    "seconds": round(wall, 2),
+    "clips_per_s": round(cache.size / wall, 1),
+    "clips_per_s_per_core": round(cache.size / cpu, 1),
+    "megabytes": round(cache.nbytes / 1e6, 1),
   }
+
+  batches = example_cache.Prefetcher(raw_batches.train_batches(config, "train", **one))
+  for _ in range(3):
+    batch = next(batches)
+  steps = 40 if quick else 300
+  cpu, wall = time.process_time(), time.perf_counter()
+  for _ in range(steps):
+    batch = next(batches)
+  cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+  batches.close()
+  clips = steps * config.batch_size
+  out["pipeline"] = {
+    "batch_size": config.batch_size,
+    "clips_per_s_per_core": round(clips / cpu, 1),
+    "clips_per_s": round(clips / wall, 1),
+    "batch": {k: list(v.shape) for k, v in batch.items() if k != "id"},
+  }
+
+  to_model = jax.jit(lambda raw, key: device_features.model_batch(raw, config.data, rng=key))
+  inputs, key = input_pipeline.model_inputs(batch), jax.random.key(0)
+  jax.block_until_ready(to_model(inputs, key))
+  times = []
+  for i in range(5 if quick else 20):
+    t = time.perf_counter()
+    jax.block_until_ready(to_model(inputs, jax.random.fold_in(key, i)))
+    times.append(time.perf_counter() - t)
+  out["device_features_ms_per_batch"] = round(1000 * float(np.median(times)), 2)
+  out["device_features_backend"] = jax.default_backend()
+
+  host = input_pipeline.as_numpy(input_pipeline.make_dataset(config, "train", train=True, **one))
+  next(host)
+  steps = 5 if quick else 30
+  cpu, wall = time.process_time(), time.perf_counter()
+  for _ in range(steps):
+    next(host)
+  cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+  out["host_features_pipeline"] = {
+    "clips_per_s_per_core": round(steps * config.batch_size / cpu, 1),
+    "clips_per_s": round(steps * config.batch_size / wall, 1),
+  }
+  raw_batches.clear_caches()
+
+  out["raw_read_clips_per_s_per_core"] = out["raw_read"]["clips_per_s_per_core"]
+  out["pipeline_clips_per_s_per_core"] = out["pipeline"]["clips_per_s_per_core"]
+  out["pipeline_over_raw_ratio"] = round(out["pipeline_clips_per_s_per_core"] / out["raw_read_clips_per_s_per_core"], 2)
+  return out
+
+
+def print_input_table(results: dict) -> None:
+  """The training input's rates (bench_input), one line each."""
+  rows = [("raw record read (read + parse only)", results["raw_read"])]
+  if "raw_read_old_format" in results:
+    rows.append(("  the same, format before issue 23 (zlib)", results["raw_read_old_format"]))
+  rows += [
+    ("cache fill (one pass, resize, tokens)", results["cache_fill"]),
+    ("train pipeline, in memory (raw batches)", results["pipeline"]),
+    ("host-feature pipeline (make_dataset)", results["host_features_pipeline"]),
+  ]
+  print(f"\n{'training input (' + str(results['input_examples']) + ' clips)':42s} {'clips/s':>9s} {'clips/cpu-s':>12s}")
+  for name, row in rows:
+    print(f"{name:42s} {row['clips_per_s']:9.1f} {row['clips_per_s_per_core']:12.1f}")
+  print(
+    f"pipeline / raw read (per core): {results['pipeline_over_raw_ratio']:.2f}x; cache fill "
+    f"{results['cache_fill']['seconds']} s, {results['cache_fill']['megabytes']} MB; device features "
+    f"(log-mel + augmentation, jitted, {results['device_features_backend']}): "
+    f"{results['device_features_ms_per_batch']} ms per batch of {results['pipeline']['batch_size']}"
+  )
 
 
 def main(argv=None) -> int:
@@ -284,10 +445,7 @@ def main(argv=None) -> int:
       f"{r['idle_cores_clips_per_s']:20.2f} {r['face_found_fraction']:6.2f}"
     )
   print(f"prepare (builder) examples/s: {results['prepare_examples_per_s']}")
-  print(
-    f"tf.data examples/s: {results.get('tfdata_examples_per_s')}"
-    + (f"  (TODO: {results['tfdata_todo']})" if results.get("tfdata_todo") else "")
-  )
+  print_input_table(results)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(results, f, indent=1)

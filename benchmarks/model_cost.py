@@ -7,14 +7,23 @@ FLOPs come from XLA's cost analysis of the compiled eval forward pass of the edg
 FFI calls); latency is the median of `--runs` jitted batch-1 calls after warm-up, in the ops form
 `mer_jax.ops.choose` picks for config.model.ops. Both forms are named in the results. Prints a table and writes
 benchmarks/results/model_cost.json.
+
+The size of the train step's program per ops form (`train_step_hlo_*`): instructions in every computation (entry,
+reduction bodies, branches) of the lowered, unoptimised HLO module of the edge model's train step
+(`lowered.as_text(dialect="hlo")`, batch 2, float32, lowered for one CPU device, not compiled), and how many of them
+are slices and concatenates. The CPU-shaped xla form unrolls its depthwise convs and their gradients into one slice
+per kernel tap and its BatchNorm sums into one slice per column; the reference form (GPUs, TPUs) has neither, so its
+count is the same for frames of 64 px as of 112 px (`train_step_hlo_instructions_reference_64px`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
+import re
 import time
 
 import jax
@@ -22,6 +31,7 @@ import numpy as np
 
 from benchmarks import workers
 from configs import default
+from mer_jax import ops
 from mer_jax.models import emotion_model as model_lib
 from mer_jax.models import mobilenet_v3
 
@@ -79,6 +89,61 @@ def latency_ms(config, runs: int) -> float:
   return float(np.median(times))
 
 
+# The forms whose train steps are counted: the CPU-shaped one, the one GPUs and TPUs run, and the C++ kernels' one.
+HLO_FORMS = {"xla (CPU-shaped)": ops.XLA, "reference (accelerator)": ops.REFERENCE, "cpu_ffi": ops.CPU_FFI}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*)$")
+_OPCODE = re.compile(r"\b([a-z][\w\-]*)\(")
+
+
+def lowered_train_step(config, form, batch_size: int = 2):
+  """mer_jax.training.train.train_step of `config` under ops form `form`, lowered (not compiled) for one CPU device
+  from abstract shapes: nothing is initialised or run."""
+  from benchmarks import workers
+  from mer_jax.training import train
+
+  options = train.step_options(config, ops=form)
+  mesh = train.make_mesh(jax.devices("cpu")[:1])
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), workers.make_batch(config, batch_size))
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  step = jax.jit(functools.partial(train.train_step, options=options))
+  return step.lower(train.abstract_train_state(options, mesh), batch, rng)
+
+
+def hlo_counts(hlo_text: str) -> dict:
+  """{'instructions', 'slices', 'concatenates'} of an HLO module's text: every `name = type opcode(...)` line of
+  every computation."""
+  counts = {"instructions": 0, "slices": 0, "concatenates": 0}
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    counts["instructions"] += 1
+    opcode = _OPCODE.search(match.group(1))  # the type before it has no `word(`; metadata comes after it
+    if opcode and opcode.group(1) in ("slice", "concatenate"):
+      counts[opcode.group(1) + "s"] += 1
+  return counts
+
+
+def train_step_hlo(config) -> dict:
+  """The train_step_hlo_* results: HLO counts of the lowered train step per form of HLO_FORMS (None for cpu_ffi
+  where the C++ kernels cannot be built), and the reference form's instruction count for 64 px frames."""
+  from mer_jax.ops.cpu import build as cpu_build
+
+  counts = {}
+  for name, form in HLO_FORMS.items():
+    if form is ops.CPU_FFI and not cpu_build.available():
+      counts[name] = None
+      continue
+    counts[name] = hlo_counts(lowered_train_step(config, form).as_text(dialect="hlo"))
+  narrow = config.copy_and_resolve_references()
+  narrow.data.frame_size = 64
+  reference_64px = hlo_counts(lowered_train_step(narrow, ops.REFERENCE).as_text(dialect="hlo"))
+  return {
+    f"train_step_hlo_{kind}": {name: None if c is None else c[kind] for name, c in counts.items()}
+    for kind in ("instructions", "slices", "concatenates")
+  } | {"train_step_hlo_instructions_reference_64px": reference_64px["instructions"]}
+
+
 def measure(runs: int = 20) -> dict:
   edge = default.get_config()
   base = default.get_config()
@@ -98,6 +163,7 @@ def measure(runs: int = 20) -> dict:
     "ops_form_latency": workers.chosen_ops(edge).name,
   }
   results["flops_ratio_k4_over_k12"] = results["flops_forward_k4"] / results["flops_forward_k12"]
+  results.update(train_step_hlo(edge))
   results["machine"] = f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}"
   return results
 
@@ -115,8 +181,11 @@ def main():
   if args.json:
     print(json.dumps(results))
   else:
-    width = max(len(k) for k in results)
-    for key, value in results.items():
+    rows = []
+    for key, value in results.items():  # a dict (per ops form) as one row per entry
+      rows += [(f"{key}[{name}]", v) for name, v in value.items()] if isinstance(value, dict) else [(key, value)]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
       shown = f"{value:,.3f}" if isinstance(value, float) else (f"{value:,}" if isinstance(value, int) else value)
       print(f"{key:<{width}}  {shown}")
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.torch_reference import TorchEmotionModel
+from mer_jax.training import run_config
 
 
 def _label_log_probs(logits, labels):
@@ -77,6 +78,8 @@ class TorchTrainer:
       self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, fused=True)
     except (RuntimeError, TypeError):
       self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
+    if not run_config.steps_resolved(config):  # a config in epochs: the steps JAX's StepOptions would take
+      config = run_config.resolve_steps(config, run_config.DEFAULT_TRAIN_EXAMPLES)
     warmup = min(config.warmup_steps, max(config.num_train_steps - 1, 0))
     decay = max(config.num_train_steps, warmup + 1)
     end = config.learning_rate * config.get("end_learning_rate_fraction", 0.01)

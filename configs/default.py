@@ -60,6 +60,9 @@ def data_config() -> ml_collections.ConfigDict:
   data.builder_config = "demo"
   data.source_dir = ""  # raw MELD-format corpus (CSVs + clip folders)
   data.data_dir = ""  # prepared TFDS data; '' = WORKDIR/../data or the config's default
+  # With several processes every host must read the same data_dir: a URL (gs://...) is shared; a local path is
+  # refused unless this says it is shared storage (NFS, Filestore, or all processes on one machine).
+  data.data_dir_shared = False
   # launch.py prepares missing data: 'demo' (generated), 'meld' (MELD.Raw), 'meld_text' (MELD's CSVs), 'csv' (a
   # corpus of one's own, laid out as below), '' (prepared beforehand). prepare_workers: clip decoders (0: all cores).
   data.prepare = ""
@@ -76,8 +79,13 @@ def data_config() -> ml_collections.ConfigDict:
   # tasks: the tasks trained (one head each); classes: task -> class names in label-id order; label_columns: task
   # -> CSV column (default: the task's name); no_label_values: a label cell meaning "no label" (-1).
   data.update(csv_format.config_fields(csv_format.FORMATS["meld"]))
-  data.shuffle_buffer = 1000
-  data.augment = True
+  data.shuffle_buffer = 1000  # streamed input only (cache 'none'); the in-memory order is a full permutation
+  data.augment = True  # training: brightness / contrast and gain / noise, on the device inside the step
+  # Where training reads examples from (docs/INPUT_PIPELINE.md): 'memory' (the process's shard decoded once and
+  # kept: resuming replays nothing), 'none' (streamed from the records; resuming re-reads what was consumed) or
+  # 'auto' (memory when the estimated size fits cache_max_gb; 0 = half the host's RAM).
+  data.cache = "auto"
+  data.cache_max_gb = 0.0
   return data
 
 
@@ -92,10 +100,17 @@ def get_config() -> ml_collections.ConfigDict:
   # Training (mer_jax/training/train.py). Batch sizes are global: split over every device of every process.
   config.train_split = "train"
   config.eval_split = "dev"
-  config.num_train_steps = 3000
+  # Training length in epochs of the train split: training turns them into steps of the global batch
+  # (run_config.resolve_steps: ceil(train examples / batch_size) steps per epoch), so a larger batch trains the
+  # same epochs in fewer steps. A *_steps field > 0 (warmup: >= 0) is used instead, e.g. --config.num_train_steps=20;
+  # -1 = from the epochs. These give the steps tuned on the demo corpus (2,000 train clips, 63 steps of 32 per
+  # epoch): 3,000 steps, warmup 200, eval and checkpoint every 500.
+  config.num_epochs = 47.62
+  config.num_train_steps = -1
   config.stop_after_steps = 0  # > 0: stop (with a checkpoint) at this step; a later run resumes
   config.learning_rate = 1e-3  # peak of linear warmup + cosine decay
-  config.warmup_steps = 200
+  config.warmup_epochs = 3.175
+  config.warmup_steps = -1
   config.end_learning_rate_fraction = 0.01
   config.weight_decay = 1e-4  # AdamW, not applied to biases and norm scales
   config.grad_clip_norm = 1.0  # global norm; 0 = no clipping
@@ -106,9 +121,11 @@ def get_config() -> ml_collections.ConfigDict:
   # The scorer's word table (topk.WordQuery) learns with SGD + momentum at this peak rate (same schedule).
   config.scorer_word_learning_rate = 10.0
   config.modality_dropout = 0.1  # per example: P(video marked missing) = P(audio marked missing)
-  config.log_every_steps = 50
-  config.eval_every_steps = 500
-  config.checkpoint_every_steps = 500
+  config.log_every_steps = 50  # in steps: how often the log and TensorBoard show progress
+  config.eval_every_epochs = 7.937
+  config.eval_every_steps = -1
+  config.checkpoint_every_epochs = 7.937
+  config.checkpoint_every_steps = -1
   config.keep_checkpoints = 3  # the latest N, plus the best by best_metric
   config.best_metric = "emotion/weighted_f1"  # <task>/<accuracy|weighted_f1|macro_f1> on eval_split
   return config

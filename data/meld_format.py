@@ -21,12 +21,12 @@ is missing or broken gives an example marked has_video / has_audio False, its re
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import tensorflow_datasets as tfds
 
 from mer_jax import errors
+from mer_jax import storage
 from mer_jax.data import csv_format
 from mer_jax.data import meld_csv
 
@@ -115,9 +115,8 @@ class MeldFormat(tfds.core.GeneratorBasedBuilder):
     return generators
 
   def _write_report(self):
-    path = os.path.join(self.data_dir, REPORT_FILE)  # the incomplete dir while preparing
-    with open(path, "w") as f:
-      json.dump(self._report, f, indent=1)
+    # Into the incomplete dir while preparing (TFDS moves it into place), local or on gs://.
+    storage.write_json(os.path.join(self.data_dir, REPORT_FILE), self._report)
 
   def _generate_examples(self, rows: list, clip_dir, report: meld_csv.SplitReport):
     fmt = self.builder_config

@@ -5,6 +5,8 @@
 DIR is MELD.Raw unpacked (or any folder laid out like it; see data/meld_format.py). The prepared
 data lands in OUT/meld_format/<config>/1.0.0/ with prepare_report.json beside it: per split, rows
 read and prepared, and per reason (missing clip, corrupt file, unknown label, ...) a count and ids.
+OUT may be a bucket (gs://bucket/tfds), for the hosts of a pod to share; DIR must be local (clips are decoded
+from local files).
 A progress bar with the ETA runs over each split's clips. A corpus with other file names, columns, tasks
 or classes is prepared by launch.py from its config (config.data.prepare = 'csv'; docs/OWN_DATA.md).
 """
@@ -12,7 +14,6 @@ or classes is prepared by launch.py from its config (config.data.prepare = 'csv'
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -25,10 +26,12 @@ def check_source(source, fmt=None) -> list[str]:
   """The split CSVs of `fmt` (a csv_format.CsvFormat; default MELD's) found in `source`; raises PathNotFound that
   says what the folder should hold."""
   from mer_jax import errors
+  from mer_jax import storage
   from mer_jax.data import csv_format
   from mer_jax.data import meld_csv
 
   fmt = fmt or csv_format.FORMATS["meld"]
+  storage.require_local(source, "--source")
   if not os.path.isdir(source):
     raise errors.PathNotFound(f"--source {source} is not a folder. {fmt.layout_help()}")
   names = [csv_name for _, csv_name, _ in fmt.splits()]
@@ -60,11 +63,12 @@ def prepare(source, data_dir, builder_config="meld", num_workers: int | None = N
 
 
 def summary(report_path: str) -> str:
-  """A few lines per split from prepare_report.json."""
-  if not os.path.exists(report_path):
+  """A few lines per split from prepare_report.json (a local path or gs://)."""
+  from mer_jax import storage
+
+  if not storage.exists(report_path):
     return f"(no report at {report_path}: the data was prepared by an older run)"
-  with open(report_path) as f:
-    report = json.load(f)
+  report = storage.read_json(report_path)
   lines = []
   for split, r in report["splits"].items():
     skipped = {k: v["count"] for k, v in r["rows_skipped"].items()}
@@ -87,7 +91,7 @@ def main(argv=None) -> int:
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--source", required=True, help="MELD-format folder (CSVs + clip folders)")
-  parser.add_argument("--data_dir", required=True, help="where TFDS writes the prepared data")
+  parser.add_argument("--data_dir", required=True, help="where TFDS writes the prepared data (a folder or gs://...)")
   parser.add_argument("--builder_config", default="meld", choices=[c.name for c in meld_format.BUILDER_CONFIGS])
   parser.add_argument("--num_workers", type=int, default=None, help="clip-decoding processes (default: all cores)")
   args = parser.parse_args(argv)

@@ -40,6 +40,13 @@ def test_model_cost_meets_its_bars(tmp_path):
   # The scorer over all 12 frames plus everything else stays well below 12 backbone frames.
   assert results["flops_forward_k12"] > 12 * results["flops_backbone_one_frame"]
   assert results["latency_ms_cpu_batch1_edge"] > 0
+  # The train step's program: the accelerator (reference) form has no slice per kernel tap or per column, so it is
+  # far smaller than the CPU-shaped xla form's and does not grow with the frames' width.
+  instructions, slices = results["train_step_hlo_instructions"], results["train_step_hlo_slices"]
+  cpu_shaped, accelerator = "xla (CPU-shaped)", "reference (accelerator)"
+  assert instructions[accelerator] < 0.7 * instructions[cpu_shaped]
+  assert slices[accelerator] < 100 < 1000 < slices[cpu_shaped]
+  assert results["train_step_hlo_instructions_reference_64px"] == instructions[accelerator]
 
 
 @pytest.mark.slow
@@ -48,7 +55,11 @@ def test_data_throughput_quick_mode_runs(tmp_path):
   print(results)
   readers = results["reader"]
   assert readers and all(r["clips"] > 0 and r["clips_per_s"] > 0 for r in readers.values())
-  assert results["tfdata_examples_per_s"] > 0
+  for key in ("raw_read_clips_per_s_per_core", "pipeline_clips_per_s_per_core", "pipeline_over_raw_ratio"):
+    assert results[key] > 0, key
+  assert results["cache_fill"]["clips_per_s"] > 0 and results["device_features_ms_per_batch"] > 0
+  assert results["pipeline"]["batch"]["waveform"] == [32, 64000]  # raw batches: int16 PCM, 4 s at 16 kHz
+  assert results["host_features_pipeline"]["clips_per_s"] > 0
 
 
 @pytest.mark.slow

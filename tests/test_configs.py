@@ -15,6 +15,7 @@ import jax
 import pytest
 
 from configs import default
+from mer_jax import ops as ops_lib
 from mer_jax.models import emotion_model as model_lib
 from mer_jax.training import run_config
 
@@ -28,13 +29,23 @@ CONFIG_NAMES = sorted(
 )
 
 
+# The arguments a config's get_config takes (configs/NAME.py:ARGUMENT); '' = none.
+CONFIG_ARGUMENTS = {"meld": ("", "accelerator")}
+CONFIGS = [(name, argument) for name in CONFIG_NAMES for argument in CONFIG_ARGUMENTS.get(name, ("",))]
+
+
+def get_config(name: str, argument: str = ""):
+  module = importlib.import_module(f"configs.{name}")
+  return module.get_config(argument) if argument else module.get_config()
+
+
 def test_there_are_configs():
   assert {"default", "base", "tiny"} <= set(CONFIG_NAMES)
 
 
-@pytest.mark.parametrize("name", CONFIG_NAMES)
-def test_get_config_builds_a_model(name):
-  config = importlib.import_module(f"configs.{name}").get_config()
+@pytest.mark.parametrize("name,argument", CONFIGS)
+def test_get_config_builds_a_model(name, argument):
+  config = get_config(name, argument)
   for key in ("model", "data", "seed", "batch_size", "eval_batch_size"):
     assert key in config, f"configs/{name}.py lacks {key}"
   assert 1 <= config.model.top_k <= config.data.num_frames
@@ -53,6 +64,72 @@ def test_get_config_builds_a_model(name):
   # The docstring holds the exact launch command.
   module = importlib.import_module(f"configs.{name}")
   assert f"configs/{name}.py" in (module.__doc__ or ""), f"configs/{name}.py docstring lacks its launch command"
+
+
+# Each config's steps at its batch size for the train split it is tuned on (the demo corpus: 2,000 clips; MELD: 9,989
+# utterances): the step counts these configs had before they were given in epochs, so trained results stay the same.
+# (config, argument, train examples) -> (steps per epoch, train steps, warmup, eval every, checkpoint every)
+RESOLVED_STEPS = {
+  ("default", "", 2000): (63, 3000, 200, 500, 500),
+  ("base", "", 2000): (63, 3000, 200, 500, 500),
+  ("demo", "", 2000): (63, 1200, 50, 100, 100),
+  ("tiny", "", 2000): (500, 3000, 200, 500, 500),
+  ("meld", "", 9989): (313, 10000, 500, 1000, 1000),
+  ("meld", "accelerator", 9989): (20, 639, 32, 64, 64),
+  ("meld_text", "", 9989): (313, 1872, 187, 312, 312),
+}
+
+
+@pytest.mark.parametrize("name,argument,examples", sorted(RESOLVED_STEPS))
+def test_configs_resolve_to_their_tuned_steps(name, argument, examples):
+  config = get_config(name, argument)
+  resolved = run_config.resolve_steps(config, examples)
+  fields = [steps_field for steps_field, _ in run_config.EPOCH_FIELDS]
+  per_epoch = run_config.steps_per_epoch(examples, config.batch_size)
+  assert (per_epoch, *(resolved[field] for field in fields)) == RESOLVED_STEPS[(name, argument, examples)]
+  assert all(config[field] == run_config.FROM_EPOCHS for field in fields)  # a copy: the config stays in epochs
+  assert run_config.steps_resolved(resolved) and not run_config.steps_resolved(config)
+
+
+def test_steps_follow_the_batch_size_and_explicit_steps_win(caplog):
+  config = get_config("meld")
+  small, large = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+  large.batch_size = 512
+  with caplog.at_level("INFO"):
+    small, large = run_config.resolve_steps(small, 512 * 20), run_config.resolve_steps(large, 512 * 20)
+  assert "10240 train examples / global batch 512 = 20 steps per epoch; num_train_steps=639" in caplog.text
+  for steps_field, _ in run_config.EPOCH_FIELDS:  # the same epochs: 16x fewer steps of a 16x larger batch
+    assert small[steps_field] == pytest.approx(16 * large[steps_field], rel=0.01), steps_field
+  # Steps set explicitly (--config.num_train_steps=2 in the tests) win; warmup may be 0; the rest from epochs.
+  config.num_train_steps, config.warmup_steps = 2, 0
+  resolved = run_config.resolve_steps(config, 9989)
+  assert (resolved.num_train_steps, resolved.warmup_steps, resolved.eval_every_steps) == (2, 0, 1000)
+  config.eval_every_epochs = 0.001  # never fewer than 1 step between evaluations
+  assert run_config.resolve_steps(config, 9989).eval_every_steps == 1
+  config.num_train_steps, config.num_epochs = -1, 0.0
+  with pytest.raises(ValueError, match=r"config.num_train_steps=-1 .* --config.num_epochs"):
+    run_config.resolve_steps(config, 9989)
+  with pytest.raises(ValueError, match="has no examples"):
+    run_config.resolve_steps(config, 0)
+  with pytest.raises(ValueError, match="unknown variant"):
+    get_config("meld", "tpu")
+
+
+def test_the_accelerator_recipe_scales_batch_and_learning_rates():
+  cpu, accelerator = get_config("meld"), get_config("meld", "accelerator")
+  assert (accelerator.batch_size, accelerator.model.dtype) == (512, "bfloat16")
+  assert accelerator.learning_rate == pytest.approx(4 * cpu.learning_rate)  # sqrt(512 / 32)
+  assert accelerator.scorer_word_learning_rate == pytest.approx(4 * cpu.scorer_word_learning_rate)
+  for _, epochs_field in run_config.EPOCH_FIELDS:
+    assert accelerator[epochs_field] == cpu[epochs_field], epochs_field
+
+
+def test_step_options_of_a_config_in_epochs_read_it_at_the_demo_size():
+  """Benchmarks build steps from a config file without data: its epochs are read at the demo corpus's size."""
+  from mer_jax.training import options
+
+  step_options = options.step_options(get_config("default"), ops=ops_lib.REFERENCE)
+  assert (step_options.num_train_steps, step_options.warmup_steps) == (3000, 200)
 
 
 def test_heads_follow_the_data_tasks_and_classes():

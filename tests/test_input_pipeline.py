@@ -102,7 +102,11 @@ FEATURES = tfds.features.FeaturesDict(
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
   """(data_dir, {split: {id: example}}) of a TFDS dataset written once for this module."""
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  return write_prepared(str(tmp_path_factory.mktemp("tfds")))
+
+
+def write_prepared(data_dir: str) -> tuple:
+  """Writes the synthetic prepared dataset under `data_dir` -> (data_dir, {split: {id: example}})."""
   splits = {"train": make_examples("train", NUM_TRAIN, 0), "validation": make_examples("validation", NUM_VAL, 1)}
   tfds.dataset_builders.store_as_tfds_dataset(
     name="synthetic_prepared",

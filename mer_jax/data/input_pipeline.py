@@ -106,6 +106,20 @@ class TokenTable:
     )
     return tf.gather(self._ids, row), tf.gather(self._mask, row)
 
+  def lookup_batch(self, example_ids: tf.Tensor, example_mask: tf.Tensor) -> tuple:
+    """(B,) string ids, (B,) bool -> (ids (B, L) int32, mask (B, L) bool); padding rows (example_mask False,
+    whose ids are in no table) get zeros."""
+    rows = self._table.lookup(example_ids)
+    tf.debugging.assert_equal(
+      tf.logical_or(rows >= 0, tf.logical_not(example_mask)),
+      True,
+      message="example id missing from the token table (was it built from this split?)",
+    )
+    keep = rows >= 0
+    rows = tf.maximum(rows, 0)
+    ids = tf.where(keep[:, None], tf.gather(self._ids, rows), 0)
+    return ids, tf.logical_and(keep[:, None], tf.gather(self._mask, rows))
+
 
 def build_token_table(meta: dict, data_config: Any, tokenize_fn: TokenizeFn | None = None) -> TokenTable:
   """`meta`: numpy arrays per META_KEYS for a whole split -> TokenTable (one tokenizer call)."""

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 import tqdm
 
 from mer_jax import errors
+from mer_jax import storage
 from mer_jax.data import clip_reader
 from mer_jax.data import labels
 from mer_jax.data import text_normalize
@@ -240,6 +241,11 @@ def example_features(fmt: CsvFormat):
   import tensorflow_datasets as tfds
 
   t, s = fmt.num_frames, fmt.frame_size
+  # Frames and int16 audio are stored as raw bytes (Encoding.BYTES: one decode_raw, a copy, to read). Encoding.NONE
+  # stores each value as an int64 varint and zlib costs an inflate per read: the old zlib frames + varint audio read
+  # at 0.4x the rate of raw bytes (docs/INPUT_PIPELINE.md). Text-only data keeps zlib: its frames are all zeros,
+  # which then cost nothing on disk. Data prepared before keeps its encoding: TFDS reads it from its features.json.
+  frames_encoding = tfds.features.Encoding.ZLIB if fmt.text_only else tfds.features.Encoding.BYTES
   return tfds.features.FeaturesDict(
     {
       "id": tfds.features.Text(),
@@ -247,11 +253,11 @@ def example_features(fmt: CsvFormat):
       "speaker": tfds.features.Text(),
       "dialogue_id": tfds.features.Scalar(np.int32),
       "utterance_id": tfds.features.Scalar(np.int32),
-      # zlib: text-only and broken clips are all-zero frames, which then cost nothing.
-      "frames": tfds.features.Tensor(shape=(t, s, s, 1), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB),
+      "frames": tfds.features.Tensor(shape=(t, s, s, 1), dtype=np.uint8, encoding=frames_encoding),
       "frame_times": tfds.features.Tensor(shape=(t,), dtype=np.float32),
       "face_found": tfds.features.Tensor(shape=(t,), dtype=np.bool_),
-      "audio": tfds.features.Audio(shape=(None,), dtype=np.int16, sample_rate=fmt.sample_rate),
+      # A Tensor, not tfds's Audio feature: Audio ignores its encoding for arrays and stores int64 varints.
+      "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16, encoding=tfds.features.Encoding.BYTES),
       "has_video": tfds.features.Scalar(np.bool_),
       "has_audio": tfds.features.Scalar(np.bool_),
       "labels": tfds.features.FeaturesDict({task: tfds.features.Scalar(np.int32) for task in fmt.task_names()}),
@@ -318,6 +324,5 @@ def prepare_split(
     "clip_read_config": dataclasses.asdict(fmt.clip_read_config()),
     "splits": {split: report.data},
   }
-  with open(os.path.join(builder.data_dir, REPORT_FILE), "w") as f:
-    json.dump(summary, f, indent=1)
+  storage.write_json(os.path.join(builder.data_dir, REPORT_FILE), summary)  # data_dir may be gs://
   return builder, report.data

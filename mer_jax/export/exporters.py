@@ -39,6 +39,7 @@ import numpy as np
 
 from mer_jax import errors
 from mer_jax import ops as ops_lib
+from mer_jax import storage
 from mer_jax import tools
 from mer_jax.export import metadata as export_metadata
 from mer_jax.export import parity as parity_lib
@@ -228,7 +229,7 @@ def export_model(
   clip_config: tuple[dict, str] | None = None,
   accuracy_data: tuple[str, list] | None = None,
 ) -> dict:
-  """Writes the exports, metadata.json and parity.json into `out_dir`; returns the parity dict.
+  """Writes the exports, metadata.json and parity.json into `out_dir` (a folder or gs://...); returns the parity dict.
 
   `quantize` applies to TFLite (model.tflite, model_fp16.tflite, model_int8.tflite); ONNX and SavedModel
   are fp32. `examples_source` says in parity.json where `examples` came from. `accuracy_data`: (split,
@@ -236,71 +237,72 @@ def export_model(
   Raises ParityError when an fp32 export misses the bar (written to parity.json first).
   """
   check_choices(formats, quantize)
-  os.makedirs(out_dir, exist_ok=True)
-  variables = jax.device_get(variables)
-  if examples is None:
-    examples, examples_source = parity_lib.make_examples(config), "random inputs (make_examples)"
-  reference = jax_reference(config, variables, examples)
-  names = output_names(config)
-  jobs = []  # (key, file name, writer, fp32)
-  if "onnx" in formats:
-    jobs.append(("onnx", "model.onnx", export_onnx, True))
-  if "tflite" in formats:
-    for q in quantize:
-      file_name = "model.tflite" if q == "none" else f"model_{q}.tflite"
-      writer = lambda c, v, p, q=q: export_tflite(c, v, p, q, tflite_batch_size)
-      jobs.append(("tflite" if q == "none" else f"tflite_{q}", file_name, writer, q == "none"))
-  if "savedmodel" in formats:
-    jobs.append(("savedmodel", "saved_model", export_savedmodel, True))
+  # The runtimes load local files (ONNX Runtime, LiteRT): a gs:// out_dir gets the files when the block ends.
+  with storage.local_output_dir(out_dir) as folder:
+    variables = jax.device_get(variables)
+    if examples is None:
+      examples, examples_source = parity_lib.make_examples(config), "random inputs (make_examples)"
+    reference = jax_reference(config, variables, examples)
+    names = output_names(config)
+    jobs = []  # (key, file name, writer, fp32)
+    if "onnx" in formats:
+      jobs.append(("onnx", "model.onnx", export_onnx, True))
+    if "tflite" in formats:
+      for q in quantize:
+        file_name = "model.tflite" if q == "none" else f"model_{q}.tflite"
+        writer = lambda c, v, p, q=q: export_tflite(c, v, p, q, tflite_batch_size)
+        jobs.append(("tflite" if q == "none" else f"tflite_{q}", file_name, writer, q == "none"))
+    if "savedmodel" in formats:
+      jobs.append(("savedmodel", "saved_model", export_savedmodel, True))
 
-  parity = {
-    "examples": int(len(examples["frames"])),
-    "examples_source": examples_source or "given by the caller",
-    "tolerance_fp32": parity_lib.FP32_TOLERANCE,
-    "versions": _versions(),
-    "formats": {},
-  }
-  failures, runners = [], {}
-  jobs_bar = progress.bar(jobs, total=len(jobs), description="export + parity", unit="format")
-  for key, file_name, writer, fp32 in jobs_bar:
-    jobs_bar.set_postfix_str(key, refresh=True)
-    path = os.path.join(out_dir, file_name)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    started = time.perf_counter()
-    writer(config, variables, path)
-    exported = time.perf_counter()
-    runners[key] = runtimes.loaded_runner(key, path, names)
-    got = runners[key](examples)
-    report = parity_lib.compare(config, reference, got)
-    report.update(
-      file=file_name,
-      bytes=_size(path),
-      fp32=fp32,
-      export_seconds=round(exported - started, 1),
-      run_seconds=round(time.perf_counter() - exported, 1),
-    )
-    if key.startswith("tflite"):
-      report["runtime"] = runtimes.tflite_interpreter(path)[1]
-    parity["formats"][key] = report
-    if fp32 and not report["passed_fp32_bar"]:
-      failures.append(
-        f"{key}: max |delta| {report['max_abs_delta']:.3g}, classes "
-        f"{report['class_agreement']}, frames {report['selected_indices_agreement']}"
+    parity = {
+      "examples": int(len(examples["frames"])),
+      "examples_source": examples_source or "given by the caller",
+      "tolerance_fp32": parity_lib.FP32_TOLERANCE,
+      "versions": _versions(),
+      "formats": {},
+    }
+    failures, runners = [], {}
+    jobs_bar = progress.bar(jobs, total=len(jobs), description="export + parity", unit="format")
+    for key, file_name, writer, fp32 in jobs_bar:
+      jobs_bar.set_postfix_str(key, refresh=True)
+      path = os.path.join(folder, file_name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      started = time.perf_counter()
+      writer(config, variables, path)
+      exported = time.perf_counter()
+      runners[key] = runtimes.loaded_runner(key, path, names)
+      got = runners[key](examples)
+      report = parity_lib.compare(config, reference, got)
+      report.update(
+        file=file_name,
+        bytes=_size(path),
+        fp32=fp32,
+        export_seconds=round(exported - started, 1),
+        run_seconds=round(time.perf_counter() - exported, 1),
       )
-  if accuracy_data is not None:
-    jax_runner = lambda inputs: jax_reference(config, variables, inputs)
-    parity["accuracy"] = parity_lib.accuracy_report(config, jax_runner, runners, *accuracy_data)
-  with open(os.path.join(out_dir, "parity.json"), "w") as f:
-    json.dump(parity, f, indent=2)
-  export_metadata.write_metadata(config, variables, out_dir, parity, tflite_batch_size, classes, source, clip_config)
-  if failures:
-    raise parity_lib.ParityError(
-      "Export does not reproduce the JAX model (bar: max |delta| <= "
-      f"{parity_lib.FP32_TOLERANCE}, identical classes): "
-      + "; ".join(failures)
-      + f". Details in {os.path.join(out_dir, 'parity.json')}."
-    )
+      if key.startswith("tflite"):
+        report["runtime"] = runtimes.tflite_interpreter(path)[1]
+      parity["formats"][key] = report
+      if fp32 and not report["passed_fp32_bar"]:
+        failures.append(
+          f"{key}: max |delta| {report['max_abs_delta']:.3g}, classes "
+          f"{report['class_agreement']}, frames {report['selected_indices_agreement']}"
+        )
+    if accuracy_data is not None:
+      jax_runner = lambda inputs: jax_reference(config, variables, inputs)
+      parity["accuracy"] = parity_lib.accuracy_report(config, jax_runner, runners, *accuracy_data)
+    with open(os.path.join(folder, "parity.json"), "w") as f:
+      json.dump(parity, f, indent=2)
+    export_metadata.write_metadata(config, variables, folder, parity, tflite_batch_size, classes, source, clip_config)
+    if failures:
+      raise parity_lib.ParityError(
+        "Export does not reproduce the JAX model (bar: max |delta| <= "
+        f"{parity_lib.FP32_TOLERANCE}, identical classes): "
+        + "; ".join(failures)
+        + f". Details in {os.path.join(out_dir, 'parity.json')}."
+      )
   return parity
 
 

@@ -23,6 +23,15 @@ from mer_jax.ops.cpu import build as cpu_build
 
 CHOICES = ("auto", "reference", "xla", "cpu_ffi")
 
+# XLA:GPU options of every form on GPU, for the train step (`compiler_options("train")`) and for the eval step and
+# forward passes (`compiler_options("forward")`). Triton's GEMM fusion aborted XLA while it compiled the edge model's
+# batch-1 eval forward with jax 0.11.2 (`triton_tiling_propagation.cc:698 Check failed`, docs/PERFORMANCE.md); with
+# it off the train step ran 1% slower (18,948 against 19,135 clips/s on one H200). Per jit, not XLA_FLAGS: the
+# process environment stays the user's.
+GPU_COMPILER_OPTIONS = (("xla_gpu_enable_triton_gemm", False),)
+
+CompilerOptions = tuple[tuple[str, str | bool | int], ...]
+
 
 @dataclasses.dataclass(frozen=True)
 class Ops:
@@ -42,11 +51,19 @@ class Ops:
   dropout_keep_mask: Callable  # (key, rate, shape) -> bool mask, True with probability 1 - rate
   frame_gather: Callable  # (selection, frames) -> (B, K, H, W, 1) in the selection's dtype
   straight_through_topk: Callable  # (scores, k, temperature) -> exact K-hot (B, K, T), soft gradient
-  # (option, value) pairs for compiling the train step: only for the backend the form was tuned on.
-  train_compiler_options: tuple[tuple[str, str], ...] = ()
+  # (option, value) pairs for compiling the train step, and the eval step and forward passes: XLA debug options
+  # (jax.jit's compiler_options) of the backend `choose` picked the form for.
+  train_compiler_options: CompilerOptions = ()
+  forward_compiler_options: CompilerOptions = ()
+  # How the train / eval step computes log-mel and audio jitter from raw batches (mer_jax.data.device_features):
+  # 'cpu' (FFT, a loop over clips) or 'accelerator' (a DFT matmul and batched jitter, which shard over the batch).
+  feature_form: str = "cpu"
 
-  def compiler_options(self) -> dict[str, str] | None:
-    return dict(self.train_compiler_options) or None
+  def compiler_options(self, program: str = "train") -> dict[str, str | bool | int] | None:
+    """jax.jit's compiler_options for the 'train' step or a 'forward' pass (eval step, prediction); None: none."""
+    if program not in ("train", "forward"):
+      raise ValueError(f"program={program!r}; use 'train' or 'forward'.")
+    return dict(self.train_compiler_options if program == "train" else self.forward_compiler_options) or None
 
 
 REFERENCE = Ops(
@@ -96,7 +113,9 @@ def choose(choice: str, *, platform: str | None = None, device_count: int | None
 
   'auto': cpu_ffi on one CPU device in float32 where the kernels build; xla on other CPU set-ups (several devices:
   an FFI call has no partitioning rule; bf16; no compiler); reference on GPUs and TPUs, where the CPU-shaped forms
-  were never measured faster. An explicit choice that cannot run here raises with the reason.
+  were never measured faster. An explicit choice that cannot run here raises with the reason. The form carries the
+  compiler options of `platform` (XLA:CPU's for the xla and cpu_ffi forms on CPU, GPU_COMPILER_OPTIONS on GPU) and
+  its feature form ('accelerator' off the CPU).
   """
   platform = platform or jax.default_backend()
   device_count = jax.device_count() if device_count is None else device_count
@@ -104,7 +123,7 @@ def choose(choice: str, *, platform: str | None = None, device_count: int | None
     raise ValueError(f"config.model.ops={choice!r}; use one of {', '.join(CHOICES)}.")
   if choice == "auto":
     if platform != "cpu":
-      return REFERENCE
+      return _for_platform(REFERENCE, platform)
     if device_count == 1 and dtype == "float32" and cpu_build.available():
       return CPU_FFI
     return XLA
@@ -118,10 +137,17 @@ def choose(choice: str, *, platform: str | None = None, device_count: int | None
       problem = cpu_build.unavailable_reason()
     if problem:
       raise ValueError(f"config.model.ops='cpu_ffi' cannot run here: {problem}. Use 'auto' or 'xla'.")
-  ops = FORMS[choice]
-  if platform != "cpu":  # the forms' compiler options are XLA:CPU's
-    ops = dataclasses.replace(ops, train_compiler_options=())
-  return ops
+  return _for_platform(FORMS[choice], platform)
+
+
+def _for_platform(ops: Ops, platform: str) -> Ops:
+  """`ops` with the compiler options of `platform`: the forms' own are XLA:CPU's, kept on CPU only."""
+  if platform == "cpu":
+    return ops
+  options = GPU_COMPILER_OPTIONS if platform == "gpu" else ()
+  return dataclasses.replace(
+    ops, train_compiler_options=options, forward_compiler_options=options, feature_form="accelerator"
+  )
 
 
 def choose_for_mesh(choice: str, mesh: jax.sharding.Mesh, dtype: str = "float32") -> Ops:

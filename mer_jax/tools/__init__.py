@@ -14,10 +14,15 @@ def hide_accelerators_from_tensorflow() -> None:
 
 
 def check_output_folder(path: str, flag: str = "--out") -> None:
-  """Raises InvalidInput when folder `path` cannot be made or written: it, or the nearest existing path above
-  it, is a file. Tools call it before the long work, so that the result is not lost at the end."""
+  """Raises InvalidInput when folder `path` (local or gs://) cannot be made or written: it, or the nearest existing
+  path above it, is a file. Tools call it before the long work, so that the result is not lost at the end."""
   from mer_jax import errors
+  from mer_jax import storage
 
+  if storage.is_remote(path):  # a bucket makes any folder on write; only an object of that very name is in the way
+    if storage.is_file(path):
+      raise errors.InvalidInput(f"{flag} {path}: that is a file, not a folder; pass a folder path.")
+    return
   existing = os.path.abspath(path)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)

@@ -96,7 +96,8 @@ def run_variant(
     return row
   workdir = os.path.join(workdir_root, name)
   start = time.perf_counter()
-  train.train_and_evaluate(config, workdir)
+  result = train.train_and_evaluate(config, workdir)
+  row["steps"] = int(result["step"])  # the steps the config's epochs resolved to, when --steps is not given
   row["train_seconds"] = round(time.perf_counter() - start, 1)
   result = report.report_run(
     workdir, None, split=config.eval_split, max_examples=max_examples, seed=seed, faithfulness=faithfulness

@@ -31,6 +31,7 @@ import tempfile
 from typing import Any
 
 from mer_jax import errors
+from mer_jax import storage
 from mer_jax import tools
 
 SPLIT = "eval"
@@ -67,7 +68,11 @@ def csv_format(config, with_clips: bool):
 
 
 def check_inputs(csv_path: str, clips_dir: str | None, keep_dir: str | None = None) -> None:
-  """Raises a UserError for a --csv, --clips or --keep-prepared that cannot be used, before the run is loaded."""
+  """Raises a UserError for a --csv, --clips or --keep-prepared that cannot be used, before the run is loaded.
+  --keep-prepared may be a gs:// folder; the CSV and clips must be local (they are decoded here)."""
+  storage.require_local(csv_path, "--csv")
+  if clips_dir is not None:
+    storage.require_local(clips_dir, "--clips")
   if not os.path.isfile(csv_path):
     raise errors.PathNotFound(
       f"--csv {csv_path} is not a file; pass a MELD-format CSV (Utterance, Speaker, "
@@ -78,12 +83,12 @@ def check_inputs(csv_path: str, clips_dir: str | None, keep_dir: str | None = No
       f"--clips {clips_dir} is not a folder; pass the folder of the CSV's clips (named by the run's "
       "config.data.clip_pattern), or leave it out for a text-only evaluation."
     )
-  if keep_dir is not None and os.path.exists(os.path.join(keep_dir, "tfds")):
+  if keep_dir is not None and storage.exists(os.path.join(keep_dir, "tfds")):
     raise errors.InvalidInput(
       f"--keep-prepared {keep_dir} already holds prepared data (tfds/); pass a new or empty "
       "folder, so that nothing prepared from another CSV is read by mistake."
     )
-  if keep_dir is not None and os.path.exists(keep_dir) and not os.path.isdir(keep_dir):
+  if keep_dir is not None and storage.is_file(keep_dir):
     raise errors.InvalidInput(f"--keep-prepared {keep_dir} is a file; pass a new or empty folder.")
 
 
@@ -93,7 +98,7 @@ def prepare_csv(config, csv_path: str, clips_dir: str | None, work_dir: str) -> 
 
   check_inputs(csv_path, clips_dir, work_dir)
   data_dir = os.path.join(work_dir, "tfds")
-  os.makedirs(data_dir)
+  storage.make_dirs(data_dir)
   _, report = meld_csv.prepare_split(
     csv_path,
     clips_dir,

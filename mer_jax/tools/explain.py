@@ -19,8 +19,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
 
 from mer_jax import errors  # noqa: E402
+from mer_jax import storage  # noqa: E402
 from mer_jax import tools  # noqa: E402
 
 CHOSEN_COLOUR = "#d62728"
@@ -142,12 +144,12 @@ def show_prediction_sample(
     label = entry.get("label", "none")
     axis.set_title(f"{task}: predicted {entry['predicted']}, label {label}", fontsize=9)
     axis.tick_params(labelsize=7)
-  os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-  figure.savefig(out_png, dpi=90)
+  storage.make_dirs(storage.parent(out_png))
+  with epath.Path(out_png).open("wb") as f:  # a local path or gs://; the format follows the name, as savefig's
+    figure.savefig(f, format=os.path.splitext(out_png)[1].lstrip(".").lower() or "png", dpi=90)
   plt.close(figure)
   out_json = out_json or os.path.splitext(out_png)[0] + ".json"
-  with open(out_json, "w") as f:
-    json.dump(record, f, indent=2)
+  storage.write_json(out_json, record, indent=2)
   return record
 
 
@@ -199,9 +201,9 @@ def find_example(config, data_dir: str, split: str, example_id: str) -> tuple[di
 
 def check_output(out_png: str) -> None:
   """Raises InvalidInput for an --out the PNG cannot be written to (a folder, or a path under a file)."""
-  if os.path.isdir(out_png):
+  if storage.is_dir(out_png):
     raise errors.InvalidInput(f"--out {out_png} is a folder; pass the PNG's path, e.g. {out_png}/explanation.png.")
-  tools.check_output_folder(os.path.dirname(os.path.abspath(out_png)), "--out")
+  tools.check_output_folder(storage.parent(out_png), "--out")
 
 
 def explain_example(
@@ -246,8 +248,7 @@ def explain_example(
   record["checkpoint"] = run.source
   if out_json is None:
     out_json = os.path.splitext(out_png)[0] + ".json"
-  with open(out_json, "w") as f:
-    json.dump(record, f, indent=2)
+  storage.write_json(out_json, record, indent=2)
   return record
 
 

@@ -24,8 +24,10 @@ import sys
 from typing import Any, Sequence
 
 import numpy as np
+from etils import epath
 
 from mer_jax import errors
+from mer_jax import storage
 from mer_jax import tools
 from mer_jax.tools import explain
 from mer_jax.tools import progress
@@ -267,14 +269,13 @@ def load_sidecar(config, split: str) -> tuple[dict | None, str]:
   source = config.data.get("source_dir") or ""
   if not source:
     return None, "config.data.source_dir is empty, so there is no ground-truth sidecar (real data such as MELD)."
-  path = os.path.join(os.path.expanduser(source), f"{split}_ground_truth.jsonl")
-  if not os.path.isfile(path):
+  path = os.path.join(os.path.expanduser(source), f"{split}_ground_truth.jsonl")  # a local folder or gs://
+  if not storage.is_file(path):
     return None, (
       f"{path} does not exist: the dataset has no ground truth for frames or corruptions "
       "(only the generated demo corpus has one)."
     )
-  with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
   return {r["id"]: r for r in records}, f"ground truth read from {path}"
 
 
@@ -411,23 +412,23 @@ def _jsonable(value):
 
 
 def write_report(result: dict, data: dict, config, out_dir: str) -> dict:
-  """claims.json, report.md and the PNGs into `out_dir`; returns the names of the plots."""
-  os.makedirs(out_dir, exist_ok=True)
+  """claims.json, report.md and the PNGs into `out_dir` (a folder or gs://...); returns the names of the plots."""
   sidecar, _ = load_sidecar(config, result["split"])
-  plots = {
-    "selection": plot_selection(
-      result["selection_histogram"], result["top_k"], os.path.join(out_dir, "selection_positions.png")
-    ),
-    "modalities": plot_modalities(data, sidecar, os.path.join(out_dir, "modalities.png")),
-  }
-  for task, report in result["tasks"].items():
-    plots[f"task_{task}"] = plot_task(task, report, os.path.join(out_dir, f"task_{task}.png"))
-  if result["faithfulness"] is not None:
-    plots["faithfulness"] = plot_faithfulness(result["faithfulness"], os.path.join(out_dir, "faithfulness.png"))
-  result["plots"] = plots
-  with open(os.path.join(out_dir, "claims.json"), "w") as f:
-    json.dump(_jsonable(result), f, indent=1)
-  write_markdown(result, plots, os.path.join(out_dir, "report.md"))
+  with storage.local_output_dir(out_dir) as folder:  # matplotlib writes local files: uploaded at the end
+    plots = {
+      "selection": plot_selection(
+        result["selection_histogram"], result["top_k"], os.path.join(folder, "selection_positions.png")
+      ),
+      "modalities": plot_modalities(data, sidecar, os.path.join(folder, "modalities.png")),
+    }
+    for task, report in result["tasks"].items():
+      plots[f"task_{task}"] = plot_task(task, report, os.path.join(folder, f"task_{task}.png"))
+    if result["faithfulness"] is not None:
+      plots["faithfulness"] = plot_faithfulness(result["faithfulness"], os.path.join(folder, "faithfulness.png"))
+    result["plots"] = plots
+    with open(os.path.join(folder, "claims.json"), "w") as f:
+      json.dump(_jsonable(result), f, indent=1)
+    write_markdown(result, plots, os.path.join(folder, "report.md"))
   return plots
 
 
@@ -455,7 +456,7 @@ def report_run(
   data = collect(
     config, run.variables, run.data_dir(), split, max_examples=max_examples, seed=seed, faithfulness=faithfulness
   )
-  result = {"workdir": os.path.abspath(workdir), "split": split, "seed": seed, "checkpoint": run.source}
+  result = {"workdir": storage.absolute_path(workdir), "split": split, "seed": seed, "checkpoint": run.source}
   result.update(measure(config, data, export_metadata.class_names(config, run.best), split))
   if out_dir:
     write_report(result, data, config, out_dir)

@@ -12,7 +12,6 @@ without metrics only count as "latest"). Saves are asynchronous; `close()` waits
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 from typing import Any, Callable
@@ -25,15 +24,14 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from mer_jax import errors
+from mer_jax import storage
 
 # Model fields that change neither the parameter tree nor its shapes: a run may resume with new values.
 RESUMABLE_MODEL_FIELDS = frozenset({"dtype", "dropout_rate", "selection_temperature", "ops"})
 
 
-def absolute_path(path: str) -> str:
-  """Local paths made absolute (with ~ expanded); URLs such as gs://bucket/run are kept as they are."""
-  path = str(path)
-  return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+# Local paths made absolute (with ~ expanded); URLs such as gs://bucket/run are kept as they are.
+absolute_path = storage.absolute_path
 
 
 class IncompatibleCheckpointError(errors.InvalidInput):

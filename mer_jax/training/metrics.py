@@ -22,6 +22,8 @@ import numpy as np
 from clu import metrics as clu_metrics
 from etils import epath
 
+from mer_jax import storage
+
 
 def valid_rows(labels: jax.Array, example_mask: jax.Array) -> jax.Array:
   """(B,) bool: rows with a label for the task that are real examples."""
@@ -225,7 +227,4 @@ class EvalLog:
   def _write(self, name: str, record: dict) -> None:
     if not self.write:
       return
-    self.eval_dir.mkdir(parents=True, exist_ok=True)
-    temporary = self.eval_dir / (name + ".tmp")
-    temporary.write_text(json.dumps(record, indent=1))
-    os.replace(temporary, self.eval_dir / name)  # atomic, overwrites: never a half-written file
+    storage.write_json(os.fspath(self.eval_dir / name), record)  # whole or not at all: never a half-written file

@@ -7,9 +7,12 @@ import dataclasses
 import ml_collections
 
 from mer_jax import ops as ops_lib
+from mer_jax.training import run_config
 
 # The config.data fields that decide input shapes (all that the model's init reads).
 SHAPE_DATA_FIELDS = ("num_frames", "frame_size", "sample_rate", "max_audio_seconds", "num_mel_bins", "max_text_length")
+# Optional config.data fields of the log-mel (features._mel_params), which the step computes from raw batches.
+FEATURE_DATA_FIELDS = ("mel_frame_length", "mel_frame_step", "fft_length", "mel_lower_hz", "mel_upper_hz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,13 +35,18 @@ class StepOptions:
   frame_relevance_weight: float
   scorer_word_learning_rate: float
   ops: ops_lib.Ops = ops_lib.REFERENCE  # the ops form the run chose (mer_jax.ops.choose)
+  augment: bool = False  # config.data.augment: the train step jitters raw batches (device_features.augment)
 
 
 def step_options(
   config: ml_collections.ConfigDict, class_weights: dict | None = None, ops: ops_lib.Ops | None = None
 ) -> StepOptions:
   """StepOptions of a full config; `class_weights` from `losses.class_weights_for`, `ops` from `ops.choose` (by
-  default the form `config.model.ops` picks for JAX's default backend and all its devices)."""
+  default the form `config.model.ops` picks for JAX's default backend and all its devices). The schedule's steps
+  are the config's; a config still in epochs (training resolves it against its train split first) is read at
+  run_config.DEFAULT_TRAIN_EXAMPLES, the demo corpus's size."""
+  if not run_config.steps_resolved(config):
+    config = run_config.resolve_steps(config, run_config.DEFAULT_TRAIN_EXAMPLES)
   if ops is None:
     ops = ops_lib.choose(config.model.ops, dtype=config.model.dtype)
   tasks = tuple((task, int(n)) for task, n in config.model.tasks.items())
@@ -46,7 +54,10 @@ def step_options(
   class_weights = class_weights or {}
   return StepOptions(
     model=ml_collections.FrozenConfigDict(config.model),
-    data=ml_collections.FrozenConfigDict({k: config.data[k] for k in SHAPE_DATA_FIELDS}),
+    data=ml_collections.FrozenConfigDict(
+      {k: config.data[k] for k in SHAPE_DATA_FIELDS}
+      | {k: config.data[k] for k in FEATURE_DATA_FIELDS if k in config.data}
+    ),
     tasks=tasks,
     task_weights=tuple(float(task_weights.get(task, 1.0)) for task, _ in tasks),
     class_weights=tuple(
@@ -63,4 +74,5 @@ def step_options(
     frame_relevance_weight=float(config.frame_relevance_weight),
     scorer_word_learning_rate=float(config.scorer_word_learning_rate),
     ops=ops,
+    augment=bool(config.data.get("augment", False)),
   )

@@ -130,3 +130,81 @@ def resolve_tasks(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     resolved.best_metric = f"{next(iter(sizes))}/{metric or 'weighted_f1'}"
     logging.info("config.best_metric=%r names no trained task: using %r.", config.best_metric, resolved.best_metric)
   return resolved
+
+
+# ----------------------------------------------------------------------------- training length in epochs
+
+# (steps field, epochs field). Configs give the epochs; training turns them into steps of the global batch for the
+# train split it reads (`resolve_steps`), so a batch 16x larger trains the same epochs in 16x fewer steps. A steps
+# field set explicitly (> 0; for warmup >= 0) wins, e.g. --config.num_train_steps=20 for a smoke run.
+EPOCH_FIELDS = (
+  ("num_train_steps", "num_epochs"),
+  ("warmup_steps", "warmup_epochs"),
+  ("eval_every_steps", "eval_every_epochs"),
+  ("checkpoint_every_steps", "checkpoint_every_epochs"),
+)
+FROM_EPOCHS = -1  # a steps field's value meaning "from its epochs field"
+
+# The train split's size that configs/default.py's epochs are read at where no data says it: the demo corpus's
+# 2,000 train clips, which the default config trains on. Only StepOptions of a config that training never resolved
+# use it (benchmarks, restoring a state's shapes); train_and_evaluate always resolves against its train split.
+DEFAULT_TRAIN_EXAMPLES = 2000
+
+
+def steps_per_epoch(num_train_examples: int, batch_size: int) -> int:
+  """Steps of the global batch in one pass over the train split: ceil(examples / batch_size)."""
+  return -(-int(num_train_examples) // int(batch_size))
+
+
+def _given(steps_field: str, value) -> bool:
+  """Whether a steps field holds a step count of its own (warmup may be 0 steps; the others need at least 1)."""
+  return value is not None and (int(value) >= 0 if steps_field == "warmup_steps" else int(value) > 0)
+
+
+def steps_resolved(config: ml_collections.ConfigDict) -> bool:
+  """Whether every field of EPOCH_FIELDS holds steps (a config `resolve_steps` returned, or one set in steps)."""
+  return all(_given(steps_field, config.get(steps_field)) for steps_field, _ in EPOCH_FIELDS)
+
+
+def resolve_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> ml_collections.ConfigDict:
+  """A copy of `config` whose steps fields (EPOCH_FIELDS) hold the steps the run takes, for a train split of
+  `num_train_examples` read in global batches of config.batch_size.
+
+  steps = round(epochs * steps_per_epoch) with steps_per_epoch = ceil(num_train_examples / batch_size); at least
+  1 (warmup: 0). A steps field that already holds steps is kept, and its epochs field is then not read. Logs the
+  result in one line; config.json records the resolved steps. Raises InvalidInput on an empty split, or when a
+  field has neither steps nor positive epochs.
+  """
+  if int(num_train_examples) <= 0:
+    raise errors.InvalidInput(
+      f"The train split {config.get('train_split', 'train')!r} has no examples: prepare the data again, or set "
+      "config.train_split to a split that has some."
+    )
+  per_epoch = steps_per_epoch(num_train_examples, config.batch_size)
+  resolved = config.copy_and_resolve_references()
+  parts, given = [], []
+  with resolved.unlocked():
+    for steps_field, epochs_field in EPOCH_FIELDS:
+      steps = config.get(steps_field)
+      if _given(steps_field, steps):
+        given.append(steps_field)
+        steps = int(steps)
+      else:
+        epochs, least = config.get(epochs_field), 0 if steps_field == "warmup_steps" else 1
+        if epochs is None or float(epochs) < 0 or (least and float(epochs) == 0):
+          raise errors.InvalidInput(
+            f"config.{steps_field}={steps} asks for steps from config.{epochs_field}={epochs}; set "
+            f"--config.{epochs_field} to a positive number of epochs, or --config.{steps_field} to steps."
+          )
+        steps = max(least, round(float(epochs) * per_epoch))
+      resolved[steps_field] = steps
+      parts.append(f"{steps_field}={steps} ({steps / per_epoch:.4g} epochs)")
+  logging.info(
+    "Steps: %d train examples / global batch %d = %d steps per epoch; %s%s.",
+    num_train_examples,
+    config.batch_size,
+    per_epoch,
+    ", ".join(parts),
+    f"; set in steps: {', '.join(given)}" if given else "",
+  )
+  return resolved

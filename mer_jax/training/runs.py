@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 from typing import Any
 
 import ml_collections
 
 from mer_jax import errors
+from mer_jax import storage
 from mer_jax.training import checkpoint as checkpoint_lib
 from mer_jax.training import run_config as run_config_lib
 
@@ -77,16 +77,16 @@ def load_config(path: str) -> ml_collections.ConfigDict:
 
 
 def check_workdir(workdir: str) -> None:
-  """Raises PathNotFound unless `workdir` is a folder with config.json or checkpoints/ (URLs are not checked)."""
-  path = checkpoint_lib.absolute_path(workdir)
-  if "://" in path:
+  """Raises PathNotFound unless `workdir` (a local folder or a gs:// URL) holds config.json or checkpoints/."""
+  path = storage.absolute_path(workdir)
+  if any(storage.exists(os.path.join(path, name)) for name in (run_config_lib.CONFIG_FILE, "checkpoints")):
     return
-  if not os.path.isdir(path):
+  # On a bucket, a "folder" is there when anything is stored under its name.
+  if not storage.is_dir(path):
     raise errors.PathNotFound(f"Workdir {workdir} not found; {WORKDIR_HELP}.")
-  if not any(os.path.exists(os.path.join(path, name)) for name in (run_config_lib.CONFIG_FILE, "checkpoints")):
-    raise errors.PathNotFound(
-      f"{workdir} is not a training workdir (no {run_config_lib.CONFIG_FILE} or checkpoints/); {WORKDIR_HELP}."
-    )
+  raise errors.PathNotFound(
+    f"{workdir} is not a training workdir (no {run_config_lib.CONFIG_FILE} or checkpoints/); {WORKDIR_HELP}."
+  )
 
 
 def run_config(workdir: str, config_path: str | None = None) -> ml_collections.ConfigDict:
@@ -94,8 +94,8 @@ def run_config(workdir: str, config_path: str | None = None) -> ml_collections.C
   if config_path:
     return load_config(config_path)
   check_workdir(workdir)
-  path = os.path.join(checkpoint_lib.absolute_path(workdir), run_config_lib.CONFIG_FILE)
-  if "://" not in path and not os.path.isfile(path):
+  path = os.path.join(storage.absolute_path(workdir), run_config_lib.CONFIG_FILE)
+  if not storage.is_file(path):
     raise errors.PathNotFound(
       f"{workdir} has checkpoints/ but no {run_config_lib.CONFIG_FILE} (written by an older version); pass "
       "--config configs/<the run's config>.py."
@@ -111,18 +111,15 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int |
   """
   from mer_jax.training import train
 
-  workdir = checkpoint_lib.absolute_path(workdir)
+  workdir = storage.absolute_path(workdir)
   directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  if not storage.is_dir(directory):
     raise errors.PathNotFound(
       f"No checkpoints in {directory}; train first (python launch.py --config ... "
       f"--workdir {workdir}) or pass the workdir of a trained run."
     )
   best_path = os.path.join(workdir, "eval", "best.json")
-  best = None
-  if os.path.isfile(best_path):
-    with open(best_path) as f:
-      best = json.load(f)
+  best = storage.read_json(best_path) if storage.is_file(best_path) else None
   checkpointer = checkpoint_lib.Checkpointer(
     directory, config, keep=config.get("keep_checkpoints", 3), best_metric=config.get("best_metric"), asynchronous=False
   )
@@ -159,7 +156,7 @@ def load_run(workdir: str, config_path: str | None = None, step: int | None = No
   config = run_config(workdir, config_path)
   variables, source, best = load_checkpoint(config, workdir, step)
   return Run(
-    workdir=checkpoint_lib.absolute_path(workdir),
+    workdir=storage.absolute_path(workdir),
     config=config,
     variables=variables,
     step=source["checkpoint_step"],

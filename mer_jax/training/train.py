@@ -1,10 +1,13 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)`.
 
 One `Mesh` with a `data` axis over every device of every process: parameters and optimizer state are
-replicated, batches are split along `data`. Each process reads its own tf.data shard (per-process batch
-= global batch / processes); `jax.make_array_from_process_local_data` joins the shards into one global
-batch. `train_step` and `eval_step` are pure and compiled once with `jax.jit` (NamedSharding in/out,
-donated state); the jitted pair is cached per step config, so later runs in one process reuse it.
+replicated, batches are split along `data`. Each process reads its own shard (per-process batch
+= global batch / processes) as raw batches (mer_jax/data/raw_batches.py: int16 audio, in memory, in an order
+that is a function of the step, so a resume replays nothing); a background thread makes the next batches
+global arrays (`jax.make_array_from_process_local_data`) while a step runs, and the steps compute the
+log-mel and the augmentation on the device (`device_features.model_batch`). `train_step` and `eval_step`
+are pure and compiled once with `jax.jit` (NamedSharding in/out, donated state); the jitted pair is cached
+per step config, so later runs in one process reuse it.
 
 The workdir gets: `checkpoints/` (orbax, see mer_jax/training/checkpoint.py; resume is automatic),
 TensorBoard events, `eval/step_<N>.json` after each evaluation and `eval/best.json` (best by
@@ -31,7 +34,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mer_jax import errors
 from mer_jax.training import checkpoint as checkpoint_lib
+from mer_jax.training import compile_cache
+from mer_jax.training import distributed
+from mer_jax.data import device_features
+from mer_jax.data import example_cache
 from mer_jax.data import input_pipeline
+from mer_jax.data import raw_batches
 from mer_jax.training import losses as losses_lib
 from mer_jax.training import metrics as metrics_lib
 from mer_jax.training import run_config
@@ -96,8 +104,11 @@ def make_optimizer(options: StepOptions) -> optax.GradientTransformation:
 
 
 def make_mesh(devices=None) -> Mesh:
-  """1-D mesh, axis `data`, over `devices` (default: every device of every process)."""
-  return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+  """1-D mesh, axis `data`, over `devices` (default: every device of every process), in the order jax.make_mesh
+  picks for the hardware (a ring on TPUs). The axis is Auto: the compiler partitions the steps from the in/out
+  shardings (jax.make_mesh would make it Explicit)."""
+  devices = list(devices if devices is not None else jax.devices())
+  return jax.make_mesh((len(devices),), ("data",), (jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def _full_config(options: StepOptions) -> ml_collections.ConfigDict:
@@ -165,6 +176,10 @@ def create_train_state(options: StepOptions, mesh: Mesh, seed: int) -> TrainStat
 # ----------------------------------------------------------------------------- steps
 
 
+# fold_in(step key, AUGMENT_RNG_STREAM) seeds the augmentation; the step key's split gives dropout and modality dropout.
+AUGMENT_RNG_STREAM = 2
+
+
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, options: StepOptions):
   """One optimizer step -> (state, clu train metrics, {'loss', 'finite'}).
 
@@ -173,6 +188,9 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, options: StepO
   """
   model, tx = _model_and_optimizer(options)
   rng = jax.random.fold_in(rng, state.step)
+  if device_features.is_raw(batch):  # the training input: log-mel and augmentation run here, on the device
+    augment_rng = jax.random.fold_in(rng, AUGMENT_RNG_STREAM) if options.augment else None
+    batch = device_features.model_batch(batch, options.data, rng=augment_rng, form=options.ops.feature_form)
   dropout_rng, modality_rng = jax.random.split(rng)
   batch = losses_lib.modality_dropout(batch, modality_rng, options.modality_dropout)
 
@@ -234,6 +252,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, options: StepO
 def eval_step(state: TrainState, batch: dict, *, options: StepOptions):
   """Forward pass without dropout or modality dropout -> clu eval metrics (loss, confusion matrices)."""
   model, _ = _model_and_optimizer(options)
+  if device_features.is_raw(batch):
+    batch = device_features.model_batch(batch, options.data, form=options.ops.feature_form)
   logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch, train=False)
   outputs = {"example_mask": batch["example_mask"]}
   for task, _ in options.tasks:
@@ -260,18 +280,36 @@ def compiled_steps(options: StepOptions, mesh: Mesh):
     compiler_options=options.ops.compiler_options(),
   )
   eval_fn = jax.jit(
-    functools.partial(eval_step, options=options), in_shardings=(replicated, data), out_shardings=replicated
+    functools.partial(eval_step, options=options),
+    in_shardings=(replicated, data),
+    out_shardings=replicated,
+    compiler_options=options.ops.compiler_options("forward"),
   )
   return train_fn, eval_fn
 
 
 def global_batch(batch: dict, mesh: Mesh) -> dict:
-  """This process's numpy batch -> global jax arrays split on `data` (host-only `id` dropped)."""
+  """This process's numpy batch -> global jax arrays split on `data` (host-only `id` dropped). Values that are
+  jax arrays already (a batch `prefetch_to_device` made) pass through as they are."""
   sharding = NamedSharding(mesh, P("data"))
   return {
-    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    k: v if isinstance(v, jax.Array) else jax.make_array_from_process_local_data(sharding, np.asarray(v))
     for k, v in input_pipeline.model_inputs(batch).items()
   }
+
+
+def prefetch_to_device(batches, mesh: Mesh, depth: int = 2) -> example_cache.Prefetcher:
+  """Numpy batches -> global jax arrays on `mesh`, made in a background thread `depth` batches ahead, so the
+  host's gathers and host-to-device copies overlap the running step. close() it when done."""
+  sharding = NamedSharding(mesh, P("data"))
+
+  def to_device(batch):
+    return {
+      k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+      for k, v in input_pipeline.model_inputs(batch).items()
+    }
+
+  return example_cache.Prefetcher(batches, to_device, depth)
 
 
 def replicated_key(seed: int, mesh: Mesh) -> jax.Array:
@@ -283,10 +321,26 @@ def replicated_key(seed: int, mesh: Mesh) -> jax.Array:
 
 
 def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """config.data.data_dir, or `<workdir>/../data` when it is ''."""
+  """config.data.data_dir, or `<workdir>/../data` when it is '' (gs://bucket/runs/a -> gs://bucket/runs/data)."""
+  from mer_jax import storage
+
   if config.data.data_dir:
-    return checkpoint_lib.absolute_path(config.data.data_dir)
-  return os.path.join(os.path.dirname(checkpoint_lib.absolute_path(workdir)), "data")
+    return storage.absolute_path(config.data.data_dir)
+  return os.path.join(storage.parent(workdir), "data")
+
+
+def check_data_dir_shared(config: ml_collections.ConfigDict, data_dir: str, process_count: int) -> None:
+  """Raises InvalidInput when a job of several processes would read a host-local `data_dir`: each host would
+  prepare or read its own copy (or find none). A URL (gs://...) is shared; a local path only when
+  config.data.data_dir_shared says so (NFS, Filestore, or every process on one machine)."""
+  if process_count <= 1 or "://" in str(data_dir) or config.data.get("data_dir_shared", False):
+    return
+  raise errors.InvalidInput(
+    f"The prepared data {data_dir} is a local path and this job runs {process_count} processes, which must all "
+    "read the same data. Put it on storage every host reads: --config.data.data_dir=gs://BUCKET/tfds, or a shared "
+    "filesystem (NFS, Filestore) with --config.data.data_dir_shared=True (also right when every process runs on "
+    "this one machine)."
+  )
 
 
 def _check_setup(config: ml_collections.ConfigDict, info: dict) -> None:
@@ -322,11 +376,14 @@ def evaluate(
   eval_fn, state: TrainState, config: ml_collections.ConfigDict, data_dir: str, mesh: Mesh, classes: dict
 ) -> dict:
   """One pass over config.eval_split -> {task: metrics.classification_report + loss}."""
-  ds = input_pipeline.make_dataset(config, config.eval_split, train=False, data_dir=data_dir)
+  batches = prefetch_to_device(raw_batches.eval_batches(config, config.eval_split, data_dir=data_dir), mesh)
   collection = None
-  for batch in input_pipeline.as_numpy(ds):
-    batch_metrics = eval_fn(state, global_batch(batch, mesh))
-    collection = batch_metrics if collection is None else collection.merge(batch_metrics)
+  try:
+    for batch in batches:
+      batch_metrics = eval_fn(state, batch)
+      collection = batch_metrics if collection is None else collection.merge(batch_metrics)
+  finally:
+    batches.close()
   if collection is None:
     raise ValueError(f"Split {config.eval_split!r} is empty.")
   computed = jax.tree.map(np.asarray, collection.compute())
@@ -359,8 +416,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = checkpoint_lib.absolute_path(workdir)
   is_main = jax.process_index() == 0
   data_dir = resolve_data_dir(config, workdir)
+  check_data_dir_shared(config, data_dir, jax.process_count())
   info = input_pipeline.dataset_info(config, data_dir)
   _check_setup(config, info)
+  config = run_config.resolve_steps(config, info["splits"][config.train_split])  # epochs -> steps of this batch
   best_task = config.best_metric.split("/")[0]
   checkpointer = checkpoint_lib.Checkpointer(
     os.path.join(workdir, "checkpoints"), config, keep=config.keep_checkpoints, best_metric=config.best_metric
@@ -404,18 +463,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.flush()
     return result
 
-  train_ds = input_pipeline.make_dataset(config, config.train_split, train=True, data_dir=data_dir)
-  if start:  # the same data order as an uninterrupted run: the stream is deterministic per seed
-    logging.info("Skipping the %d batches consumed before step %d.", start, start)
-    train_ds = train_ds.skip(start)
-  train_iter = input_pipeline.as_numpy(train_ds)
+  # Raw batches (int16 audio; log-mel and augmentation run in the step), the batch of step `start + 1` first: the
+  # checkpoint's step is the input's position, so a resume continues the uninterrupted order without replay.
+  train_iter = prefetch_to_device(
+    raw_batches.train_batches(config, config.train_split, start_step=start, data_dir=data_dir), mesh
+  )
   rng = jax.jit(lambda: jax.random.fold_in(jax.random.key(config.seed), 1), out_shardings=NamedSharding(mesh, P()))()
   schedule = learning_rate_schedule(options)
   report_progress = periodic_actions.ReportProgress(
     num_train_steps=config.num_train_steps, writer=writer, every_steps=config.log_every_steps, every_secs=None
   )
   preemption = checkpoint_lib.PreemptionWatcher()
-  losses, pending, train_metrics = result["losses"], None, None
+  losses, pending, train_metrics, lost_peer = result["losses"], None, None, False
 
   def check_finite(step, status):
     loss, finite = jax.device_get((status["loss"], status["finite"]))
@@ -432,8 +491,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     for step in range(start + 1, end + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = next(train_iter)
-        state, step_metrics, status = train_fn(state, global_batch(batch, mesh), rng)
+        batch = global_batch(next(train_iter), mesh)
+        if step == start + 1:  # compiled ahead and timed: the log says whether the persistent cache served it
+          logging.info(compile_cache.compile_timed(train_fn, state, batch, rng)[1].describe("train step"))
+        state, step_metrics, status = train_fn(state, batch, rng)
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
       if pending is not None:  # one step behind: the host never waits for the step it just queued
         check_finite(*pending)
@@ -478,9 +539,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
     if pending is not None:
       check_finite(*pending)
+  except jax.errors.JaxRuntimeError as error:
+    if not distributed.is_lost_peer(error):
+      raise
+    lost_peer = True
+    raise distributed.LostPeerError(distributed.lost_peer_message(error)) from error
   finally:
+    train_iter.close()
     preemption.close()
-    checkpointer.close()  # waits for the asynchronous saves
+    if not lost_peer:  # waiting for the saves would wait at a barrier the lost process never reaches
+      checkpointer.close()  # waits for the asynchronous saves
     writer.flush()
   result["state"] = state
   return result
