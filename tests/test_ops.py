@@ -436,10 +436,12 @@ def test_auto_chooses_by_platform_devices_and_dtype():
   assert ops.choose("auto", platform="cpu", device_count=2) is ops.XLA  # an FFI call has no partitioning rule
   assert ops.choose("auto", platform="cpu", device_count=1, dtype="bfloat16") is ops.XLA
   on_tpu = ops.choose("auto", platform="tpu", device_count=1)
-  assert on_tpu == ops.REFERENCE and on_tpu.compiler_options() is None
+  assert on_tpu.name == "reference" and on_tpu.conv is ops.REFERENCE.conv and on_tpu.compiler_options() is None
+  # Off the CPU the raw batch's log-mel and jitter take the forms that shard over the batch (device_features).
+  assert on_tpu.feature_form == "accelerator" and ops.REFERENCE.feature_form == "cpu"
   # On GPU the reference form, compiled without Triton GEMM fusion (ops.interface.GPU_COMPILER_OPTIONS says why).
   on_gpu = ops.choose("auto", platform="gpu", device_count=1)
-  assert on_gpu.name == "reference" and on_gpu.conv is ops.REFERENCE.conv
+  assert on_gpu.name == "reference" and on_gpu.conv is ops.REFERENCE.conv and on_gpu.feature_form == "accelerator"
   for program in ("train", "forward"):
     assert on_gpu.compiler_options(program) == {"xla_gpu_enable_triton_gemm": False}
     assert ops.REFERENCE.compiler_options(program) is None
