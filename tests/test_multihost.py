@@ -17,11 +17,9 @@ import subprocess
 import sys
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 
-import launch
 from mer_jax import errors
 from mer_jax.training import distributed
 from mer_jax.training import host_memory
@@ -38,16 +36,7 @@ LOST_PEER_BOUND_SECONDS = 60  # the survivors must be gone this long after the k
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """demo_tiny, generated and prepared once for this module: 12 train, 6 dev, 2 test clips."""
-  root = tmp_path_factory.mktemp("multihost_corpus")
-  config = test_train.tiny_config(str(root / "tfds"))
-  config.data.prepare = "demo"
-  config.data.source_dir = str(root / "corpus")
-  config.data.prepare_workers = 1
-  config.data.demo_corpus = ml_collections.ConfigDict(
-    dict(num_train=12, num_dev=6, num_test=2, seed=0, resolution=(64, 64), workers=1)
-  )
-  launch.prepare_data_if_missing(config, str(root / "work"))
-  return str(root / "tfds")
+  return test_train.prepare_tiny_corpus(tmp_path_factory.mktemp("multihost_corpus"))
 
 
 # ----------------------------------------------------------------------------- pure decisions

@@ -48,10 +48,9 @@ def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
   return config
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  """Generated + prepared once via launch.prepare_data_if_missing: 12 train, 6 dev, 2 test clips."""
-  root = tmp_path_factory.mktemp("tiny_corpus")
+def prepare_tiny_corpus(root) -> str:
+  """demo_tiny generated and prepared under `root` via launch.prepare_data_if_missing: 12 train, 6 dev, 2 test
+  clips. Returns the data_dir."""
   config = tiny_config(str(root / "tfds"))
   config.data.prepare = "demo"
   config.data.source_dir = str(root / "corpus")
@@ -62,6 +61,11 @@ def data_dir(tmp_path_factory):
   launch.prepare_data_if_missing(config, str(root / "work"))
   assert os.path.exists(os.path.join(root, "corpus", "train_sent_emo.csv"))
   return str(root / "tfds")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return prepare_tiny_corpus(tmp_path_factory.mktemp("tiny_corpus"))
 
 
 @pytest.fixture(scope="module")

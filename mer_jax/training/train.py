@@ -301,15 +301,7 @@ def global_batch(batch: dict, mesh: Mesh) -> dict:
 def prefetch_to_device(batches, mesh: Mesh, depth: int = 2) -> example_cache.Prefetcher:
   """Numpy batches -> global jax arrays on `mesh`, made in a background thread `depth` batches ahead, so the
   host's gathers and host-to-device copies overlap the running step. close() it when done."""
-  sharding = NamedSharding(mesh, P("data"))
-
-  def to_device(batch):
-    return {
-      k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-      for k, v in input_pipeline.model_inputs(batch).items()
-    }
-
-  return example_cache.Prefetcher(batches, to_device, depth)
+  return example_cache.Prefetcher(batches, lambda batch: global_batch(batch, mesh), depth)
 
 
 def replicated_key(seed: int, mesh: Mesh) -> jax.Array:
