@@ -1,6 +1,6 @@
 """Accelerator benchmark: bf16 training and serving of the edge model on one GPU (or TPU chip).
 
-    python -m benchmarks.accelerator [--quick] [--json] [--batch_sizes 2048,512] [--budget_s 600]
+    python -m benchmarks.accelerator [--quick] [--model edge|tiny] [--json] [--batch_sizes 2048,512] [--budget_s 600]
                                      [--variant] [--skip_pipeline] [--out DIR]
 
 On `jax.devices()[0]`, with bf16 compute and float32 parameters (config.model.dtype='bfloat16'):
@@ -27,8 +27,8 @@ the results name it.
 Latency and the first batch size always run; each later part starts only while the budget left covers the
 slowest compile so far plus its timing, so a short lease still returns what it measured, and results are
 written after every part. Writes <out>/<device>.json and .md (`--quick`: <device>-quick.*; default out:
-benchmarks/results). With no accelerator it runs on the CPU: `--quick` is what CI runs to keep this file
-from rotting. Timings are reported, never asserted.
+benchmarks/results). With no accelerator it runs on the CPU: `--quick` (batch 8, the tiny model, every part) is
+what CI runs to keep this file from rotting. Timings are reported, never asserted.
 """
 
 from __future__ import annotations
@@ -74,21 +74,34 @@ def peak_memory_gib(device) -> float | None:
   return stats["peak_bytes_in_use"] / 2**30
 
 
-def accelerator_config(batch_size: int, dtype: str = "bfloat16"):
-  """The benchmark's edge-model config (benchmarks/workers.py) at this batch and compute dtype."""
-  config = workers.benchmark_config(batch_size)
+MODEL_NAMES = {
+  "edge": "edge model, T=12 frames of 112 px, K=4",
+  "tiny": "tiny model (configs/tiny.py), T=4 of 32 px, K=2",
+}
+
+
+def accelerator_config(batch_size: int, dtype: str = "bfloat16", model: str = "edge"):
+  """The benchmark's config at this batch and compute dtype: `model` 'edge' (benchmarks/workers.py: the edge model
+  at its real shapes) or 'tiny' (configs/tiny.py: a model that compiles in seconds, for --quick smoke runs)."""
+  if model == "tiny":
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.batch_size = batch_size
+  else:
+    config = workers.benchmark_config(batch_size)
   config.model.dtype = dtype
   return config
 
 
-def model_flops_per_step(batch_size: int) -> float:
+def model_flops_per_step(batch_size: int, model: str = "edge") -> float:
   """FLOPs of one train step as XLA counts the unoptimised computation, lowered (not compiled) for one CPU
   device: an accelerator's compiled executable counts its rewritten program, which differs between
   formulations and compiler settings."""
   import jax
   from mer_jax.training import train
 
-  config = accelerator_config(batch_size)
+  config = accelerator_config(batch_size, model=model)
   options = train.step_options(config, ops=workers.flop_count_ops())  # XLA counts no FLOPs inside an FFI call
   mesh = train.make_mesh(jax.devices("cpu")[:1])
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), workers.make_batch(config, batch_size))
@@ -107,11 +120,11 @@ def time_calls(fn, calls: int) -> list[float]:
   return times
 
 
-def measure_latency(variables, dtype: str, batch_size: int, calls: int) -> dict:
+def measure_latency(variables, dtype: str, batch_size: int, calls: int, model: str = "edge") -> dict:
   """Eval forward of `batch_size` clips, one blocking call at a time -> median / p90 / min ms."""
   import jax
 
-  config = accelerator_config(batch_size, dtype)
+  config = accelerator_config(batch_size, dtype, model)
   inputs = jax.device_put(workers.model_inputs(workers.make_batch(config, batch_size)))
   compiled = workers.jax_forward(config, variables, inputs)
   run = lambda: jax.block_until_ready(compiled(variables, inputs))
@@ -167,11 +180,11 @@ def train_result(trainer, batch_size: int, timing: dict, flops_per_step: float, 
   }
 
 
-def make_trainer(batch_size: int, depthwise: str | None = None):
+def make_trainer(batch_size: int, depthwise: str | None = None, model: str = "edge"):
   """-> (config, workers.JaxTrainer) for this batch size: a fresh state, the step compiled."""
   from mer_jax.training import train
 
-  config = accelerator_config(batch_size)
+  config = accelerator_config(batch_size, model=model)
   state = workers.init_train_state(train.step_options(config), train.make_mesh(), config.seed)
   return config, workers.JaxTrainer(config, workers.make_batch(config, batch_size), state, depthwise=depthwise)
 
@@ -206,6 +219,7 @@ def run(args) -> dict:
     "jax": jax.__version__,
     "host_cpus": os.cpu_count(),
     "quick": args.quick,
+    "model": args.model,
     "compute_dtype": "bfloat16",
     "parameters_dtype": "float32",
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -221,11 +235,11 @@ def run(args) -> dict:
   slowest_compile = [0.0]
   affordable = lambda extra_s: left() > slowest_compile[0] + extra_s
 
-  config = accelerator_config(max(args.batch_sizes))
+  config = accelerator_config(max(args.batch_sizes), model=args.model)
   state = workers.init_train_state(train.step_options(config), train.make_mesh(), config.seed)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   for dtype, size in (("bfloat16", 1),) if args.quick else (("bfloat16", 1), ("float32", 1), ("bfloat16", 32)):
-    latency = measure_latency(variables, dtype, size, calls)
+    latency = measure_latency(variables, dtype, size, calls, args.model)
     result["latency"].append(latency)
     log(f"forward {dtype} b{size}: median {latency['median_ms']:.3f} ms, p90 {latency['p90_ms']:.3f} ms")
     save()
@@ -235,14 +249,14 @@ def run(args) -> dict:
     if largest is not None and not affordable(rounds * target_s + 10):
       result["skipped"].append(f"train batch {batch_size}: budget spent")
       continue
-    config, trainer = make_trainer(batch_size)
+    config, trainer = make_trainer(batch_size, model=args.model)
     slowest_compile[0] = max(slowest_compile[0], trainer.compile_wall_s)
     # The allocator's peak is process-wide: only the first (largest) trainer's is its own.
     entry = train_result(
       trainer,
       batch_size,
       time_steps(trainer, target_s, rounds),
-      model_flops_per_step(batch_size),
+      model_flops_per_step(batch_size, args.model),
       peak_memory_gib(device) if largest is None else None,
     )
     result["train"].append(entry)
@@ -302,7 +316,7 @@ def run(args) -> dict:
     if not affordable(rounds * target_s + 10):
       result["skipped"].append(f"{formulation} depthwise variant: budget spent")
     else:
-      _, trainer = make_trainer(batch_size, depthwise=formulation)
+      _, trainer = make_trainer(batch_size, depthwise=formulation, model=args.model)
       entry = train_result(
         trainer, batch_size, time_steps(trainer, target_s, rounds), largest[2]["model_flops_per_step"], None
       )
@@ -319,7 +333,7 @@ def markdown(result: dict) -> str:
   forms = sorted({entry["ops_form"] for entry in result["train"] + result["latency"] if "ops_form" in entry})
   lines = [
     f"`{result['device']}` ({result['device_kind']}); jax {result['jax']}; bf16 compute, float32 "
-    f"parameters; edge model, T=12 frames of 112 px, K=4; ops form {', '.join(forms) or 'n/a'}"
+    f"parameters; {MODEL_NAMES[result.get('model', 'edge')]}; ops form {', '.join(forms) or 'n/a'}"
     + (f"; XLA_FLAGS={result['xla_flags']}." if result.get("xla_flags") else "."),
     "",
     "| | batch | steps/s | clips/s | model TFLOP/s | peak memory (GiB) | compile (s) |",
@@ -375,7 +389,13 @@ def write_results(result: dict, args) -> str:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="batch 8, few calls: a smoke run")
+  parser.add_argument("--quick", action="store_true", help="batch 8, few calls, the tiny model: a smoke run")
+  parser.add_argument(
+    "--model",
+    choices=("edge", "tiny"),
+    default=None,
+    help="edge (default) or tiny (configs/tiny.py; --quick's default)",
+  )
   parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")
   parser.add_argument(
     "--batch_sizes", default=None, help="comma-separated, run largest first; default 2048,512 (quick: 8)"
@@ -391,6 +411,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", default=RESULTS_DIR, help="folder for <device>.json and .md")
   args = parser.parse_args(argv)
   args.batch_sizes = [int(b) for b in (args.batch_sizes or ("8" if args.quick else "2048,512")).split(",")]
+  args.model = args.model or ("tiny" if args.quick else "edge")
   result = run(args)
   print(write_results(result, args))
   if args.json:

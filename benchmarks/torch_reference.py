@@ -450,6 +450,9 @@ class TorchEmotionModel(nn.Module):
     self.audio_encoder = AudioEncoder(
       num_mel_bins, width, tuple(config.audio.channels), config.audio.kernel, config.audio.num_segments
     )
+    self.audio_relevance = None
+    if config.get("audio_relevance", False):
+      self.audio_relevance = nn.Linear(width, config.tasks[config.primary_task])
     self.text_projection = nn.Linear(text_features, width)
     self.fusion = GatedFusion(width, width, config.use_gate, config.use_reliability)
     self.text_token_projection = nn.Linear(text_features, width)
@@ -513,6 +516,8 @@ class TorchEmotionModel(nn.Module):
       explanation["frame_relevance_logits"] = self.frame_relevance(frame_tokens)
       if self.training:  # as the JAX model: a training aid, skipped at inference
         explanation["frame_evidence_logits"] = self.frame_evidence(frames)
+    if self.audio_relevance is not None and self.training:  # as the JAX model: a training aid
+      explanation["audio_relevance_logits"] = self.audio_relevance(audio_vector)
     return logits, explanation
 
 

@@ -8,17 +8,37 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.torch_reference import TorchEmotionModel
+from mer_jax.data.features import LOG_OFFSET
 from mer_jax.training import run_config
 
 
 def _label_log_probs(logits, labels):
   log_probs = F.log_softmax(logits, -1)
   return log_probs.gather(-1, labels[:, None, None].expand(-1, log_probs.shape[1], 1))[..., 0]
+
+
+def label_confidence(logits, labels):
+  """`modality_corruption.label_confidence`: p(label) of a modality's own head (best frame), 1 where unlabeled."""
+  probabilities = torch.softmax(logits.detach().float(), -1)
+  if probabilities.ndim == 3:
+    probabilities = probabilities.amax(1)
+  confidence = probabilities.gather(-1, labels.clamp(0, probabilities.shape[-1] - 1)[:, None])[:, 0]
+  return torch.where(labels >= 0, confidence, torch.ones_like(confidence))
+
+
+def reliability_loss(reliability, rows, corrupted, clean_confidence):
+  """`modality_corruption.reliability_loss` (rows = present & example_mask)."""
+  probability = reliability.float().clamp(1e-6, 1 - 1e-6)
+  per_row = F.binary_cross_entropy(probability, (~corrupted).float(), reduction="none")
+  clean_weight = torch.ones_like(probability) if clean_confidence is None else clean_confidence
+  weights = rows.float() * torch.where(corrupted, torch.ones_like(probability), clean_weight)
+  return (per_row * weights).sum() / weights.sum().clamp_min(1e-9)
 
 
 def frame_selection_loss(evidence_logits, relevance_logits, scores, labels, valid):
@@ -90,17 +110,42 @@ class TorchTrainer:
     self.task_weights = {task: float((config.get("task_weights") or {}).get(task, 1.0)) for task in config.model.tasks}
     self.frame_relevance_weight = float(config.get("frame_relevance_weight", 0.0))
     self.modality_dropout = float(config.get("modality_dropout", 0.0))
+    modalities = set(config.model.get("modalities", ("video", "audio", "text")))
+    both = {"video", "audio"} <= modalities
+    self.modality_corruption = float(config.get("modality_corruption", 0.0)) if both else 0.0
+    self.reliability_loss_weight = (
+      float(config.get("reliability_loss_weight", 0.0)) if config.model.use_reliability else 0.0
+    )
+    self.audio_relevance_weight = float(config.get("audio_relevance_weight", 0.0))
     self.step_count = 0
     self.generator = torch.Generator().manual_seed(seed)
 
-  def _modality_dropout(self, batch):
-    if self.modality_dropout <= 0:
-      return batch
-    u = torch.rand(batch["has_video"].shape, generator=self.generator)
+  def _modality_events(self, batch):
+    """`modality_corruption.draw_events` + `corrupt` (host-feature batches: frames, and silence for audio) +
+    `mark_missing` -> (batch, corrupt_video, corrupt_audio). The video noise has one grain (pixels), JAX's three:
+    the same random numbers, a cheaper select."""
     has_video, has_audio = batch["has_video"].bool(), batch["has_audio"].bool()
-    drop_video = (u < self.modality_dropout) & has_audio
-    drop_audio = (u >= self.modality_dropout) & (u < 2 * self.modality_dropout) & has_video
-    return {**batch, "has_video": has_video & ~drop_video, "has_audio": has_audio & ~drop_audio}
+    u = torch.rand(has_video.shape, generator=self.generator)
+    both = has_video & has_audio
+    d, c = self.modality_dropout, self.modality_corruption
+    between = lambda lo, hi: both & (u >= lo) & (u < hi)
+    drop_video, drop_audio = between(0.0, d), between(d, 2 * d)
+    corrupt_video, corrupt_audio = between(2 * d, 2 * d + c), between(2 * d + c, 2 * d + 2 * c)
+    if c > 0:
+      frames = batch["frames"]
+      size = frames.shape[0]
+      level = torch.randint(0, 256, (size,), generator=self.generator)
+      level = torch.where(torch.rand(size, generator=self.generator) < 0.5, 0, level).to(torch.uint8)
+      noise = torch.randint(0, 256, frames.shape, generator=self.generator, dtype=torch.uint8)
+      use_constant = (torch.rand(size, generator=self.generator) < 0.5)[:, None, None, None, None]
+      replacement = torch.where(use_constant, level[:, None, None, None, None].expand_as(frames), noise)
+      frames = torch.where(corrupt_video[:, None, None, None, None], replacement, frames)
+      mask = batch["audio_mask"].bool()
+      silence = torch.where(mask[..., None], float(np.log(LOG_OFFSET)), 0.0)
+      audio = torch.where(corrupt_audio[:, None, None], silence, batch["audio"].float())
+      batch = {**batch, "frames": frames, "audio": audio}
+    batch = {**batch, "has_video": has_video & ~drop_video, "has_audio": has_audio & ~drop_audio}
+    return batch, corrupt_video, corrupt_audio
 
   def loss(self, logits, batch):
     total, accuracy = torch.zeros(()), {}
@@ -116,7 +161,7 @@ class TorchTrainer:
   def step(self, batch: Mapping[str, torch.Tensor]) -> dict:
     """One optimizer step on a batch of torch tensors -> {'loss', 'finite', 'accuracy/<task>'}."""
     self.model.train()
-    batch = self._modality_dropout(batch)
+    batch, corrupt_video, corrupt_audio = self._modality_events(batch)
     for group in self.optimizer.param_groups:
       group["lr"] = self.schedule(self.step_count)
     if self.word_optimizer is not None:
@@ -131,9 +176,24 @@ class TorchTrainer:
         explanation["frame_relevance_logits"],
         explanation["frame_scores"],
         batch[f"labels/{primary}"].long(),
-        batch["example_mask"].bool() & batch["has_video"].bool(),
+        batch["example_mask"].bool() & batch["has_video"].bool() & ~corrupt_video,
       )
       loss = loss + self.frame_relevance_weight * sum(losses.values())
+    primary = next(iter(self.task_weights))
+    labels = batch[f"labels/{primary}"].long()
+    if self.audio_relevance_weight > 0 and "audio_relevance_logits" in explanation:
+      valid = (labels >= 0) & batch["example_mask"].bool() & batch["has_audio"].bool() & ~corrupt_audio
+      per_row = F.cross_entropy(explanation["audio_relevance_logits"], labels.clamp_min(0), reduction="none")
+      loss = loss + self.audio_relevance_weight * (per_row * valid).sum() / valid.sum().clamp_min(1e-9)
+    if self.modality_corruption > 0 and self.reliability_loss_weight > 0:
+      own = {"video": explanation.get("frame_evidence_logits"), "audio": explanation.get("audio_relevance_logits")}
+      for modality, corrupted in (("video", corrupt_video), ("audio", corrupt_audio)):
+        loss = loss + self.reliability_loss_weight * reliability_loss(
+          explanation[f"reliability_{modality}"],
+          batch[f"has_{modality}"].bool() & batch["example_mask"].bool(),
+          corrupted,
+          None if own[modality] is None else label_confidence(own[modality], labels),
+        )
     optimizers = [self.optimizer] + ([self.word_optimizer] if self.word_optimizer is not None else [])
     for optimizer in optimizers:
       optimizer.zero_grad(set_to_none=True)

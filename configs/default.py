@@ -29,6 +29,9 @@ def model_config(size: str = "edge") -> ml_collections.ConfigDict:
   # frames after 400 steps at tau=5 and had not by 1,200 at tau=1 (without it at all: 400 steps).
   model.selection_temperature = 5.0
   model.frame_relevance = True  # per-frame heads that train the scorer and backbone (losses.frame_selection_loss)
+  # An audio-only head that keeps the audio encoder learning (losses.audio_relevance_loss). Off here so that runs
+  # written before it existed (their config.json lacks the field) still load; demo.py and meld.py turn it on.
+  model.audio_relevance = False
   model.text_guided_selection = True  # False = ablation: scorer query does not see the text
   model.use_gate = True
   model.use_reliability = True
@@ -118,9 +121,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.task_weights = ml_collections.ConfigDict({"emotion": 1.0, "sentiment": 0.5})  # missing: 1.0
   config.class_weights = "none"  # 'none' or 'balanced' (n / (C * n_c) from the train split's labels)
   config.frame_relevance_weight = 1.0  # weight of mer_jax.training.losses.frame_selection_loss; 0 = off
+  config.audio_relevance_weight = 1.0  # weight of mer_jax.training.losses.audio_relevance_loss; 0 = off
   # The scorer's word table (topk.WordQuery) learns with SGD + momentum at this peak rate (same schedule).
   config.scorer_word_learning_rate = 10.0
   config.modality_dropout = 0.1  # per example: P(video marked missing) = P(audio marked missing)
+  # Per example: P(video corrupted) = P(audio corrupted) while still marked present; the reliability heads learn
+  # to notice it with this loss weight (mer_jax/training/modality_corruption.py).
+  config.modality_corruption = 0.1
+  config.reliability_loss_weight = 1.0
   config.log_every_steps = 50  # in steps: how often the log and TensorBoard show progress
   config.eval_every_epochs = 7.937
   config.eval_every_steps = -1

@@ -36,6 +36,8 @@ def get_config():
   # The compact text encoder memorises 2,000 transcripts within a few epochs; a third of the clips without
   # their text keep the loss asking the frames and the audio (dev accuracy 0.82 -> 0.91 at 1,000 steps).
   config.model.text_dropout = 0.3
+  # Without an audio-only head the model answered 0.44 of clean dev clips with the video taken away, 0.64 with it.
+  config.model.audio_relevance = True
   # 2,000 train clips = 63 steps of 32 per epoch: 19.05 epochs are 1,200 steps, ~6 minutes on a 2-core CPU (huge
   # pages on). The scorer finds the key frames at step 400-600 in most runs; the rest teaches the backbone and the
   # fusion to read them. Warmup 50 steps, eval and checkpoint every 100 (run_config.resolve_steps).

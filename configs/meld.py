@@ -46,6 +46,7 @@ def get_config(variant: str = ""):
   config.num_epochs = 31.95
   config.warmup_epochs = 1.597
   config.label_smoothing = 0.1
+  config.model.audio_relevance = True  # the audio-only training head (the demo: 0.44 -> 0.64 accuracy without video)
   config.log_every_steps = 100
   config.eval_every_epochs = 3.195
   config.checkpoint_every_epochs = 3.195

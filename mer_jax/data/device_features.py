@@ -260,7 +260,7 @@ def augment(
   gain = jnp.power(10.0, uniform(2, *GAIN_DB_RANGE) / 20.0)
   # RMS of the gained clip over its valid samples (the gain is per clip, so it comes out of the sum).
   mean_square = jnp.sum(jnp.square(jnp.where(valid, waveform, 0.0)), axis=1) / jnp.maximum(length, 1)  # empty: 0
-  rms = jnp.sqrt(gain * gain * mean_square + 1e-12)
+  rms = jnp.sqrt(gain * gain * mean_square)  # no epsilon: silence stays silent (input_pipeline.augment says why)
   noise_std = rms * jnp.power(10.0, -uniform(3, *NOISE_SNR_DB_RANGE) / 20.0)
   bank, offsets, signs = _noise_bank(keys[4], batch, num_samples)
   return frames, _jitter_audio(waveform, length, gain, noise_std * signs, bank, offsets, form)
@@ -274,6 +274,14 @@ def is_raw(batch: dict) -> bool:
   return "waveform" in batch
 
 
+def float_waveform(waveform: jax.Array) -> jax.Array:
+  """int16 PCM (or float already in [-1, 1]) (B, N) -> float32 in [-1, 1], as `features.pcm16_to_float`."""
+  waveform = jnp.asarray(waveform)
+  if jnp.issubdtype(waveform.dtype, jnp.integer):
+    waveform = waveform.astype(jnp.float32) / 32768.0
+  return waveform.astype(jnp.float32)
+
+
 def model_batch(raw: dict, data_config: Any, rng: jax.Array | None = None, form: str = "cpu") -> dict:
   """Raw batch -> the batch contract (docs/ARCHITECTURE.md), inside jit.
 
@@ -281,10 +289,7 @@ def model_batch(raw: dict, data_config: Any, rng: jax.Array | None = None, form:
   (B,) int32 replace "audio" / "audio_mask". With `rng` the clips are augmented first (`augment`; the caller
   passes one only for training with config.data.augment). Every other key passes through unchanged.
   """
-  waveform = jnp.asarray(raw["waveform"])
-  if jnp.issubdtype(waveform.dtype, jnp.integer):
-    waveform = waveform.astype(jnp.float32) / 32768.0  # as features.pcm16_to_float
-  waveform = waveform.astype(jnp.float32)
+  waveform = float_waveform(raw["waveform"])
   audio_length = jnp.asarray(raw["audio_length"], jnp.int32)
   out = {k: v for k, v in raw.items() if k not in RAW_KEYS}
   if rng is not None:

@@ -175,7 +175,10 @@ def augment(frames: tf.Tensor, waveform: tf.Tensor, has_video: tf.Tensor, seed: 
   waveform = waveform * tf.pow(10.0, uniform(2, *GAIN_DB_RANGE) / 20.0)
   length = tf.size(waveform)
   num_samples = tf.maximum(tf.cast(length, tf.float32), 1.0)  # empty audio: no NaN
-  rms = tf.sqrt(tf.reduce_sum(tf.square(waveform)) / num_samples + 1e-12)
+  # No epsilon: a silent clip stays exactly silent, as it is at test time (an epsilon of 1e-12 under the root added
+  # noise of ~1e-7, which lifted its log-mel from -13.8 to ~-13.1: trained silence then no longer looked like
+  # evaluated silence, and the audio reliability head's answer on silent clips flipped between runs).
+  rms = tf.sqrt(tf.reduce_sum(tf.square(waveform)) / num_samples)
   noise_std = rms * tf.pow(10.0, -uniform(3, *NOISE_SNR_DB_RANGE) / 20.0)
   tf.debugging.assert_less_equal(length, tf.size(noise), message="noise bank shorter than the waveform")
   start, sign = tf.unstack(tf.random.stateless_uniform([2], seeds[4], 0, 2**30, tf.int32))

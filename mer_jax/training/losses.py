@@ -1,5 +1,5 @@
-"""Losses of the train step: cross-entropy per task and in sum, the frame-selection loss, modality dropout,
-and the class weights of `config.class_weights`.
+"""Losses of the train step: cross-entropy per task and in sum, the frame-selection loss and the class weights
+of `config.class_weights` (modality dropout, corruption and the reliability loss: modality_corruption.py).
 
 Apart from training's loop and optimizer (mer_jax/training/train.py), so the loss math reads on its own and tests
 check it without a model. The losses are pure functions of arrays; `train.train_step` and `train.eval_step`
@@ -20,18 +20,6 @@ from mer_jax.training import metrics as metrics_lib
 
 if TYPE_CHECKING:
   from mer_jax.training.options import StepOptions
-
-
-def modality_dropout(batch: dict, rng: jax.Array, rate: float) -> dict:
-  """Per example: with probability `rate` mark video missing, with `rate` audio; never both, and
-  only when the other modality is present, so every example keeps at least one of them."""
-  if rate <= 0:
-    return batch
-  u = jax.random.uniform(rng, batch["has_video"].shape)
-  has_video, has_audio = batch["has_video"].astype(bool), batch["has_audio"].astype(bool)
-  drop_video = (u < rate) & has_audio
-  drop_audio = (u >= rate) & (u < 2 * rate) & has_video
-  return {**batch, "has_video": has_video & ~drop_video, "has_audio": has_audio & ~drop_audio}
 
 
 def task_loss(
@@ -122,6 +110,17 @@ def frame_selection_loss(
     "head": -average(jnp.mean(head, axis=1)),
     "scorer": average(jnp.mean(bce, axis=1)),
   }
+
+
+def audio_relevance_loss(audio_logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+  """Cross-entropy of the audio-only head (EmotionModel's `audio_relevance_logits` (B, C)) against the primary
+  task's labels (B,) on `valid` (B,) rows (audio present and not corrupted by the step).
+
+  The fused classifier answers most clips from the frames and the words, so the audio encoder, asked only through
+  it, learns little; when the video is gone the model then has little to fall back on. Asking the audio for the
+  label on its own keeps it learning, as the frame-relevance heads do for the backbone."""
+  loss, _ = task_loss(audio_logits, labels, valid)
+  return loss
 
 
 # ----------------------------------------------------------------------------- class weights

@@ -87,10 +87,14 @@ def _example_loss_fn(task: str):
   return fn
 
 
-def train_collection(tasks: Sequence[str], frame_relevance: bool = False):
+def train_collection(
+  tasks: Sequence[str], frame_relevance: bool = False, reliability: bool = False, audio_relevance: bool = False
+):
   """clu Collection class for training. Model outputs it reads: `loss` (), `loss/<task>` (),
   `grad_norm` (), `logits/<task>` (B, C), `labels/<task>` (B,), `example_mask` (B,); with `frame_relevance`
-  also `loss/frame_evidence`, `loss/frame_head` and `loss/frame_scorer` () (losses.frame_selection_loss)."""
+  also `loss/frame_evidence`, `loss/frame_head` and `loss/frame_scorer` () (losses.frame_selection_loss); with
+  `reliability` also `loss/reliability_video` and `loss/reliability_audio` () (modality_corruption); with
+  `audio_relevance` also `loss/audio_relevance` () (losses.audio_relevance_loss)."""
   fields: dict[str, Any] = {
     "loss": clu_metrics.Average.from_output("loss"),
     "grad_norm": clu_metrics.Average.from_output("grad_norm"),
@@ -98,6 +102,11 @@ def train_collection(tasks: Sequence[str], frame_relevance: bool = False):
   if frame_relevance:
     for name in ("evidence", "head", "scorer"):
       fields[f"loss_frame_{name}"] = clu_metrics.Average.from_output(f"loss/frame_{name}")
+  if reliability:
+    for modality in ("video", "audio"):
+      fields[f"loss_reliability_{modality}"] = clu_metrics.Average.from_output(f"loss/reliability_{modality}")
+  if audio_relevance:
+    fields["loss_audio_relevance"] = clu_metrics.Average.from_output("loss/audio_relevance")
   for task in tasks:
     fields[f"loss_{task}"] = clu_metrics.Average.from_output(f"loss/{task}")
     fields[f"accuracy_{task}"] = clu_metrics.Average.from_fun(_accuracy_fn(task))

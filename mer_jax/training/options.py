@@ -36,6 +36,9 @@ class StepOptions:
   scorer_word_learning_rate: float
   ops: ops_lib.Ops = ops_lib.REFERENCE  # the ops form the run chose (mer_jax.ops.choose)
   augment: bool = False  # config.data.augment: the train step jitters raw batches (device_features.augment)
+  modality_corruption: float = 0.0  # per modality: P(corrupted in the step) (training/modality_corruption.py)
+  reliability_loss_weight: float = 0.0  # weight of modality_corruption.reliability_loss per modality
+  audio_relevance_weight: float = 0.0  # weight of losses.audio_relevance_loss
 
 
 def step_options(
@@ -75,4 +78,7 @@ def step_options(
     scorer_word_learning_rate=float(config.scorer_word_learning_rate),
     ops=ops,
     augment=bool(config.data.get("augment", False)),
+    modality_corruption=float(config.get("modality_corruption", 0.0)),
+    reliability_loss_weight=float(config.get("reliability_loss_weight", 0.0)),
+    audio_relevance_weight=float(config.get("audio_relevance_weight", 0.0)),
   )

@@ -42,6 +42,7 @@ from mer_jax.data import input_pipeline
 from mer_jax.data import raw_batches
 from mer_jax.training import losses as losses_lib
 from mer_jax.training import metrics as metrics_lib
+from mer_jax.training import modality_corruption
 from mer_jax.training import run_config
 from mer_jax import ops as ops_lib
 from mer_jax.models import emotion_model as model_lib
@@ -176,8 +177,20 @@ def create_train_state(options: StepOptions, mesh: Mesh, seed: int) -> TrainStat
 # ----------------------------------------------------------------------------- steps
 
 
-# fold_in(step key, AUGMENT_RNG_STREAM) seeds the augmentation; the step key's split gives dropout and modality dropout.
+# fold_in(step key, stream) seeds the augmentation and the synthetic corruption; the step key's split gives
+# dropout and the per-example modality events.
 AUGMENT_RNG_STREAM = 2
+CORRUPTION_RNG_STREAM = 3
+
+
+def corrupts_modalities(options: StepOptions) -> bool:
+  """True when the step corrupts video or audio (modality_corruption > 0 and the model has both)."""
+  return options.modality_corruption > 0 and {"video", "audio"} <= set(options.model.modalities)
+
+
+def uses_reliability_loss(options: StepOptions) -> bool:
+  """True when the reliability heads learn from the corruption (`modality_corruption.reliability_loss`)."""
+  return corrupts_modalities(options) and options.reliability_loss_weight > 0 and bool(options.model.use_reliability)
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, options: StepOptions):
@@ -188,16 +201,32 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, options: StepO
   """
   model, tx = _model_and_optimizer(options)
   rng = jax.random.fold_in(rng, state.step)
+  dropout_rng, modality_rng = jax.random.split(rng)
+  corrupting = corrupts_modalities(options)
+  events = modality_corruption.draw_events(
+    modality_rng,
+    batch["has_video"],
+    batch["has_audio"],
+    options.modality_dropout,
+    options.modality_corruption if corrupting else 0.0,
+  )
+  if corrupting:
+    batch = modality_corruption.corrupt(batch, events, jax.random.fold_in(rng, CORRUPTION_RNG_STREAM))
+  reliability = uses_reliability_loss(options)
   if device_features.is_raw(batch):  # the training input: log-mel and augmentation run here, on the device
     augment_rng = jax.random.fold_in(rng, AUGMENT_RNG_STREAM) if options.augment else None
     batch = device_features.model_batch(batch, options.data, rng=augment_rng, form=options.ops.feature_form)
-  dropout_rng, modality_rng = jax.random.split(rng)
-  batch = losses_lib.modality_dropout(batch, modality_rng, options.modality_dropout)
+  batch = modality_corruption.mark_missing(batch, events)
 
   relevance = (
     options.frame_relevance_weight > 0
     and bool(options.model.frame_relevance)
     and "video" in tuple(options.model.modalities)
+  )
+  audio_relevance = (
+    options.audio_relevance_weight > 0
+    and bool(options.model.get("audio_relevance", False))
+    and "audio" in tuple(options.model.modalities)
   )
 
   def loss_fn(params):
@@ -216,10 +245,34 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, options: StepO
         explanation["frame_relevance_logits"],
         explanation["frame_scores"],
         batch[f"labels/{primary}"],
-        batch["example_mask"].astype(bool) & batch["has_video"].astype(bool),
+        # Frames a step corrupted show nothing: no frame of theirs is evidence for the label.
+        batch["example_mask"].astype(bool) & batch["has_video"].astype(bool) & ~events.corrupt_video,
       )
       loss = loss + options.frame_relevance_weight * sum(selection_losses.values())
       per_task = dict(per_task, **{f"frame_{name}": value for name, value in selection_losses.items()})
+    if audio_relevance:
+      primary = options.model.primary_task
+      per_task["audio_relevance"] = losses_lib.audio_relevance_loss(
+        explanation["audio_relevance_logits"],
+        batch[f"labels/{primary}"],
+        batch["example_mask"].astype(bool) & batch["has_audio"].astype(bool) & ~events.corrupt_audio,
+      )
+      loss = loss + options.audio_relevance_weight * per_task["audio_relevance"]
+    if reliability:
+      # Each modality's own head, where the model has one, says how much a row left alone counts as clean.
+      own_logits = {
+        "video": explanation.get("frame_evidence_logits"),
+        "audio": explanation.get("audio_relevance_logits"),
+      }
+      for modality, corrupted in (("video", events.corrupt_video), ("audio", events.corrupt_audio)):
+        labels = batch[f"labels/{options.model.primary_task}"]
+        confidence = None
+        if own_logits[modality] is not None:
+          confidence = modality_corruption.label_confidence(own_logits[modality], labels)
+        per_task[f"reliability_{modality}"] = modality_corruption.reliability_loss(
+          explanation[f"reliability_{modality}"], batch[f"has_{modality}"], corrupted, batch["example_mask"], confidence
+        )
+        loss = loss + options.reliability_loss_weight * per_task[f"reliability_{modality}"]
     return loss, (logits, per_task, updates["batch_stats"])
 
   (loss, (logits, per_task, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -245,7 +298,11 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, options: StepO
     )
   if relevance:
     outputs.update({f"loss/frame_{name}": per_task[f"frame_{name}"] for name in ("evidence", "head", "scorer")})
-  collection = metrics_lib.train_collection([t for t, _ in options.tasks], relevance)
+  if reliability:
+    outputs.update({f"loss/reliability_{m}": per_task[f"reliability_{m}"] for m in ("video", "audio")})
+  if audio_relevance:
+    outputs["loss/audio_relevance"] = per_task["audio_relevance"]
+  collection = metrics_lib.train_collection([t for t, _ in options.tasks], relevance, reliability, audio_relevance)
   return new_state, collection.single_from_model_output(**outputs), {"loss": loss, "finite": finite}
 
 
@@ -455,17 +512,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.flush()
     return result
 
-  # Raw batches (int16 audio; log-mel and augmentation run in the step), the batch of step `start + 1` first: the
-  # checkpoint's step is the input's position, so a resume continues the uninterrupted order without replay.
-  train_iter = prefetch_to_device(
-    raw_batches.train_batches(config, config.train_split, start_step=start, data_dir=data_dir), mesh
-  )
   rng = jax.jit(lambda: jax.random.fold_in(jax.random.key(config.seed), 1), out_shardings=NamedSharding(mesh, P()))()
   schedule = learning_rate_schedule(options)
   report_progress = periodic_actions.ReportProgress(
     num_train_steps=config.num_train_steps, writer=writer, every_steps=config.log_every_steps, every_secs=None
   )
-  preemption = checkpoint_lib.PreemptionWatcher()
   losses, pending, train_metrics, lost_peer = result["losses"], None, None, False
 
   def check_finite(step, status):
@@ -480,6 +531,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       )
     losses.append(float(loss))
 
+  # Before the input's background thread starts: a SIGTERM from now on saves and stops instead of killing.
+  preemption = checkpoint_lib.PreemptionWatcher()
+  # Raw batches (int16 audio; log-mel and augmentation run in the step), the batch of step `start + 1` first: the
+  # checkpoint's step is the input's position, so a resume continues the uninterrupted order without replay.
+  train_iter = prefetch_to_device(
+    raw_batches.train_batches(config, config.train_split, start_step=start, data_dir=data_dir), mesh
+  )
   try:
     for step in range(start + 1, end + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
