@@ -3,7 +3,7 @@
     python -m benchmarks.accelerator [--quick] [--model edge|tiny] [--json] [--batch_sizes 2048,512] [--budget_s 600]
                                      [--variant] [--skip_pipeline] [--out DIR]
 
-On `jax.devices()[0]`, with bf16 compute and float32 parameters (config.model.dtype='bfloat16'):
+On `jax.devices()[0]`, with bf16 compute (`--dtype`) and float32 parameters (config.model.dtype='bfloat16'):
 
   latency      eval forward at batch 1 (and 32), device-resident inputs, one call at a time, block on
                each: median / p90 of many calls; float32 compute too, for comparison
@@ -94,14 +94,14 @@ def accelerator_config(batch_size: int, dtype: str = "bfloat16", model: str = "e
   return config
 
 
-def model_flops_per_step(batch_size: int, model: str = "edge") -> float:
+def model_flops_per_step(batch_size: int, model: str = "edge", dtype: str = "bfloat16") -> float:
   """FLOPs of one train step as XLA counts the unoptimised computation, lowered (not compiled) for one CPU
   device: an accelerator's compiled executable counts its rewritten program, which differs between
   formulations and compiler settings."""
   import jax
   from mer_jax.training import train
 
-  config = accelerator_config(batch_size, model=model)
+  config = accelerator_config(batch_size, dtype, model)
   options = train.step_options(config, ops=workers.flop_count_ops())  # XLA counts no FLOPs inside an FFI call
   mesh = train.make_mesh(jax.devices("cpu")[:1])
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), workers.make_batch(config, batch_size))
@@ -180,11 +180,11 @@ def train_result(trainer, batch_size: int, timing: dict, flops_per_step: float, 
   }
 
 
-def make_trainer(batch_size: int, depthwise: str | None = None, model: str = "edge"):
+def make_trainer(batch_size: int, depthwise: str | None = None, model: str = "edge", dtype: str = "bfloat16"):
   """-> (config, workers.JaxTrainer) for this batch size: a fresh state, the step compiled."""
   from mer_jax.training import train
 
-  config = accelerator_config(batch_size, model=model)
+  config = accelerator_config(batch_size, dtype, model)
   state = workers.init_train_state(train.step_options(config), train.make_mesh(), config.seed)
   return config, workers.JaxTrainer(config, workers.make_batch(config, batch_size), state, depthwise=depthwise)
 
@@ -220,7 +220,7 @@ def run(args) -> dict:
     "host_cpus": os.cpu_count(),
     "quick": args.quick,
     "model": args.model,
-    "compute_dtype": "bfloat16",
+    "compute_dtype": args.dtype,
     "parameters_dtype": "float32",
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "train": [],
@@ -235,10 +235,10 @@ def run(args) -> dict:
   slowest_compile = [0.0]
   affordable = lambda extra_s: left() > slowest_compile[0] + extra_s
 
-  config = accelerator_config(max(args.batch_sizes), model=args.model)
+  config = accelerator_config(max(args.batch_sizes), args.dtype, args.model)
   state = workers.init_train_state(train.step_options(config), train.make_mesh(), config.seed)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  for dtype, size in (("bfloat16", 1),) if args.quick else (("bfloat16", 1), ("float32", 1), ("bfloat16", 32)):
+  for dtype, size in ((args.dtype, 1),) if args.quick else ((args.dtype, 1), ("float32", 1), (args.dtype, 32)):
     latency = measure_latency(variables, dtype, size, calls, args.model)
     result["latency"].append(latency)
     log(f"forward {dtype} b{size}: median {latency['median_ms']:.3f} ms, p90 {latency['p90_ms']:.3f} ms")
@@ -249,14 +249,14 @@ def run(args) -> dict:
     if largest is not None and not affordable(rounds * target_s + 10):
       result["skipped"].append(f"train batch {batch_size}: budget spent")
       continue
-    config, trainer = make_trainer(batch_size, model=args.model)
+    config, trainer = make_trainer(batch_size, model=args.model, dtype=args.dtype)
     slowest_compile[0] = max(slowest_compile[0], trainer.compile_wall_s)
     # The allocator's peak is process-wide: only the first (largest) trainer's is its own.
     entry = train_result(
       trainer,
       batch_size,
       time_steps(trainer, target_s, rounds),
-      model_flops_per_step(batch_size, args.model),
+      model_flops_per_step(batch_size, args.model, args.dtype),
       peak_memory_gib(device) if largest is None else None,
     )
     result["train"].append(entry)
@@ -316,7 +316,7 @@ def run(args) -> dict:
     if not affordable(rounds * target_s + 10):
       result["skipped"].append(f"{formulation} depthwise variant: budget spent")
     else:
-      _, trainer = make_trainer(batch_size, depthwise=formulation, model=args.model)
+      _, trainer = make_trainer(batch_size, depthwise=formulation, model=args.model, dtype=args.dtype)
       entry = train_result(
         trainer, batch_size, time_steps(trainer, target_s, rounds), largest[2]["model_flops_per_step"], None
       )
@@ -332,7 +332,7 @@ def run(args) -> dict:
 def markdown(result: dict) -> str:
   forms = sorted({entry["ops_form"] for entry in result["train"] + result["latency"] if "ops_form" in entry})
   lines = [
-    f"`{result['device']}` ({result['device_kind']}); jax {result['jax']}; bf16 compute, float32 "
+    f"`{result['device']}` ({result['device_kind']}); jax {result['jax']}; {result.get('compute_dtype', 'bfloat16')} compute, float32 "
     f"parameters; {MODEL_NAMES[result.get('model', 'edge')]}; ops form {', '.join(forms) or 'n/a'}"
     + (f"; XLA_FLAGS={result['xla_flags']}." if result.get("xla_flags") else "."),
     "",
@@ -391,6 +391,12 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="batch 8, few calls, the tiny model: a smoke run")
   parser.add_argument(
+    "--dtype",
+    choices=("bfloat16", "float32"),
+    default=None,
+    help="compute dtype (default bfloat16; quick on a CPU: float32)",
+  )
+  parser.add_argument(
     "--model",
     choices=("edge", "tiny"),
     default=None,
@@ -412,6 +418,11 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   args.batch_sizes = [int(b) for b in (args.batch_sizes or ("8" if args.quick else "2048,512")).split(",")]
   args.model = args.model or ("tiny" if args.quick else "edge")
+  # XLA:CPU compiles bfloat16 train steps slowly (the tiny model's: 114 s), so a quick run on a CPU checks the code
+  # paths in float32; on an accelerator it keeps bfloat16.
+  import jax
+
+  args.dtype = args.dtype or ("float32" if args.quick and jax.default_backend() == "cpu" else "bfloat16")
   result = run(args)
   print(write_results(result, args))
   if args.json:
