@@ -315,6 +315,7 @@ def main(argv):
     _quiet_orbax()
   from mer_jax.training import run_config
   from mer_jax.training import train
+  from mer_jax.training import steps
 
   try:
     config = run_config.resolve_tasks(FLAGS.config)  # the heads config.data asks for, checked before any long work
@@ -323,7 +324,7 @@ def main(argv):
   except errors.UserError as error:  # the message says what to do
     print(errors.one_line(error), file=sys.stderr)
     sys.exit(errors.USER_ERROR_EXIT_STATUS)
-  except train.NonFiniteLossError as e:
+  except steps.NonFiniteLossError as e:
     logging.error("%s", e)
     sys.exit(1)
   except distributed.LostPeerError as error:

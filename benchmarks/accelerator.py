@@ -7,7 +7,7 @@ On `jax.devices()[0]`, with bf16 compute (`--dtype`) and float32 parameters (con
 
   latency      eval forward at batch 1 (and 32), device-resident inputs, one call at a time, block on
                each: median / p90 of many calls; float32 compute too, for comparison
-  model-only   the library's jitted train step (`mer_jax.training.train.compiled_steps`: Mesh, donated state) on a
+  model-only   the library's jitted train step (`mer_jax.training.steps.compiled_steps`: Mesh, donated state) on a
                fixed device-resident batch, largest batch size first: steps/s, clips/s, TFLOP/s of the
                model's FLOPs (XLA's count of the unoptimised step, lowered for the CPU so that every backend
                and formulation divides the same number), peak device memory
@@ -100,14 +100,15 @@ def model_flops_per_step(batch_size: int, model: str = "edge", dtype: str = "bfl
   formulations and compiler settings."""
   import jax
   from mer_jax.training import train
+  from mer_jax.training import steps
 
   config = accelerator_config(batch_size, dtype, model)
   options = train.step_options(config, ops=workers.flop_count_ops())  # XLA counts no FLOPs inside an FFI call
-  mesh = train.make_mesh(jax.devices("cpu")[:1])
+  mesh = steps.make_mesh(jax.devices("cpu")[:1])
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), workers.make_batch(config, batch_size))
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  step = jax.jit(functools.partial(train.train_step, options=options))
-  return workers.cost_flops(step.lower(train.abstract_train_state(options, mesh), batch, rng))
+  step = jax.jit(functools.partial(steps.train_step, options=options))
+  return workers.cost_flops(step.lower(steps.abstract_train_state(options, mesh), batch, rng))
 
 
 def time_calls(fn, calls: int) -> list[float]:
@@ -183,9 +184,10 @@ def train_result(trainer, batch_size: int, timing: dict, flops_per_step: float, 
 def make_trainer(batch_size: int, depthwise: str | None = None, model: str = "edge", dtype: str = "bfloat16"):
   """-> (config, workers.JaxTrainer) for this batch size: a fresh state, the step compiled."""
   from mer_jax.training import train
+  from mer_jax.training import steps
 
   config = accelerator_config(batch_size, dtype, model)
-  state = workers.init_train_state(train.step_options(config), train.make_mesh(), config.seed)
+  state = workers.init_train_state(train.step_options(config), steps.make_mesh(), config.seed)
   return config, workers.JaxTrainer(config, workers.make_batch(config, batch_size), state, depthwise=depthwise)
 
 
@@ -208,6 +210,7 @@ def cached_train_batches(config, batch_size: int, examples: int):
 def run(args) -> dict:
   import jax
   from mer_jax.training import train
+  from mer_jax.training import steps
 
   device = jax.devices()[0]
   began = time.perf_counter()
@@ -236,7 +239,7 @@ def run(args) -> dict:
   affordable = lambda extra_s: left() > slowest_compile[0] + extra_s
 
   config = accelerator_config(max(args.batch_sizes), args.dtype, args.model)
-  state = workers.init_train_state(train.step_options(config), train.make_mesh(), config.seed)
+  state = workers.init_train_state(train.step_options(config), steps.make_mesh(), config.seed)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   for dtype, size in ((args.dtype, 1),) if args.quick else ((args.dtype, 1), ("float32", 1), (args.dtype, 32)):
     latency = measure_latency(variables, dtype, size, calls, args.model)
@@ -281,6 +284,7 @@ def run(args) -> dict:
           next(batches)
         read = {"wall": (time.perf_counter() - start) / (8 if args.quick else 40)}
         from mer_jax.training import train as train_lib
+        from mer_jax.training import steps
 
         # The raw batch has other shapes than the model-only batch: its own compiled step, on a fresh state.
         state = workers.init_train_state(trainer.options, trainer.mesh, config.seed)

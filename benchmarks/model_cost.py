@@ -96,17 +96,18 @@ _OPCODE = re.compile(r"\b([a-z][\w\-]*)\(")
 
 
 def lowered_train_step(config, form, batch_size: int = 2):
-  """mer_jax.training.train.train_step of `config` under ops form `form`, lowered (not compiled) for one CPU device
+  """mer_jax.training.steps.train_step of `config` under ops form `form`, lowered (not compiled) for one CPU device
   from abstract shapes: nothing is initialised or run."""
   from benchmarks import workers
   from mer_jax.training import train
+  from mer_jax.training import steps
 
   options = train.step_options(config, ops=form)
-  mesh = train.make_mesh(jax.devices("cpu")[:1])
+  mesh = steps.make_mesh(jax.devices("cpu")[:1])
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), workers.make_batch(config, batch_size))
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  step = jax.jit(functools.partial(train.train_step, options=options))
-  return step.lower(train.abstract_train_state(options, mesh), batch, rng)
+  step = jax.jit(functools.partial(steps.train_step, options=options))
+  return step.lower(steps.abstract_train_state(options, mesh), batch, rng)
 
 
 def hlo_counts(hlo_text: str) -> dict:

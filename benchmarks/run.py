@@ -3,7 +3,7 @@ pipeline rate and memory.
 
   python -m benchmarks.run [--quick] [--json]
 
-The JAX side is the library's own train step (`mer_jax.training.train.compiled_steps`: jitted over a Mesh, donated
+The JAX side is the library's own train step (`mer_jax.training.steps.compiled_steps`: jitted over a Mesh, donated
 state, in the ops form `mer_jax.ops.choose` picks for config.model.ops, named in the results); the PyTorch side
 is benchmarks/torch_reference.py + torch_train.py, the same model and recipe.
 Each framework runs in its own worker process (benchmarks/workers.py) with the same batch and inputs;

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mer_jax.data.tokenizer import SEP_ID
 from mer_jax.models import mobilenet_v3
 
 # Flax defaults, which torch's differ from.
@@ -35,6 +36,13 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 
 def layer_norm(features: int) -> nn.LayerNorm:
   return nn.LayerNorm(features, eps=LAYER_NORM_EPSILON)
+
+
+def utterance_mask(token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+  """`text_encoder.utterance_mask`: the mask on the first segment ([CLS] utterance [SEP]) only."""
+  is_separator = token_ids == SEP_ID
+  first = torch.where(is_separator.any(1), is_separator.int().argmax(1), token_ids.shape[1])
+  return mask & (torch.arange(token_ids.shape[1])[None, :] <= first[:, None])
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
@@ -448,7 +456,11 @@ class TorchEmotionModel(nn.Module):
       self.frame_relevance = nn.Linear(width, primary_classes)
       self.frame_evidence = FrameEvidence(primary_classes, tuple(config.scorer.channels), config.scorer.downscale)
     self.audio_encoder = AudioEncoder(
-      num_mel_bins, width, tuple(config.audio.channels), config.audio.kernel, config.audio.num_segments
+      num_mel_bins,
+      width,
+      tuple(config.audio.channels),
+      config.audio.kernel,
+      config.audio.num_segments,
     )
     self.audio_relevance = None
     if config.get("audio_relevance", False):
@@ -471,7 +483,7 @@ class TorchEmotionModel(nn.Module):
       first = torch.arange(text_mask.shape[1]) == 0
       text_mask = text_mask & (keep | first[None, :])
     text_states = self.text_encoder.compact(batch["text_ids"].long(), text_mask)
-    text_pooled = masked_mean(text_states, text_mask[..., None], 1)
+    text_pooled = masked_mean(text_states, utterance_mask(batch["text_ids"].long(), text_mask)[..., None], 1)
     scorer_text = (
       self.scorer_words(batch["text_ids"].long(), word_mask)
       if self.text_guided

@@ -24,19 +24,22 @@ def _label_log_probs(logits, labels):
 
 
 def label_confidence(logits, labels):
-  """`modality_corruption.label_confidence`: p(label) of a modality's own head (best frame), 1 where unlabeled."""
+  """`modality_corruption.label_confidence`: p(label) of a modality's own head (mean over chosen frames), 1 where
+  unlabeled."""
   probabilities = torch.softmax(logits.detach().float(), -1)
   if probabilities.ndim == 3:
-    probabilities = probabilities.amax(1)
+    probabilities = probabilities.mean(1)
   confidence = probabilities.gather(-1, labels.clamp(0, probabilities.shape[-1] - 1)[:, None])[:, 0]
   return torch.where(labels >= 0, confidence, torch.ones_like(confidence))
 
 
-def reliability_loss(reliability, rows, corrupted, clean_confidence):
+def reliability_loss(reliability, rows, corrupted, clean_confidence, confidence_target=False):
   """`modality_corruption.reliability_loss` (rows = present & example_mask)."""
   probability = reliability.float().clamp(1e-6, 1 - 1e-6)
-  per_row = F.binary_cross_entropy(probability, (~corrupted).float(), reduction="none")
-  clean_weight = torch.ones_like(probability) if clean_confidence is None else clean_confidence
+  confidence = torch.ones_like(probability) if clean_confidence is None else clean_confidence
+  target, clean_weight = (confidence, torch.ones_like(probability)) if confidence_target else (1.0, confidence)
+  target = torch.where(corrupted, torch.zeros_like(probability), target * torch.ones_like(probability))
+  per_row = F.binary_cross_entropy(probability, target, reduction="none")
   weights = rows.float() * torch.where(corrupted, torch.ones_like(probability), clean_weight)
   return (per_row * weights).sum() / weights.sum().clamp_min(1e-9)
 
@@ -83,7 +86,7 @@ class TorchTrainer:
     self.channels_last = channels_last
     if channels_last:
       self.model.backbone.use_channels_last()
-    # As mer_jax.training.train.make_optimizer: the scorer's word table takes SGD with momentum, unclipped.
+    # As mer_jax.training.steps.make_optimizer: the scorer's word table takes SGD with momentum, unclipped.
     word_params = list(self.model.scorer_words.parameters()) if hasattr(self.model, "scorer_words") else []
     word_ids = {id(p) for p in word_params}
     params = [p for p in self.model.parameters() if id(p) not in word_ids]
@@ -116,14 +119,15 @@ class TorchTrainer:
     self.reliability_loss_weight = (
       float(config.get("reliability_loss_weight", 0.0)) if config.model.use_reliability else 0.0
     )
+    self.reliability_confidence_target = tuple(config.get("reliability_confidence_target", ()))
     self.audio_relevance_weight = float(config.get("audio_relevance_weight", 0.0))
     self.step_count = 0
     self.generator = torch.Generator().manual_seed(seed)
 
   def _modality_events(self, batch):
     """`modality_corruption.draw_events` + `corrupt` (host-feature batches: frames, and silence for audio) +
-    `mark_missing` -> (batch, corrupt_video, corrupt_audio). The video noise has one grain (pixels), JAX's three:
-    the same random numbers, a cheaper select."""
+    `mark_missing` -> (batch, corrupt_video, corrupt_audio). The video noise has one grain (pixels), where JAX's
+    also has smooth and blocky kinds: the same random numbers, a cheaper select."""
     has_video, has_audio = batch["has_video"].bool(), batch["has_audio"].bool()
     u = torch.rand(has_video.shape, generator=self.generator)
     both = has_video & has_audio
@@ -186,13 +190,14 @@ class TorchTrainer:
       per_row = F.cross_entropy(explanation["audio_relevance_logits"], labels.clamp_min(0), reduction="none")
       loss = loss + self.audio_relevance_weight * (per_row * valid).sum() / valid.sum().clamp_min(1e-9)
     if self.modality_corruption > 0 and self.reliability_loss_weight > 0:
-      own = {"video": explanation.get("frame_evidence_logits"), "audio": explanation.get("audio_relevance_logits")}
+      own = {"video": explanation.get("frame_relevance_logits"), "audio": explanation.get("audio_relevance_logits")}
       for modality, corrupted in (("video", corrupt_video), ("audio", corrupt_audio)):
         loss = loss + self.reliability_loss_weight * reliability_loss(
           explanation[f"reliability_{modality}"],
           batch[f"has_{modality}"].bool() & batch["example_mask"].bool(),
           corrupted,
           None if own[modality] is None else label_confidence(own[modality], labels),
+          modality in self.reliability_confidence_target,
         )
     optimizers = [self.optimizer] + ([self.word_optimizer] if self.word_optimizer is not None else [])
     for optimizer in optimizers:

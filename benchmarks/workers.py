@@ -126,16 +126,17 @@ def init_train_state(options, mesh, seed: int):
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
   from mer_jax.training import train
+  from mer_jax.training import steps
 
   init_fn = getattr(train, "_init_fn", None)
   if init_fn is None:
-    return train.create_train_state(options, mesh, seed)
+    return steps.create_train_state(options, mesh, seed)
   lowered = jax.jit(init_fn(options, seed), out_shardings=NamedSharding(mesh, P())).lower()
   return lowered.compile(compiler_options={"xla_backend_optimization_level": 0})()
 
 
 class JaxTrainer:
-  """The library's jitted train step (`mer_jax.training.train.compiled_steps`: Mesh, NamedSharding, donated state,
+  """The library's jitted train step (`mer_jax.training.steps.compiled_steps`: Mesh, NamedSharding, donated state,
   the ops form training chooses) on a fixed device-resident batch, with no host sync inside the loop.
   `ops_form` names the form that runs."""
 
@@ -144,8 +145,9 @@ class JaxTrainer:
     import functools
     import jax
     from mer_jax.training import train
+    from mer_jax.training import steps
 
-    self.mesh = train.make_mesh()
+    self.mesh = steps.make_mesh()
     self.options = train.step_options(config, ops=chosen_ops(config, self.mesh))
     if depthwise is not None:  # the same step, the backbone's depthwise convs computed another way
       from benchmarks import depthwise_variants
@@ -157,12 +159,12 @@ class JaxTrainer:
     self.state = state
     self.batch = train.global_batch(batch, self.mesh)
     self.rng = train.replicated_key(config.seed, self.mesh)
-    step = train.compiled_steps(self.options, self.mesh)[0]  # exactly what training runs
+    step = steps.compiled_steps(self.options, self.mesh)[0]  # exactly what training runs
     start, wall = time.process_time(), time.perf_counter()
     lowered = step.lower(self.state, self.batch, self.rng)
     self.step = lowered.compile()  # one executable for the one static shape: it can never recompile
     counted = jax.jit(
-      functools.partial(train.train_step, options=dataclasses.replace(self.options, ops=flop_count_ops()))
+      functools.partial(steps.train_step, options=dataclasses.replace(self.options, ops=flop_count_ops()))
     )
     self.flops_per_step = cost_flops(counted.lower(self.state, self.batch, self.rng))
     self.compile_cpu_s, self.compile_wall_s = time.process_time() - start, time.perf_counter() - wall
@@ -172,6 +174,7 @@ class JaxTrainer:
     """`steps` steps back to back, then wait for the last; `batches` (an iterator) feeds fresh ones."""
     import jax
     from mer_jax.training import train
+    from mer_jax.training import steps
 
     for _ in range(steps):
       batch = self.batch if batches is None else train.global_batch(next(batches), self.mesh)
@@ -245,11 +248,12 @@ def jax_worker(spec: dict):
   import jax.numpy as jnp
   from mer_jax.data import input_pipeline
   from mer_jax.training import train
+  from mer_jax.training import steps
 
   size = spec["batch_size"]
   config = benchmark_config(size)
   batch = make_batch(config, size)
-  options, mesh = train.step_options(config), train.make_mesh()
+  options, mesh = train.step_options(config), steps.make_mesh()
   info, ops = {"flops_forward_b1_by_k": {}}, {}
   start = time.process_time()
   state0 = init_train_state(options, mesh, config.seed)

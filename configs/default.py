@@ -76,7 +76,8 @@ def data_config() -> ml_collections.ConfigDict:
   data.max_audio_seconds = 4.0
   data.num_mel_bins = 64
   data.max_text_length = 64
-  data.context_turns = 0
+  data.context_turns = 0  # earlier turns of the dialogue as the text's second segment
+  data.context_future_turns = 0  # later turns too (whole-dialogue evaluation, as ERC benchmarks); 0 for live streams
   # The source layout, tasks and classes (docs/OWN_DATA.md): MELD's. csv_files / clip_folders: split -> name in
   # source_dir; clip_pattern: a row's clip ({dialogue_id}, {utterance_id}, {split}); columns: role -> CSV column;
   # tasks: the tasks trained (one head each); classes: task -> class names in label-id order; label_columns: task
@@ -129,6 +130,12 @@ def get_config() -> ml_collections.ConfigDict:
   # to notice it with this loss weight (mer_jax/training/modality_corruption.py).
   config.modality_corruption = 0.1
   config.reliability_loss_weight = 1.0
+  # Modalities whose rows the step left alone learn r = their own head's confidence in the label (true-class
+  # probability, as Corbiere et al. 2019 train a confidence head) instead of r = 1 weighted by it. For video: a
+  # clip's frames either show the label or show nothing, and the demo's train split holds broken videos nobody
+  # marked, which r = 1 taught the head to trust whatever their weight (modality_corruption.reliability_loss).
+  # Audio keeps r = 1: much clean speech is neutral in tone, and the target would call it broken.
+  config.reliability_confidence_target = ("video",)
   config.log_every_steps = 50  # in steps: how often the log and TensorBoard show progress
   config.eval_every_epochs = 7.937
   config.eval_every_steps = -1

@@ -30,7 +30,7 @@ CONFIG_NAMES = sorted(
 
 
 # The arguments a config's get_config takes (configs/NAME.py:ARGUMENT); '' = none.
-CONFIG_ARGUMENTS = {"meld": ("", "accelerator")}
+CONFIG_ARGUMENTS = {"meld": ("", "accelerator"), "meld_text": ("", "edge")}
 CONFIGS = [(name, argument) for name in CONFIG_NAMES for argument in CONFIG_ARGUMENTS.get(name, ("",))]
 
 
@@ -77,6 +77,7 @@ RESOLVED_STEPS = {
   ("meld", "", 9989): (313, 10000, 500, 1000, 1000),
   ("meld", "accelerator", 9989): (20, 639, 32, 64, 64),
   ("meld_text", "", 9989): (313, 1872, 187, 312, 312),
+  ("meld_text", "edge", 9989): (313, 1872, 187, 312, 312),
 }
 
 

@@ -243,6 +243,10 @@ def test_dialogue_contexts_follow_utterance_order_with_gaps():
   one = ip.dialogue_contexts(speakers, texts, dialogue_ids, utterance_ids, turns=1)
   assert one[2] == "B: two"
   assert ip.dialogue_contexts(speakers, texts, dialogue_ids, utterance_ids, turns=0) == [None] * 5
+  # Later turns too: nearest first, alternating sides (previous 1, next 1, previous 2, ...).
+  both = ip.dialogue_contexts(speakers, texts, dialogue_ids, utterance_ids, turns=2, future_turns=2)
+  assert both == ["A: zero\nfive", "B: two\nfive", "B: two\nA: zero", "A: one-more", "C: other"]
+  assert ip.dialogue_contexts(speakers, texts, dialogue_ids, utterance_ids, turns=0, future_turns=1)[1] == "B: two"
 
 
 def test_duplicate_ids_are_a_clear_error():

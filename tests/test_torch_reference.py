@@ -11,7 +11,7 @@ torch = pytest.importorskip(
 )
 
 from benchmarks import torch_reference, torch_train, workers  # noqa: E402
-from configs import default, tiny  # noqa: E402
+from configs import default, demo, tiny  # noqa: E402
 from mer_jax import ops  # noqa: E402
 from mer_jax.models import emotion_model as model_lib  # noqa: E402
 
@@ -27,7 +27,7 @@ def module_counts(params) -> dict:
   return {name: model_lib.count_parameters(tree) for name, tree in params.items()}
 
 
-@pytest.mark.parametrize("config_module", [default, tiny], ids=["edge", "tiny"])
+@pytest.mark.parametrize("config_module", [default, tiny, demo], ids=["edge", "tiny", "demo"])
 def test_parameter_counts_equal_module_by_module(config_module):
   config = config_module.get_config()
   params = flax_params(config)

@@ -12,6 +12,7 @@ prepared examples (unit tests, prediction).
 
 import collections
 import functools
+import itertools
 import math
 from typing import Any, Callable, Iterator, Sequence
 
@@ -42,14 +43,22 @@ NOISE_SNR_DB_RANGE = (25.0, 45.0)
 
 
 def dialogue_contexts(
-  speakers: Sequence[str], texts: Sequence[str], dialogue_ids: Sequence[int], utterance_ids: Sequence[int], turns: int
+  speakers: Sequence[str],
+  texts: Sequence[str],
+  dialogue_ids: Sequence[int],
+  utterance_ids: Sequence[int],
+  turns: int,
+  future_turns: int = 0,
 ) -> list:
-  """Context of each utterance: the previous `turns` utterances of its dialogue, most recent first.
+  """Context of each utterance: up to `turns` earlier and `future_turns` later utterances of its dialogue, nearest
+  first, alternating (previous 1, next 1, previous 2, next 2, ...) so that truncating the context drops the
+  farthest turns whichever side they are on.
 
-  "Previous" follows utterance_id order (ids may have gaps). Each line is "Speaker: text" ("text" when
-  the speaker is ''). Returns one str per utterance, or None where there is no earlier utterance.
+  "Earlier" and "later" follow utterance_id order (ids may have gaps). Each line is "Speaker: text" ("text" when
+  the speaker is ''). Returns one str per utterance, or None where the dialogue has no such other utterance.
+  Later turns suit evaluation of whole dialogues (as ERC benchmarks do); a live stream has only earlier ones.
   """
-  if turns <= 0:
+  if turns <= 0 and future_turns <= 0:
     return [None] * len(texts)
   by_dialogue: dict = {}
   for row, (dia, utt) in enumerate(zip(dialogue_ids, utterance_ids)):
@@ -59,9 +68,16 @@ def dialogue_contexts(
     rows.sort()
     lines = [f"{speakers[r]}: {texts[r]}" if speakers[r] else texts[r] for _, r in rows]
     for pos, (_, row) in enumerate(rows):
-      previous = lines[max(0, pos - turns) : pos][::-1]
-      contexts[row] = "\n".join(previous) if previous else None
+      previous = lines[max(0, pos - max(turns, 0)) : pos][::-1]
+      following = lines[pos + 1 : pos + 1 + max(future_turns, 0)]
+      nearest_first = [line for pair in itertools.zip_longest(previous, following) for line in pair if line]
+      contexts[row] = "\n".join(nearest_first) if nearest_first else None
   return contexts
+
+
+def context_key(data_config: Any) -> tuple:
+  """What of config.data decides an utterance's context: (turns, future_turns), for caches keyed on it."""
+  return int(data_config.get("context_turns", 0)), int(data_config.get("context_future_turns", 0))
 
 
 @functools.lru_cache(maxsize=1)
@@ -125,8 +141,10 @@ def build_token_table(meta: dict, data_config: Any, tokenize_fn: TokenizeFn | No
   """`meta`: numpy arrays per META_KEYS for a whole split -> TokenTable (one tokenizer call)."""
   decode = lambda values: [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
   texts, speakers = decode(meta["text"]), decode(meta["speaker"])
-  turns = int(data_config.get("context_turns", 0))
-  contexts = dialogue_contexts(speakers, texts, meta["dialogue_id"], meta["utterance_id"], turns) if turns > 0 else None
+  turns, future_turns = context_key(data_config)
+  contexts = None
+  if turns > 0 or future_turns > 0:
+    contexts = dialogue_contexts(speakers, texts, meta["dialogue_id"], meta["utterance_id"], turns, future_turns)
   max_length = int(data_config.max_text_length)
   ids, mask = (tokenize_fn or default_tokenize_fn)(texts, contexts, max_length)
   return TokenTable(list(meta["id"]), np.asarray(ids), np.asarray(mask))
@@ -369,7 +387,7 @@ def split_token_table(
   builder: tfds.core.DatasetBuilder, split: str, config: Any, tokenize_fn: TokenizeFn | None = None
 ) -> TokenTable:
   """Token table of a whole split; reads only its text fields (frames and audio are not decoded)."""
-  key = (str(builder.data_dir), str(split), int(config.data.max_text_length), int(config.data.get("context_turns", 0)))
+  key = (str(builder.data_dir), str(split), int(config.data.max_text_length), context_key(config.data))
   if tokenize_fn is None and key in _TOKEN_TABLES:
     return _TOKEN_TABLES[key]
   meta_ds = builder.as_dataset(

@@ -153,7 +153,7 @@ def _cache_key(builder, shard, config: Any) -> tuple:
     str(builder.data_dir),
     str(shard),
     tuple(str(data[k]) for k in fields),
-    int(data.get("context_turns", 0)),
+    input_pipeline.context_key(data),
     tuple(data.tasks),
   )
 

@@ -76,6 +76,7 @@ def read_metadata(export_dir: str) -> dict:
       "mel_upper_hz": log_mel.get("upper_hz"),
       "max_text_length": pre["max_text_length"],
       "context_turns": 0,
+      "context_future_turns": 0,
     }
     pre["data"] = {k: v for k, v in pre["data"].items() if v is not None}
   if "clip_read_config" not in pre:

@@ -35,6 +35,7 @@ DATA_FIELDS = (
   "mel_upper_hz",
   "max_text_length",
   "context_turns",
+  "context_future_turns",
   "builder",
   "builder_config",
   # How the training data's CSVs and clips were laid out (config.data, csv_format.SOURCE_FIELDS), so that

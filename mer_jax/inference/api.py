@@ -173,17 +173,22 @@ class _Request:
   video: str | None
   text: str
   context: tuple[str, ...] | None
+  next_context: tuple[str, ...] | None = None
 
 
 def _request(item, position: int) -> _Request:
   """An item of predict_many -> a _Request; raises errors.InvalidInput for an item it cannot read."""
   if isinstance(item, Mapping):
-    unknown = sorted(set(item) - {"video", "text", "context", "id"})
+    unknown = sorted(set(item) - {"video", "text", "context", "next_context", "id"})
     if unknown:
-      raise errors.InvalidInput(f"Item {position} has unknown keys {unknown}; use video, text, context, id.")
+      raise errors.InvalidInput(
+        f"Item {position} has unknown keys {unknown}; use video, text, context, next_context, id."
+      )
     video, text, context, name = item.get("video"), item.get("text"), item.get("context"), item.get("id")
+    next_context = item.get("next_context")
   elif isinstance(item, (tuple, list)) and 1 <= len(item) <= 3:
     video, text, context, name = (*item, None, None)[:3] + (None,)
+    next_context = None
   else:
     raise errors.InvalidInput(
       f"Item {position} is {item!r}; pass a dict(video=, text=, context=, id=) or (video, text)."
@@ -192,10 +197,13 @@ def _request(item, position: int) -> _Request:
     raise errors.InvalidInput(f"Item {position} has neither a video nor a text; pass at least one.")
   if isinstance(context, str):
     context = [context]
+  if isinstance(next_context, str):
+    next_context = [next_context]
   video = None if video is None else os.path.expanduser(os.fspath(video))
   if name is None:
     name = os.path.splitext(os.path.basename(video))[0] if video else f"text{position}"
-  return _Request(str(name), video, str(text or ""), None if context is None else tuple(str(c) for c in context))
+  lines = lambda values: None if values is None else tuple(str(value) for value in values)
+  return _Request(str(name), video, str(text or ""), lines(context), lines(next_context))
 
 
 class Model:
@@ -220,9 +228,11 @@ class Model:
     text: str | None = None,
     context: Sequence[str] | None = None,
     *,
+    next_context: Sequence[str] | None = None,
     return_frames=False,
   ) -> Prediction:
-    """One clip (None: text only) and its transcript; context: earlier utterances ('Speaker: text'), oldest first.
+    """One clip (None: text only) and its transcript; context: earlier utterances ('Speaker: text'), oldest first;
+    next_context: later ones, in dialogue order (read by a model trained with config.data.context_future_turns).
 
     A clip that cannot be read gives a Prediction whose `error` says why; a missing path raises errors.PathNotFound.
     """
@@ -230,11 +240,11 @@ class Model:
       raise errors.InvalidInput("Nothing to predict from: pass a video, a text or both.")
     if video is not None:
       runners.check_clip_path(os.path.expanduser(os.fspath(video)))
-    item = {"video": video, "text": text, "context": context}
+    item = {"video": video, "text": text, "context": context, "next_context": next_context}
     return next(self.iter_predict([item], workers=1, return_frames=return_frames))
 
   def predict_many(self, items: Iterable, *, workers: int | None = 1, batch_size: int = 8, return_frames=False):
-    """[Prediction] for items: dicts (video=, text=, context=, id=) or (video, text) pairs. Never raises on a
+    """[Prediction] for items: dicts (video=, text=, context=, next_context=, id=) or (video, text) pairs. Never raises on a
     clip: a missing or broken one gets a prediction from what could be read and its `error`.
 
     workers > 1 (None: one per core) decodes clips in that many spawned processes, which import the caller's
@@ -254,7 +264,13 @@ class Model:
     batch = []
     for request in requests:
       clip = next(clips) if request.video is not None else clip_reader.empty_clip(reading, [])
-      batch.append((request, clip, runners.example_inputs(clip, request.text, self.preprocessing, request.context)))
+      batch.append(
+        (
+          request,
+          clip,
+          runners.example_inputs(clip, request.text, self.preprocessing, request.context, request.next_context),
+        )
+      )
       if len(batch) == batch_size:
         yield from self._run(batch, return_frames, batch_size)
         batch = []

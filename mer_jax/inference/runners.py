@@ -9,6 +9,7 @@ Datasets); `load_runner` picks one for a path. The typed API on top of them is m
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -52,28 +53,33 @@ def context_line(speaker: str, text: str) -> str:
   return f"{speaker}: {text}" if speaker else text
 
 
-def context_text(contexts: Sequence[str] | None, turns: int) -> str | None:
-  """Earlier utterances in dialogue order -> the pipeline's context: the last `turns`, most recent first.
+def context_text(
+  contexts: Sequence[str] | None, turns: int, following: Sequence[str] | None = None, future_turns: int = 0
+) -> str | None:
+  """Earlier utterances in dialogue order (and `following`: later ones, in dialogue order) -> the pipeline's
+  context: the last `turns` earlier and the first `future_turns` later ones, nearest first, alternating.
 
   The one implementation of input_pipeline.dialogue_contexts on this side: that module imports TensorFlow
   Datasets, which prediction from an .onnx / .tflite file does not load.
   """
-  if not contexts or turns <= 0:
-    return None
-  return "\n".join(list(contexts)[-turns:][::-1])
+  previous = list(contexts or [])[::-1][: max(turns, 0)]
+  later = list(following or [])[: max(future_turns, 0)]
+  nearest_first = [line for pair in itertools.zip_longest(previous, later) for line in pair if line]
+  return "\n".join(nearest_first) if nearest_first else None
 
 
-def dialogue_histories(rows: Iterable[Mapping]) -> dict[str, list[str]]:
-  """{row id: the context lines of the earlier utterances of its dialogue, oldest first} of CSV rows (meld_csv's
-  id, dialogue_id, utterance_id, speaker, text); "earlier" follows utterance_id order, as the input pipeline's."""
+def dialogue_neighbours(rows: Iterable[Mapping]) -> dict[str, tuple[list[str], list[str]]]:
+  """{row id: (context lines of the earlier utterances of its dialogue, of the later ones), both in dialogue
+  order} of CSV rows (meld_csv's id, dialogue_id, utterance_id, speaker, text); the order follows utterance_id,
+  as the input pipeline's."""
   dialogues: dict = {}
   for row in sorted(rows, key=lambda row: (row["dialogue_id"], row["utterance_id"])):
     dialogues.setdefault(row["dialogue_id"], []).append(row)
-  histories = {}
+  neighbours = {}
   for turns in dialogues.values():
     lines = [context_line(row["speaker"], row["text"]) for row in turns]
-    histories.update({row["id"]: lines[:position] for position, row in enumerate(turns)})
-  return histories
+    neighbours.update({row["id"]: (lines[:position], lines[position + 1 :]) for position, row in enumerate(turns)})
+  return neighbours
 
 
 def resize_frames(frames: np.ndarray, frame_size: int) -> np.ndarray:
@@ -86,9 +92,12 @@ def resize_frames(frames: np.ndarray, frame_size: int) -> np.ndarray:
   return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8).numpy()
 
 
-def example_inputs(clip: clip_reader.ClipData, text: str, prep: Preprocessing, contexts=None) -> dict:
+def example_inputs(
+  clip: clip_reader.ClipData, text: str, prep: Preprocessing, contexts=None, following_contexts=None
+) -> dict:
   """One example of the batch contract, without the batch axis: frames (T, S, S, 1) uint8, audio (F, M) float32,
-  audio_mask (F,) bool, text_ids / text_mask (L,), has_video / has_audio () bool."""
+  audio_mask (F,) bool, text_ids / text_mask (L,), has_video / has_audio () bool. contexts / following_contexts:
+  the dialogue's earlier / later utterances ('Speaker: text'), in dialogue order."""
   runtimes.import_tensorflow_without_jax()  # before `features` imports TensorFlow: not JAX with it
   from mer_jax.data import features
   from mer_jax.data import text_normalize
@@ -98,8 +107,13 @@ def example_inputs(clip: clip_reader.ClipData, text: str, prep: Preprocessing, c
   frames = resize_frames(np.asarray(clip.frames), int(data["frame_size"]))
   log_mel, audio_mask = features.audio_features(clip.audio, data)
   # Normalised as mer_jax/data/meld_csv.py normalises a CSV's utterances (context lines included).
-  contexts = [text_normalize.normalize_text(line) for line in contexts] if contexts else contexts
-  context = context_text(contexts, int(data.get("context_turns", 0)))
+  normalize = lambda lines: [text_normalize.normalize_text(line) for line in lines] if lines else lines
+  context = context_text(
+    normalize(contexts),
+    int(data.get("context_turns", 0)),
+    normalize(following_contexts),
+    int(data.get("context_future_turns", 0)),
+  )
   text_ids, text_mask = tokenizer_lib.tokenize(
     tokenizer_lib.load_tokenizer(prep.tokenizer_dir),
     [text_normalize.normalize_text(text or "")],

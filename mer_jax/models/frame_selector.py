@@ -28,7 +28,7 @@ class WordQuery(nn.Module):
 
   The scorer needs to know which visual thing the transcript names; a word's identity says that directly,
   while a contextual encoder first has to learn to carry it through. The table is trained with plain SGD
-  (train.make_optimizer), whose updates grow with how often a word occurs: words that recur with one visual
+  (steps.make_optimizer), whose updates grow with how often a word occurs: words that recur with one visual
   meaning (an object's name) take over the query, while the rare words of single transcripts stay near zero
   and cannot memorise their clips. Adam's per-weight scaling would move a word seen once as far as a word
   seen every step (measured on the demo corpus: dev precision@K 0.45 with Adam, 1.0 with SGD).

@@ -282,3 +282,32 @@ def load_pretrained_params(model_dir: str | os.PathLike | None = None) -> dict:
       "expected shape): " + "; ".join(f"{p}: {got_paths.get(p)} vs {want_paths.get(p)}" for p in bad)
     )
   return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def projected_word_embeddings(features: int, model_dir: str | os.PathLike | None = None) -> np.ndarray:
+  """MiniLM's WordPiece embeddings (vocab, 384) on their `features` principal axes -> (vocab, features) float32,
+  scaled to the per-entry std 1/sqrt(features) of a fresh nn.Embed.
+
+  The compact text encoder's start (config.model.text.pretrained with kind 'compact'): it shares MiniLM's
+  vocabulary, and its words then begin where MiniLM put them (synonyms near each other) instead of at random,
+  at 1/6 of the width.
+  """
+  from safetensors.numpy import load_file
+
+  folder = Path(model_dir) if model_dir is not None else _package_folder()
+  weights = load_file(str(folder / "model.safetensors"))
+  key = next(
+    (k for k in ("embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight") if k in weights), None
+  )
+  if key is None:
+    raise KeyError(f"{folder / 'model.safetensors'} holds no BERT word embeddings (embeddings.word_embeddings.weight).")
+  table = weights[key].astype(np.float64)
+  if not 0 < features <= table.shape[1]:
+    raise ValueError(f"features={features}: MiniLM's embeddings have {table.shape[1]} dims; use 1..{table.shape[1]}.")
+  centred = table - table.mean(axis=0)
+  # Principal axes from the (384, 384) covariance: cheaper than an SVD of the whole table.
+  eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred)
+  axes = eigenvectors[:, np.argsort(eigenvalues)[::-1][:features]]
+  projected = centred @ axes
+  projected *= (1.0 / np.sqrt(features)) / projected.std()
+  return projected.astype(np.float32)

@@ -11,9 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mer_jax import ops as ops_lib
+from mer_jax.data import tokenizer as tokenizer_lib
 from mer_jax.models import layers
 from mer_jax.models import minilm
 from mer_jax.models.audio_encoder import masked_mean
@@ -77,7 +80,8 @@ class CompactTextEncoder(nn.Module):
 class TextEncoder(nn.Module):
   """Text tokens -> (states (B, L, D_text), pooled (B, D_text)); kind 'compact' or 'minilm'.
 
-  The pooled vector is the masked mean of the token states (sentence-transformers' pooling for MiniLM).
+  The pooled vector is the masked mean of the utterance's token states (sentence-transformers' pooling for MiniLM,
+  over the first segment when a dialogue context follows it: `utterance_mask`).
   """
 
   kind: str = "compact"
@@ -97,8 +101,20 @@ class TextEncoder(nn.Module):
       )
     else:
       raise ValueError(f"Unknown text encoder kind {self.kind!r}; use 'compact' or 'minilm'.")
-    pooled = masked_mean(states, mask[..., None], axis=1)
+    pooled = masked_mean(states, utterance_mask(token_ids, mask)[..., None], axis=1)
     return states, pooled
+
+
+def utterance_mask(token_ids, mask):
+  """(B, L) ids and mask -> (B, L) bool: the mask on the first segment only ([CLS] utterance [SEP]), so that the
+  pooled vector is the utterance's, its tokens having read the dialogue context (the second segment) through
+  attention; a mean over both let a long context drown the utterance. Without context: the mask itself."""
+  is_separator = token_ids == tokenizer_lib.SEP_ID
+  # argmax, not cumsum: ArgMax exports to every runtime the edge model ships to.
+  first_separator = jnp.where(
+    jnp.any(is_separator, axis=1), jnp.argmax(is_separator.astype(jnp.int32), axis=1), token_ids.shape[1]
+  )
+  return mask & (jnp.arange(token_ids.shape[1])[None, :] <= first_separator[:, None])
 
 
 def text_features(kind: str, compact: dict | None) -> int:
@@ -106,3 +122,18 @@ def text_features(kind: str, compact: dict | None) -> int:
   if kind == "minilm":
     return minilm.MiniLMConfig().hidden_size
   return (compact or {}).get("features", CompactTextEncoder.features)
+
+
+def pretrained_text_params(text_config, params: dict) -> dict:
+  """The text encoder's params (the `text_encoder` subtree) with what config.model.text.pretrained asks for put
+  in: MiniLM's weights (kind 'minilm'), or MiniLM's word embeddings on their principal axes as the compact
+  encoder's token embedding (kind 'compact', minilm.projected_word_embeddings). Replaced leaves are numpy
+  float32; the rest is returned as given. Unchanged when pretrained is False."""
+  if not text_config.get("pretrained", False):
+    return params
+  if text_config.kind == "minilm":
+    return {**params, "minilm": jax.tree.map(np.asarray, minilm.load_pretrained_params())}
+  compact = dict(params["compact"])
+  features = compact["token_embedding"]["embedding"].shape[1]
+  compact["token_embedding"] = {"embedding": minilm.projected_word_embeddings(features)}
+  return {**params, "compact": compact}

@@ -116,7 +116,9 @@ def _check_video_arguments(args) -> None:
 
 def predict_one(model: api.Model, args) -> dict:
   """--video: one clip. A file that holds neither video nor audio is a user error (exit 2)."""
-  prediction = model.predict(args.video, args.text, args.context, return_frames=bool(args.explain))
+  prediction = model.predict(
+    args.video, args.text, args.context, next_context=args.next_context, return_frames=bool(args.explain)
+  )
   if not prediction.has_video and not prediction.has_audio:
     reasons = ", ".join(prediction.problems)
     raise errors.InvalidInput(
@@ -200,9 +202,15 @@ def _csv_items(folder: str, csv_path: str, model: api.Model) -> tuple[list, dict
   unknown = {task: dict(counts) for task, counts in unknown.items()}
   names = [meld_csv.clip_name(fmt.clip_pattern, row) for row in rows]
   meld_csv.count_unlabeled_clips(folder, fmt.clip_pattern, {name.lower() for name in names}, report)
-  contexts = runners.dialogue_histories(rows)
+  neighbours = runners.dialogue_neighbours(rows)
   items = [
-    {"id": row["id"], "video": os.path.join(folder, name), "text": row["text"], "context": contexts[row["id"]]}
+    {
+      "id": row["id"],
+      "video": os.path.join(folder, name),
+      "text": row["text"],
+      "context": neighbours[row["id"]][0],
+      "next_context": neighbours[row["id"]][1],
+    }
     for row, name in zip(rows, names)
   ]
   notes = {
@@ -242,8 +250,10 @@ def _check_folder_arguments(args) -> tuple | None:
   if not args.out:
     raise errors.InvalidInput("--folder needs --out OUT, the folder for predictions.jsonl and gallery.html.")
   tools.check_output_folder(args.out)
-  if args.text or args.context:
-    raise errors.InvalidInput("--text and --context go with --video; with --folder, pass --csv or CLIP.txt files.")
+  if args.text or args.context or args.next_context:
+    raise errors.InvalidInput(
+      "--text, --context and --next-context go with --video; with --folder, pass --csv or CLIP.txt files."
+    )
   if args.explain or args.json:
     raise errors.InvalidInput("--explain and --json go with --video; with --folder, use --explain-pngs.")
   if args.csv:
@@ -369,6 +379,13 @@ def parser() -> argparse.ArgumentParser:
     default=None,
     help="--video: an earlier utterance of the dialogue ('Speaker: text'), oldest first; repeat. "
     "Used when the model was trained with config.data.context_turns > 0",
+  )
+  arguments.add_argument(
+    "--next-context",
+    action="append",
+    default=None,
+    help="--video: a later utterance of the dialogue ('Speaker: text'), in dialogue order; repeat. "
+    "Used when the model was trained with config.data.context_future_turns > 0",
   )
   arguments.add_argument("--json", action="store_true", help="--video: print one JSON object")
   arguments.add_argument("--explain", default=None, help="--video: write the explanation PNG (and JSON) here")

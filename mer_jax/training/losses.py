@@ -2,7 +2,7 @@
 of `config.class_weights` (modality dropout, corruption and the reliability loss: modality_corruption.py).
 
 Apart from training's loop and optimizer (mer_jax/training/train.py), so the loss math reads on its own and tests
-check it without a model. The losses are pure functions of arrays; `train.train_step` and `train.eval_step`
+check it without a model. The losses are pure functions of arrays; `steps.train_step` and `steps.eval_step`
 compose them. `frame_selection_loss` says how the frame scorer learns from the clip's label alone.
 """
 

@@ -38,6 +38,9 @@ class StepOptions:
   augment: bool = False  # config.data.augment: the train step jitters raw batches (device_features.augment)
   modality_corruption: float = 0.0  # per modality: P(corrupted in the step) (training/modality_corruption.py)
   reliability_loss_weight: float = 0.0  # weight of modality_corruption.reliability_loss per modality
+  # Modalities whose untouched rows take their own head's confidence as the reliability target (not 1, weighted by
+  # it): modality_corruption.reliability_loss's `confidence_target`.
+  reliability_confidence_target: tuple = ()
   audio_relevance_weight: float = 0.0  # weight of losses.audio_relevance_loss
 
 
@@ -80,5 +83,6 @@ def step_options(
     augment=bool(config.data.get("augment", False)),
     modality_corruption=float(config.get("modality_corruption", 0.0)),
     reliability_loss_weight=float(config.get("reliability_loss_weight", 0.0)),
+    reliability_confidence_target=tuple(config.get("reliability_confidence_target", ())),
     audio_relevance_weight=float(config.get("audio_relevance_weight", 0.0)),
   )
