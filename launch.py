@@ -315,7 +315,7 @@ def main(argv):
     _quiet_orbax()
   from mer_jax.training import run_config
   from mer_jax.training import train
-  from mer_jax.training import steps
+  from mer_jax.training import steps as steps_lib
 
   try:
     config = run_config.resolve_tasks(FLAGS.config)  # the heads config.data asks for, checked before any long work
@@ -324,7 +324,7 @@ def main(argv):
   except errors.UserError as error:  # the message says what to do
     print(errors.one_line(error), file=sys.stderr)
     sys.exit(errors.USER_ERROR_EXIT_STATUS)
-  except steps.NonFiniteLossError as e:
+  except steps_lib.NonFiniteLossError as e:
     logging.error("%s", e)
     sys.exit(1)
   except distributed.LostPeerError as error:

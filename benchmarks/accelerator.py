@@ -100,15 +100,15 @@ def model_flops_per_step(batch_size: int, model: str = "edge", dtype: str = "bfl
   formulations and compiler settings."""
   import jax
   from mer_jax.training import train
-  from mer_jax.training import steps
+  from mer_jax.training import steps as steps_lib
 
   config = accelerator_config(batch_size, dtype, model)
   options = train.step_options(config, ops=workers.flop_count_ops())  # XLA counts no FLOPs inside an FFI call
-  mesh = steps.make_mesh(jax.devices("cpu")[:1])
+  mesh = steps_lib.make_mesh(jax.devices("cpu")[:1])
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), workers.make_batch(config, batch_size))
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  step = jax.jit(functools.partial(steps.train_step, options=options))
-  return workers.cost_flops(step.lower(steps.abstract_train_state(options, mesh), batch, rng))
+  step = jax.jit(functools.partial(steps_lib.train_step, options=options))
+  return workers.cost_flops(step.lower(steps_lib.abstract_train_state(options, mesh), batch, rng))
 
 
 def time_calls(fn, calls: int) -> list[float]:
@@ -184,10 +184,10 @@ def train_result(trainer, batch_size: int, timing: dict, flops_per_step: float, 
 def make_trainer(batch_size: int, depthwise: str | None = None, model: str = "edge", dtype: str = "bfloat16"):
   """-> (config, workers.JaxTrainer) for this batch size: a fresh state, the step compiled."""
   from mer_jax.training import train
-  from mer_jax.training import steps
+  from mer_jax.training import steps as steps_lib
 
   config = accelerator_config(batch_size, dtype, model)
-  state = workers.init_train_state(train.step_options(config), steps.make_mesh(), config.seed)
+  state = workers.init_train_state(train.step_options(config), steps_lib.make_mesh(), config.seed)
   return config, workers.JaxTrainer(config, workers.make_batch(config, batch_size), state, depthwise=depthwise)
 
 
@@ -210,7 +210,7 @@ def cached_train_batches(config, batch_size: int, examples: int):
 def run(args) -> dict:
   import jax
   from mer_jax.training import train
-  from mer_jax.training import steps
+  from mer_jax.training import steps as steps_lib
 
   device = jax.devices()[0]
   began = time.perf_counter()
@@ -239,7 +239,7 @@ def run(args) -> dict:
   affordable = lambda extra_s: left() > slowest_compile[0] + extra_s
 
   config = accelerator_config(max(args.batch_sizes), args.dtype, args.model)
-  state = workers.init_train_state(train.step_options(config), steps.make_mesh(), config.seed)
+  state = workers.init_train_state(train.step_options(config), steps_lib.make_mesh(), config.seed)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   for dtype, size in ((args.dtype, 1),) if args.quick else ((args.dtype, 1), ("float32", 1), (args.dtype, 32)):
     latency = measure_latency(variables, dtype, size, calls, args.model)
@@ -284,7 +284,7 @@ def run(args) -> dict:
           next(batches)
         read = {"wall": (time.perf_counter() - start) / (8 if args.quick else 40)}
         from mer_jax.training import train as train_lib
-        from mer_jax.training import steps
+        from mer_jax.training import steps as steps_lib
 
         # The raw batch has other shapes than the model-only batch: its own compiled step, on a fresh state.
         state = workers.init_train_state(trainer.options, trainer.mesh, config.seed)

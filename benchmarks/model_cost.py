@@ -100,14 +100,14 @@ def lowered_train_step(config, form, batch_size: int = 2):
   from abstract shapes: nothing is initialised or run."""
   from benchmarks import workers
   from mer_jax.training import train
-  from mer_jax.training import steps
+  from mer_jax.training import steps as steps_lib
 
   options = train.step_options(config, ops=form)
-  mesh = steps.make_mesh(jax.devices("cpu")[:1])
+  mesh = steps_lib.make_mesh(jax.devices("cpu")[:1])
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), workers.make_batch(config, batch_size))
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  step = jax.jit(functools.partial(steps.train_step, options=options))
-  return step.lower(steps.abstract_train_state(options, mesh), batch, rng)
+  step = jax.jit(functools.partial(steps_lib.train_step, options=options))
+  return step.lower(steps_lib.abstract_train_state(options, mesh), batch, rng)
 
 
 def hlo_counts(hlo_text: str) -> dict:

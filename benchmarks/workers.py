@@ -126,11 +126,11 @@ def init_train_state(options, mesh, seed: int):
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
   from mer_jax.training import train
-  from mer_jax.training import steps
+  from mer_jax.training import steps as steps_lib
 
   init_fn = getattr(train, "_init_fn", None)
   if init_fn is None:
-    return steps.create_train_state(options, mesh, seed)
+    return steps_lib.create_train_state(options, mesh, seed)
   lowered = jax.jit(init_fn(options, seed), out_shardings=NamedSharding(mesh, P())).lower()
   return lowered.compile(compiler_options={"xla_backend_optimization_level": 0})()
 
@@ -145,9 +145,9 @@ class JaxTrainer:
     import functools
     import jax
     from mer_jax.training import train
-    from mer_jax.training import steps
+    from mer_jax.training import steps as steps_lib
 
-    self.mesh = steps.make_mesh()
+    self.mesh = steps_lib.make_mesh()
     self.options = train.step_options(config, ops=chosen_ops(config, self.mesh))
     if depthwise is not None:  # the same step, the backbone's depthwise convs computed another way
       from benchmarks import depthwise_variants
@@ -159,12 +159,12 @@ class JaxTrainer:
     self.state = state
     self.batch = train.global_batch(batch, self.mesh)
     self.rng = train.replicated_key(config.seed, self.mesh)
-    step = steps.compiled_steps(self.options, self.mesh)[0]  # exactly what training runs
+    step = steps_lib.compiled_steps(self.options, self.mesh)[0]  # exactly what training runs
     start, wall = time.process_time(), time.perf_counter()
     lowered = step.lower(self.state, self.batch, self.rng)
     self.step = lowered.compile()  # one executable for the one static shape: it can never recompile
     counted = jax.jit(
-      functools.partial(steps.train_step, options=dataclasses.replace(self.options, ops=flop_count_ops()))
+      functools.partial(steps_lib.train_step, options=dataclasses.replace(self.options, ops=flop_count_ops()))
     )
     self.flops_per_step = cost_flops(counted.lower(self.state, self.batch, self.rng))
     self.compile_cpu_s, self.compile_wall_s = time.process_time() - start, time.perf_counter() - wall
@@ -174,7 +174,6 @@ class JaxTrainer:
     """`steps` steps back to back, then wait for the last; `batches` (an iterator) feeds fresh ones."""
     import jax
     from mer_jax.training import train
-    from mer_jax.training import steps
 
     for _ in range(steps):
       batch = self.batch if batches is None else train.global_batch(next(batches), self.mesh)
@@ -248,12 +247,12 @@ def jax_worker(spec: dict):
   import jax.numpy as jnp
   from mer_jax.data import input_pipeline
   from mer_jax.training import train
-  from mer_jax.training import steps
+  from mer_jax.training import steps as steps_lib
 
   size = spec["batch_size"]
   config = benchmark_config(size)
   batch = make_batch(config, size)
-  options, mesh = train.step_options(config), steps.make_mesh()
+  options, mesh = train.step_options(config), steps_lib.make_mesh()
   info, ops = {"flops_forward_b1_by_k": {}}, {}
   start = time.process_time()
   state0 = init_train_state(options, mesh, config.seed)

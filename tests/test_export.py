@@ -20,7 +20,7 @@ from mer_jax.models import emotion_model as model_lib
 from mer_jax.data import tokenizer as tokenizer_lib
 from mer_jax.training import runs
 from mer_jax.training import train
-from mer_jax.training import steps
+from mer_jax.training import steps as steps_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTIMENT_NAMES = ["calm", "good", "bad"]  # not labels.py's: metadata must take them from eval/best.json
@@ -95,7 +95,7 @@ def _checkpoint_workdir(config, workdir):
   sees the restored values, so the path under test (orbax layout, restore, best step) is the same.
   """
   rng = np.random.default_rng(5)
-  abstract = steps.abstract_train_state(train.step_options(config), steps.make_mesh(), config.seed)
+  abstract = steps_lib.abstract_train_state(train.step_options(config), steps_lib.make_mesh(), config.seed)
   state = jax.tree_util.tree_map_with_path(lambda path, leaf: _fill(path, leaf, rng), abstract)
   state = state.replace(step=np.asarray(2, np.int32))
   checkpointer = checkpoint_lib.Checkpointer(

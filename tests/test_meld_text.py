@@ -78,6 +78,15 @@ def test_context_keeps_the_utterance_and_the_recent_turns():
   assert ids.shape == (5, config.data.max_text_length)
   decoded = tok.decode(ids[4][mask[4]])
   assert decoded.startswith("[CLS] i am so happy for you! [SEP] rachel : whatever.")
+  # The config's own context also reads the 2 next turns, interleaved nearest first.
+  assert config.data.context_future_turns == 2
+  both = input_pipeline.dialogue_contexts(
+    speakers, texts, [0] * 5, [0, 1, 2, 3, 5], config.data.context_turns, config.data.context_future_turns
+  )
+  assert both[0] == "Rachel: No we were not.\nRoss: Fine."
+  assert (
+    both[2] == "Rachel: No we were not.\nRachel: Whatever.\nRoss: We were on a break!\nRoss: I am so happy for you!"
+  )
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_MELD), reason="MELD's CSVs are not beside the repo")

@@ -9,7 +9,7 @@ import pytest
 from mer_jax.data import features
 from mer_jax.training import modality_corruption as corruption
 from mer_jax.training import train
-from mer_jax.training import steps
+from mer_jax.training import steps as steps_lib
 from tests.test_train import tiny_config
 
 
@@ -146,9 +146,9 @@ def test_the_train_step_trains_the_reliability_heads_on_corrupted_rows():
   config.model.use_reliability = True
   config.model.audio_relevance = True
   options = train.step_options(config)
-  assert steps.uses_reliability_loss(options)
+  assert steps_lib.uses_reliability_loss(options)
   options_without = train.step_options(tiny_config("", modality_corruption=0.0))
-  assert not steps.corrupts_modalities(options_without)
+  assert not steps_lib.corrupts_modalities(options_without)
 
   rng = np.random.default_rng(0)
   batch_size, shapes = 8, options.data
@@ -167,8 +167,8 @@ def test_the_train_step_trains_the_reliability_heads_on_corrupted_rows():
   }
   for task, classes in options.tasks:
     batch[f"labels/{task}"] = (np.arange(batch_size) % classes).astype(np.int32)
-  state = steps.create_train_state(options, steps.make_mesh(), 0)
-  step = jax.jit(lambda state, batch, rng: steps.train_step(state, batch, rng, options=options))
+  state = steps_lib.create_train_state(options, steps_lib.make_mesh(), 0)
+  step = jax.jit(lambda state, batch, rng: steps_lib.train_step(state, batch, rng, options=options))
   first, last = [], []
   for i in range(40):
     state, metrics, _ = step(state, batch, jax.random.key(i))

@@ -2,7 +2,7 @@
 
 The corpus is generated and prepared through launch.py's config-driven path (config.data.prepare =
 'demo'), with the tiny config's shapes (4 frames of 32 px). In-process runs share one compiled train
-and eval step (steps.compiled_steps caches them per step config), so only the first run compiles.
+and eval step (steps_lib.compiled_steps caches them per step config), so only the first run compiles.
 The 8-device test runs in a subprocess with --xla_backend_optimization_level=0, which
 cuts compile time on CPU; the 1-device side of the 8-device comparison reuses this process's compiled
 step (default level: its tolerance covers the difference in instruction selection).
@@ -29,7 +29,7 @@ from mer_jax.data import input_pipeline
 from mer_jax.data import raw_batches
 from mer_jax.training import losses as losses_lib
 from mer_jax.training import train
-from mer_jax.training import steps
+from mer_jax.training import steps as steps_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
@@ -153,7 +153,7 @@ def test_the_scorer_word_table_learns_with_sgd_and_everything_else_with_adamw():
     "scorer_words": {"embedding": jnp.zeros((5, 2)).at[1].set(100.0)},
     "head": {"kernel": jnp.full((2, 2), 100.0)},
   }
-  tx = steps.make_optimizer(dataclasses.replace(options, warmup_steps=0, grad_clip_norm=1.0))
+  tx = steps_lib.make_optimizer(dataclasses.replace(options, warmup_steps=0, grad_clip_norm=1.0))
   updates, _ = tx.update(grads, tx.init(params), params)
   rate = options.scorer_word_learning_rate
   # SGD: a step proportional to the gradient, unclipped; rows of words not in the batch do not move.
@@ -165,7 +165,7 @@ def test_the_scorer_word_table_learns_with_sgd_and_everything_else_with_adamw():
 
 def test_learning_rate_warmup_then_cosine():
   options = train.step_options(tiny_config("", learning_rate=1e-3, warmup_steps=10, num_train_steps=110))
-  schedule = steps.learning_rate_schedule(options)
+  schedule = steps_lib.learning_rate_schedule(options)
   assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1e-3)
   assert float(schedule(60)) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5), rel=1e-4)
   assert float(schedule(110)) == pytest.approx(1e-5, rel=1e-4)
@@ -286,7 +286,7 @@ def test_nan_stops_training_naming_the_step(data_dir, tmp_path, monkeypatch):
 
   monkeypatch.setattr(raw_batches, "train_batches", poisoned)
   workdir = str(tmp_path)
-  with pytest.raises(steps.NonFiniteLossError, match=r"at step 3 .*last good checkpoint is step 2"):
+  with pytest.raises(steps_lib.NonFiniteLossError, match=r"at step 3 .*last good checkpoint is step 2"):
     train.train_and_evaluate(tiny_config(data_dir, checkpoint_every_steps=2), workdir)
   assert _checkpoint_steps(workdir) == [2]
 
@@ -297,14 +297,14 @@ def test_a_non_finite_step_leaves_the_whole_state_unchanged(data_dir, straight_r
   bit for bit what they were; a finite step on the same state moves them on."""
   config = tiny_config(data_dir)
   options = train.step_options(config, losses_lib.class_weights_for(config, data_dir))
-  mesh = steps.make_mesh()
-  train_fn, _ = steps.compiled_steps(options, mesh)  # the straight run's compiled step
+  mesh = steps_lib.make_mesh()
+  train_fn, _ = steps_lib.compiled_steps(options, mesh)  # the straight run's compiled step
   batch = next(iter(input_pipeline.make_dataset(config, "train", train=True).as_numpy_iterator()))
   poisoned = dict(batch, audio=np.full_like(batch["audio"], np.nan))
   rng = train.replicated_key(0, mesh)
 
   def fresh_state():  # the step donates its state, so each call gets its own
-    return steps.create_train_state(options, mesh, config.seed)
+    return steps_lib.create_train_state(options, mesh, config.seed)
 
   before = jax.device_get(fresh_state())
   after, _, status = train_fn(fresh_state(), train.global_batch(poisoned, mesh), rng)
@@ -353,8 +353,8 @@ def _two_steps(config, data_dir, mesh):
   batches = input_pipeline.as_numpy(input_pipeline.make_dataset(config, "train", train=True, data_dir=data_dir))
   batches = [next(batches) for _ in range(2)]
   options = train.step_options(config)
-  state = steps.create_train_state(options, mesh, 0)
-  train_fn, _ = steps.compiled_steps(options, mesh)
+  state = steps_lib.create_train_state(options, mesh, 0)
+  train_fn, _ = steps_lib.compiled_steps(options, mesh)
   rng = train.replicated_key(1, mesh)
   losses = []
   for batch in batches:
@@ -389,7 +389,7 @@ def test_eight_devices_same_loss_as_one(data_dir):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   eight = json.loads(proc.stdout.split("RESULT ", 1)[1])
-  one = _two_steps(tiny_config(data_dir), data_dir, steps.make_mesh())
+  one = _two_steps(tiny_config(data_dir), data_dir, steps_lib.make_mesh())
   assert one["shards"] == 1 and eight["shards"] == 8
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)  # step 2 checks the update too
   assert eight["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)

@@ -110,7 +110,7 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int |
   the run was trained with (Checkpointer.restore names the fields that differ).
   """
   from mer_jax.training import train
-  from mer_jax.training import steps
+  from mer_jax.training import steps as steps_lib
 
   workdir = storage.absolute_path(workdir)
   directory = os.path.join(workdir, "checkpoints")
@@ -138,7 +138,7 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int |
         f"No checkpoint of step {step} in {directory}; pass --step with one of {sorted(steps)}, or leave it out."
       )
     options = train.step_options(config)
-    state = checkpointer.restore(step, steps.abstract_train_state(options, steps.make_mesh(), config.seed))
+    state = checkpointer.restore(step, steps_lib.abstract_train_state(options, steps_lib.make_mesh(), config.seed))
   finally:
     checkpointer.close()
   source = {

@@ -36,7 +36,7 @@ from mer_jax.data import raw_batches
 from mer_jax.training import losses as losses_lib
 from mer_jax.training import metrics as metrics_lib
 from mer_jax.training import run_config
-from mer_jax.training import steps
+from mer_jax.training import steps as steps_lib
 from mer_jax import ops as ops_lib
 from mer_jax.models import emotion_model as model_lib
 from mer_jax.training.options import step_options
@@ -119,7 +119,7 @@ def _check_setup(config: ml_collections.ConfigDict, info: dict) -> None:
 
 
 def evaluate(
-  eval_fn, state: steps.TrainState, config: ml_collections.ConfigDict, data_dir: str, mesh: Mesh, classes: dict
+  eval_fn, state: steps_lib.TrainState, config: ml_collections.ConfigDict, data_dir: str, mesh: Mesh, classes: dict
 ) -> dict:
   """One pass over config.eval_split -> {task: metrics.classification_report + loss}."""
   batches = prefetch_to_device(raw_batches.eval_batches(config, config.eval_split, data_dir=data_dir), mesh)
@@ -177,16 +177,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except checkpoint_lib.IncompatibleCheckpointError:
       checkpointer.close()
       raise
-  mesh = steps.make_mesh()
+  mesh = steps_lib.make_mesh()
   ops = ops_lib.choose_for_mesh(config.model.ops, mesh, config.model.dtype)
   logging.info("Ops form (config.model.ops=%r): %s", config.model.ops, ops_lib.describe(ops))
   options = step_options(config, losses_lib.class_weights_for(config, data_dir), ops)
-  train_fn, eval_fn = steps.compiled_steps(options, mesh)
+  train_fn, eval_fn = steps_lib.compiled_steps(options, mesh)
   if latest is not None:
-    state = checkpointer.restore(latest, steps.abstract_train_state(options, mesh, config.seed))
+    state = checkpointer.restore(latest, steps_lib.abstract_train_state(options, mesh, config.seed))
     logging.info("Resumed from the checkpoint of step %d in %s.", latest, checkpointer.directory)
   else:
-    state = steps.create_train_state(options, mesh, config.seed)
+    state = steps_lib.create_train_state(options, mesh, config.seed)
   start = int(jax.device_get(state.step))
   end = config.num_train_steps if config.stop_after_steps <= 0 else min(config.num_train_steps, config.stop_after_steps)
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
@@ -210,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return result
 
   rng = jax.jit(lambda: jax.random.fold_in(jax.random.key(config.seed), 1), out_shardings=NamedSharding(mesh, P()))()
-  schedule = steps.learning_rate_schedule(options)
+  schedule = steps_lib.learning_rate_schedule(options)
   report_progress = periodic_actions.ReportProgress(
     num_train_steps=config.num_train_steps, writer=writer, every_steps=config.log_every_steps, every_secs=None
   )
@@ -220,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     loss, finite = jax.device_get((status["loss"], status["finite"]))
     if not finite:
       good = checkpointer.all_steps()
-      raise steps.NonFiniteLossError(
+      raise steps_lib.NonFiniteLossError(
         f"The loss or the gradients became NaN/inf at step {step} (loss={float(loss)}). Training "
         f"stopped; the last good checkpoint is step {max(good) if good else 'none'} in "
         f"{checkpointer.directory}. Lower config.learning_rate or config.grad_clip_norm, or check the "
