@@ -434,6 +434,7 @@ class TorchEmotionModel(nn.Module):
     text_features = compact.get("features", 128)
     self.text_guided, self.top_k, self.width = config.text_guided_selection, config.top_k, width
     self.text_dropout = float(config.get("text_dropout", 0.0))
+    self.text_pool = config.text.get("pool", "all")
     self.tasks = tuple(config.tasks.keys())
     self.text_encoder = nn.Module()
     self.text_encoder.compact = CompactTextEncoder(**compact, dropout_rate=config.dropout_rate)
@@ -483,7 +484,10 @@ class TorchEmotionModel(nn.Module):
       first = torch.arange(text_mask.shape[1]) == 0
       text_mask = text_mask & (keep | first[None, :])
     text_states = self.text_encoder.compact(batch["text_ids"].long(), text_mask)
-    text_pooled = masked_mean(text_states, utterance_mask(batch["text_ids"].long(), text_mask)[..., None], 1)
+    pooled_tokens = text_mask
+    if self.text_pool == "utterance":  # `text_encoder.pooling_mask`
+      pooled_tokens = utterance_mask(batch["text_ids"].long(), text_mask)
+    text_pooled = masked_mean(text_states, pooled_tokens[..., None], 1)
     scorer_text = (
       self.scorer_words(batch["text_ids"].long(), word_mask)
       if self.text_guided

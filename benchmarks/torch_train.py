@@ -126,8 +126,8 @@ class TorchTrainer:
 
   def _modality_events(self, batch):
     """`modality_corruption.draw_events` + `corrupt` (host-feature batches: frames, and silence for audio) +
-    `mark_missing` -> (batch, corrupt_video, corrupt_audio). The video noise has one grain (pixels), where JAX's
-    also has smooth and blocky kinds: the same random numbers, a cheaper select."""
+    `mark_missing` -> (batch, corrupt_video, corrupt_audio). The video noise is per-pixel only, where JAX's also has
+    smooth and blocky kinds: the same kinds of events and losses, a cheaper noise."""
     has_video, has_audio = batch["has_video"].bool(), batch["has_audio"].bool()
     u = torch.rand(has_video.shape, generator=self.generator)
     both = has_video & has_audio

@@ -121,14 +121,13 @@ def chosen_ops(config, mesh=None):
 
 
 def init_train_state(options, mesh, seed: int):
-  """mer_jax.training.train's initial state; its init compiled without backend optimisation (it runs once, so the
+  """mer_jax.training.steps' initial state; its init compiled without backend optimisation (it runs once, so the
   ~3x faster compile matters and the slower code does not)."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from mer_jax.training import train
   from mer_jax.training import steps as steps_lib
 
-  init_fn = getattr(train, "_init_fn", None)
+  init_fn = getattr(steps_lib, "_init_fn", None)
   if init_fn is None:
     return steps_lib.create_train_state(options, mesh, seed)
   lowered = jax.jit(init_fn(options, seed), out_shardings=NamedSharding(mesh, P())).lower()

@@ -43,6 +43,9 @@ def model_config(size: str = "edge") -> ml_collections.ConfigDict:
   model.text = ml_collections.ConfigDict()
   model.text.kind = "compact" if size == "edge" else "minilm"
   model.text.pretrained = size == "base"
+  # The text vector averages 'all' tokens or the 'utterance' segment only (text_encoder.pooling_mask); 'all' here so
+  # that earlier runs' config.json keep their outputs; configs/meld_text.py, with dialogue context, uses 'utterance'.
+  model.text.pool = "all"
   model.text.compact = ml_collections.ConfigDict(
     dict(vocab_size=30522, features=128, num_layers=2, num_heads=4, mlp_dim=192, max_length=128)
   )

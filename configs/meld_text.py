@@ -42,6 +42,7 @@ def get_config(variant: str = "base"):
   config = default.get_config()
   cache = os.path.abspath(os.path.expanduser(os.environ.get("MER_JAX_CACHE", "~/.cache/mer_jax")))
   config.model = default.model_config(variant)
+  config.model.text.pool = "utterance"  # the utterance's tokens, which read the context (see the context below)
   if variant == "edge":
     config.model.text.pretrained = True  # token embeddings: MiniLM's on their principal axes (minilm.py)
   # Text-only fast path of EmotionModel: no frame scorer, backbone or audio encoder, which would only

@@ -45,7 +45,9 @@ def test_model_cost_meets_its_bars(tmp_path):
   instructions, slices = results["train_step_hlo_instructions"], results["train_step_hlo_slices"]
   cpu_shaped, accelerator = "xla (CPU-shaped)", "reference (accelerator)"
   assert instructions[accelerator] < 0.7 * instructions[cpu_shaped]
-  assert slices[accelerator] < 100 < 1000 < slices[cpu_shaped]
+  # The accelerator form's slices are the step's own bookkeeping (key splits, the corruption's per-axis block sizes
+  # and edge shifts), not per tap: 117 on 2026-12-07, up from under 100 when the corruption gained block noise.
+  assert slices[accelerator] < 150 < 1000 < slices[cpu_shaped]
   assert results["train_step_hlo_instructions_reference_64px"] == instructions[accelerator]
 
 

@@ -61,7 +61,7 @@ def test_the_pooled_vector_is_the_utterances_whose_tokens_read_the_context():
   """[CLS] utterance [SEP] context [SEP]: the pooled vector averages the first segment only, and the context still
   changes it through attention."""
   sep = 102
-  encoder = text_encoder.TextEncoder("compact", dict(SMALL, vocab_size=120))
+  encoder = text_encoder.TextEncoder("compact", dict(SMALL, vocab_size=120), "utterance")
   ids = jnp.asarray([[101, 5, 6, sep, 7, 8, sep, 0]], jnp.int32)
   mask = ids > 0
   np.testing.assert_array_equal(text_encoder.utterance_mask(ids, mask), [[1, 1, 1, 1, 0, 0, 0, 0]])
@@ -72,3 +72,10 @@ def test_the_pooled_vector_is_the_utterances_whose_tokens_read_the_context():
   np.testing.assert_allclose(pooled[0], states[0, :4].mean(0), atol=1e-5)
   _, other_context = encoder.apply(variables, ids.at[0, 4].set(9), mask, train=False)
   assert not np.allclose(pooled, other_context, atol=1e-4)
+  # pool 'all' (the default, and every run trained before the option) averages both segments.
+  _, pooled_all = text_encoder.TextEncoder("compact", dict(SMALL, vocab_size=120)).apply(
+    variables, ids, mask, train=False
+  )
+  np.testing.assert_allclose(pooled_all[0], states[0, :7].mean(0), atol=1e-5)
+  with pytest.raises(ValueError, match="'all' or 'utterance'"):
+    text_encoder.pooling_mask("cls", ids, mask)

@@ -375,7 +375,7 @@ import jax
 from tests import test_train
 assert jax.device_count() == 8
 config = test_train.tiny_config(sys.argv[1])
-print("RESULT " + json.dumps(test_train._two_steps(config, sys.argv[1], test_train.steps.make_mesh())))
+print("RESULT " + json.dumps(test_train._two_steps(config, sys.argv[1], test_train.steps_lib.make_mesh())))
 """
 
 

@@ -131,11 +131,18 @@ def example_inputs(
   }
 
 
-def clip_inputs(video: str, text: str, prep: Preprocessing, contexts: Sequence[str] | None = None):
-  """(model inputs with a batch axis of 1, the ClipData read) for one clip file and its transcript."""
+def clip_inputs(
+  video: str,
+  text: str,
+  prep: Preprocessing,
+  contexts: Sequence[str] | None = None,
+  following_contexts: Sequence[str] | None = None,
+):
+  """(model inputs with a batch axis of 1, the ClipData read) for one clip file and its transcript (and the
+  dialogue's earlier / later utterances, as example_inputs)."""
   check_clip_path(video)
   clip = clip_reader.read_clip(video, prep.reader_config())
-  example = example_inputs(clip, text, prep, contexts)
+  example = example_inputs(clip, text, prep, contexts, following_contexts)
   return {name: value[None] for name, value in example.items()}, clip
 
 

@@ -62,13 +62,14 @@ class EmotionModel(nn.Module):
     # a whole transcript from the text encoder (only its first token stays) for a share of the clips.
     word_mask = text_mask
     text_mask = self._text_dropout(text_mask, train=train)
+    pool = config.text.get("pool", "all")
     text_states, text_pooled = text_encoder.TextEncoder(
-      config.text.kind, dict(config.text.compact), dtype=dtype, ops=self.ops, name="text_encoder"
+      config.text.kind, dict(config.text.compact), pool, dtype=dtype, ops=self.ops, name="text_encoder"
     )(batch["text_ids"], text_mask, train=train)
     modalities = tuple(config.modalities)
     if modalities == ("text",):
-      utterance = text_encoder.utterance_mask(batch["text_ids"], text_mask)
-      return self._text_only(text_states, text_pooled, utterance, batch["frames"].shape[:2], train=train)
+      pooled_tokens = text_encoder.pooling_mask(pool, batch["text_ids"], text_mask)
+      return self._text_only(text_states, text_pooled, pooled_tokens, batch["frames"].shape[:2], train=train)
     if modalities != MODALITIES:
       raise ValueError(f"config.model.modalities={modalities!r}; use {MODALITIES!r} or ('text',).")
     if config.text_guided_selection:
@@ -215,10 +216,10 @@ class EmotionModel(nn.Module):
       for task, classes in config.tasks.items()
     }
 
-  def _text_only(self, text_states, text_pooled, utterance_mask, frame_shape, *, train: bool):
+  def _text_only(self, text_states, text_pooled, pooled_tokens, frame_shape, *, train: bool):
     """Text-only model (config.model.modalities = ('text',)): no scorer, backbone or audio encoder, which
     would only see the zeros of absent modalities (MELD's CSVs alone) and cost compute and compile time.
-    The token states are pooled over the utterance (`utterance_mask` (B, L): its own segment, not the context).
+    The token states are pooled over `pooled_tokens` (B, L) (text_encoder.pooling_mask).
 
     The explanation keeps its shapes so evaluation and export code need no special case: frame scores 0,
     the first K frames, gate 0 and both reliabilities 0 (no video or audio was used).
@@ -227,7 +228,7 @@ class EmotionModel(nn.Module):
     size, num_frames = frame_shape
     text_vector = nn.Dense(config.width, dtype=dtype, name="text_projection")(text_pooled)
     text_tokens = nn.Dense(config.width, dtype=dtype, name="text_token_projection")(text_states)
-    tokens_pooled = audio_encoder.masked_mean(text_tokens, utterance_mask[..., None], axis=1)
+    tokens_pooled = audio_encoder.masked_mean(text_tokens, pooled_tokens[..., None], axis=1)
     logits = self._heads(jnp.concatenate([text_vector, tokens_pooled.astype(dtype)], axis=-1), train=train)
     zeros = jnp.zeros((size,), jnp.float32)
     explanation = {
@@ -236,7 +237,7 @@ class EmotionModel(nn.Module):
       "gate": jnp.zeros((size, config.width), jnp.float32),
       "reliability_video": zeros,
       "reliability_audio": zeros,
-      "attention": jnp.zeros((size, config.attention.num_heads, utterance_mask.shape[1], 1), jnp.float32),
+      "attention": jnp.zeros((size, config.attention.num_heads, pooled_tokens.shape[1], 1), jnp.float32),
     }
     return logits, explanation
 

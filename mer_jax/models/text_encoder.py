@@ -80,12 +80,14 @@ class CompactTextEncoder(nn.Module):
 class TextEncoder(nn.Module):
   """Text tokens -> (states (B, L, D_text), pooled (B, D_text)); kind 'compact' or 'minilm'.
 
-  The pooled vector is the masked mean of the utterance's token states (sentence-transformers' pooling for MiniLM,
-  over the first segment when a dialogue context follows it: `utterance_mask`).
+  The pooled vector is the masked mean of the token states (sentence-transformers' pooling for MiniLM), over all
+  of them or, with pool 'utterance', over the first segment when a dialogue context follows it (`utterance_mask`).
   """
 
   kind: str = "compact"
   compact: dict | None = None  # CompactTextEncoder fields
+  # Tokens the pooled vector averages: 'all' valid ones, or the 'utterance' segment only (`utterance_mask`).
+  pool: str = "all"
   dtype: Any = jnp.float32
   ops: ops_lib.Ops = ops_lib.REFERENCE
 
@@ -101,8 +103,18 @@ class TextEncoder(nn.Module):
       )
     else:
       raise ValueError(f"Unknown text encoder kind {self.kind!r}; use 'compact' or 'minilm'.")
-    pooled = masked_mean(states, utterance_mask(token_ids, mask)[..., None], axis=1)
+    pooled = masked_mean(states, pooling_mask(self.pool, token_ids, mask)[..., None], axis=1)
     return states, pooled
+
+
+def pooling_mask(pool: str, token_ids, mask):
+  """The tokens config.model.text.pool says the text vector averages: 'all' -> `mask`, 'utterance' ->
+  `utterance_mask`. 'all' is the default, so that runs trained before the option keep their outputs."""
+  if pool == "all":
+    return mask
+  if pool == "utterance":
+    return utterance_mask(token_ids, mask)
+  raise ValueError(f"config.model.text.pool={pool!r}; use 'all' or 'utterance'.")
 
 
 def utterance_mask(token_ids, mask):

@@ -1,7 +1,7 @@
 """Predict the emotion (and every other task) of raw clips + transcripts: one clip, or a folder of clips.
 
     python -m mer_jax.predict --model RUN_DIR --video clip.mp4 --text "Oh my god!" [--json] [--explain out.png]
-        [--context "Joey: Hi."]... [--config configs/demo.py] [--step N]
+        [--context "Joey: Hi."]... [--next-context "Ross: Hey."]... [--config configs/demo.py] [--step N]
     python -m mer_jax.predict --model EXPORT/model.onnx --folder CLIPS --out OUT [--csv dev_sent_emo.csv]
         [--explain-pngs] [--workers N] [--batch-size N]
 

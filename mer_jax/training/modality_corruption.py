@@ -11,11 +11,13 @@ One uniform draw u per example picks at most one event, so every example keeps a
 with d = config.modality_dropout and c = config.modality_corruption. Each event needs both modalities present.
 Marking a modality missing teaches the rest of the model to do without it; corrupting it while it still looks
 present is the only thing that shows the reliability heads what an unusable modality looks like, so
-`reliability_loss` gives them an explicit target: 0 on a corrupted row, 1 on every other row with the modality.
-Without it r_v learnt from the task loss alone and barely moved on broken video (demo: 0.99 -> 0.94).
+`reliability_loss` gives them an explicit target: 0 on a corrupted row; on the rows left alone, 1 weighted by the
+modality's own confidence in the label, or that confidence itself (see `reliability_loss`). Without it r_v learnt
+from the task loss alone and barely moved on broken video (demo: 0.99 -> 0.94).
 
 The corruptions are content-free signals a camera or a microphone produces: a constant grey level (black half
-the time) or coarse pixel noise for video; silence or white noise at a random level for audio.
+the time), smooth noise of a random grain or sharp block noise of a random size for video; silence or white noise
+at a random level for audio.
 """
 
 from __future__ import annotations

@@ -65,7 +65,9 @@ def split_size(config: ml_collections.ConfigDict, data_dir: str, split: str, fla
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file (e.g. configs/demo.py), for runs without WORKDIR/config.json."""
+  """`get_config()` of a config file (e.g. configs/demo.py, or configs/meld_text.py:edge for get_config('edge')), for
+  runs without WORKDIR/config.json."""
+  path, _, argument = path.partition(":")
   if not os.path.isfile(path):
     raise errors.PathNotFound(f"Config file {path} not found; pass --config configs/<name>.py.")
   spec = importlib.util.spec_from_file_location("mer_jax_config_file", path)
@@ -73,7 +75,7 @@ def load_config(path: str) -> ml_collections.ConfigDict:
     raise errors.InvalidInput(f"Config file {path} is not a Python file with get_config(); pass configs/<name>.py.")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(argument) if argument else module.get_config()
 
 
 def check_workdir(workdir: str) -> None:
